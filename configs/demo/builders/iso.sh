@@ -1,0 +1,50 @@
+# The installer ISO, laid out as NixOS's: El Torito with isolinux for BIOS and systemd-boot on an EFI image for UEFI,
+# the kernel and initrd under /boot, console on ttyS0, and an "install" entry that installs onto the first disk.
+. "$common"
+tree="$TMPDIR/iso"
+mkdir -p "$tree/isolinux" "$tree/boot" "$out/iso" "$out/nix-support"
+cp "$toplevel/kernel" "$tree/boot/bzImage"
+cp "$toplevel/initrd" "$tree/boot/initrd"
+
+# The installer's disk tools (Debian's sfdisk, mkfs.*) ride in a second initrd, appended at boot.
+inst="$TMPDIR/installer"
+mkdir -p "$inst/usr/local/sbin" "$inst/lib"
+cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
+cp "$installerTools"/lib/*.so* "$inst/lib/"
+(cd "$inst" && find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$tree/boot/installer")
+
+cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
+params="console=ttyS0,115200 panic=1"
+cat > "$tree/isolinux/isolinux.cfg" <<CFG
+SERIAL 0 115200
+PROMPT 1
+TIMEOUT 20
+DEFAULT boot
+SAY cim installer for $hostName: type 'install' to install onto /dev/vda, or wait to boot the live system
+LABEL boot
+  KERNEL /boot/bzImage
+  APPEND initrd=/boot/initrd,/boot/installer $params
+LABEL install
+  KERNEL /boot/bzImage
+  APPEND initrd=/boot/initrd,/boot/installer $params cim.install=/dev/vda
+CFG
+
+# UEFI: a FAT El Torito image holding systemd-boot, its loader entry, the kernel and both initrds.
+efi="$TMPDIR/efi"
+mkdir -p "$efi/EFI/BOOT" "$efi/loader/entries" "$efi/cim"
+cp "$boot/systemd-bootx64.efi" "$efi/EFI/BOOT/BOOTX64.EFI"
+cp "$tree/boot/bzImage" "$tree/boot/initrd" "$tree/boot/installer" "$efi/cim/"
+printf 'timeout 1\ndefault cim.conf\n' > "$efi/loader/loader.conf"
+printf 'title cim %s\nlinux /cim/bzImage\ninitrd /cim/initrd\ninitrd /cim/installer\noptions %s\n' \
+    "$hostName" "$params" > "$efi/loader/entries/cim.conf"
+kib=$(du -sk "$efi" | cut -f1)
+mkfs.vfat -C -n EFIBOOT "$tree/boot/efi.img" $((kib + kib / 10 + 1024)) >/dev/null
+mcopy -s -i "$tree/boot/efi.img" "$efi"/* ::/
+
+xorriso -as mkisofs -quiet -o "$out/iso/$isoName" -V "$volumeId" -J -R \
+    -b isolinux/isolinux.bin -c isolinux/boot.cat -no-emul-boot -boot-load-size 4 -boot-info-table \
+    -isohybrid-mbr "$boot/isohdpfx.bin" \
+    -eltorito-alt-boot -e boot/efi.img -no-emul-boot -isohybrid-gpt-basdat \
+    "$tree"
+echo "file iso $out/iso/$isoName" > "$out/nix-support/hydra-build-products"
+echo "built $isoName for $hostName ($(uname -m) builder)"

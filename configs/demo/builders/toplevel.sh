@@ -1,0 +1,52 @@
+# The system closure of one host: kernel, initrd (the whole busybox userland, NixOS stage 1 + stage 2 in one) and
+# the facts the pipeline and the installer read back.
+. "$common"
+root="$TMPDIR/root"
+mkdir -p "$root"
+cd "$root"
+mkdir -p bin sbin usr/bin usr/sbin etc/cim etc/init.d proc sys dev run tmp mnt sysroot var/log root lib/modules boot
+
+# Busybox as the whole userland, every applet a link to /bin/busybox.
+cp "$busybox/bin/busybox" bin/busybox
+for applet in $("$busybox/bin/busybox" --list-full); do
+    [ "$applet" = bin/busybox ] || ln -s /bin/busybox "$applet"
+done
+
+# Kernel modules (a depmod'ed subset) and the order stage 1 loads them in.
+cp -r "$kernel"/lib/modules/* lib/modules/
+cp "$kernel/load-order" etc/cim/modules
+chmod -R u+w lib/modules
+
+# Services: Debian's nats-server and the glibc it links against, at the FHS paths its ELF header names.
+cp -r "$services"/lib/* lib/
+chmod -R u+w lib
+cp "$services"/bin/* usr/sbin/
+case "$system" in
+    x86_64-linux) ln -s lib/x86_64-linux-gnu lib64 ;;
+    aarch64-linux) ln -s aarch64-linux-gnu/ld-linux-aarch64.so.1 lib/ld-linux-aarch64.so.1 ;;
+esac
+
+# The init scripts, then this host's identity.
+cp -r "$rootfs"/. .
+chmod -R u+w .
+echo "$hostName" > etc/hostname
+printf '%s\n' "$hostJson" > etc/cim/host.json
+printf '%s\n' "$system" > etc/cim/system
+printf '%s' "$guestLines" > etc/cim/guests
+printf '%s' "$consoleTty" > etc/cim/console
+printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
+printf 'root:x:0:0:root:/root:/bin/sh\n' > etc/passwd
+printf 'root:x:0:\n' > etc/group
+printf '%s' "$accountLines" | while read -r name uid; do
+    [ -n "$name" ] || continue
+    printf '%s:x:%s:100::/home/%s:/bin/sh\n' "$name" "$uid" "$name" >> etc/passwd
+    mkdir -p "home/$name/.ssh"
+done
+
+mkdir -p "$out"
+find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$out/initrd"
+cp "$kernel/vmlinuz" "$out/kernel"
+cp "$kernel/version" "$out/kernel-version"
+printf '%s\n' "$system" > "$out/system"
+printf '%s\n' "$hostJson" > "$out/host.json"
+printf 'console=%s panic=1\n' "$consoleTty" > "$out/kernel-params"

@@ -1,0 +1,19 @@
+# The demo domain: the cim hosts as small, real, bootable systems, built offline by `nix build`.
+#
+# No inputs: nixpkgs is out of reach here.  The derivations build from Debian's kernels, busybox and services,
+# which scripts/setup.sh imports into the Nix store and names in ./inputs.json (see ./lib/inputs.nix).  Each host
+# is exposed as NixOS exposes it, so the pipeline treats this flake and configs/cim the same way:
+#   nixosConfigurations.<host>.config.system.build.{toplevel,isoImage,sdImage}
+{
+  description = "cim demo domain (offline, Debian-built NixOS look-alike images)";
+
+  outputs = { self }:
+    let
+      domain = builtins.fromJSON (builtins.readFile ./domain.json);
+      inputs = import ./lib/inputs.nix;
+      mkHost = hostName: host: import ./lib/host.nix { inherit domain hostName host inputs; };
+    in
+    {
+      nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;
+    };
+}

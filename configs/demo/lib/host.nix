@@ -1,0 +1,64 @@
+# One host of the domain: its system closure (toplevel) and the images domain.json asks for.
+{ domain, hostName, host, inputs }:
+let
+  system = host.system;
+  own = inputs system;
+  # Image tools (xorriso, mtools, mkfs.ext4, sfdisk) come from the build machine's /usr: the demo's one impurity,
+  # acceptable because these builds run with sandbox = false (Debian's nix-bin) and they only pack bytes.
+  hostTools = "/usr/bin:/usr/sbin:/bin:/sbin";
+
+  # Only this host's own facts, plus the names of its peers: editing another host leaves this one's hash alone.
+  hostJson = builtins.toJSON {
+    name = hostName;
+    inherit system;
+    inherit (domain) fqdn;
+    domain = domain.name;
+    inherit (host) hardware;
+    guests = host.guests or [ ];
+    accounts = map (a: { inherit (a) name; ssh_keys = a.ssh_keys or [ ]; groups = a.groups or [ ]; }) (domain.accounts or [ ]);
+    peers = builtins.attrNames domain.hosts;
+  };
+
+  busyboxBuild = name: script: attrs: derivation ({
+    inherit name system;
+    builder = "${own.busybox}/bin/busybox";
+    args = [ "sh" "-e" script ];
+    busybox = own.busybox;
+    common = ../builders/common.sh;
+    inherit hostTools;
+  } // attrs);
+
+  toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh {
+    inherit hostName hostJson system;
+    inherit (domain) fqdn;
+    inherit (own) kernel services;
+    guestLines = builtins.concatStringsSep "" (map (g: "${g.name} ${g.kind}\n") (host.guests or [ ]));
+    # Accounts get uids from 1000 in domain.json order; their SSH keys are in /etc/cim/host.json.
+    accountLines = builtins.concatStringsSep "" (builtins.genList
+      (i: "${(builtins.elemAt (domain.accounts or [ ]) i).name} ${toString (1000 + i)}\n")
+      (builtins.length (domain.accounts or [ ])));
+    rootfs = ../rootfs;
+    consoleTty = if system == "aarch64-linux" then "ttyAMA0" else "ttyS0";
+  };
+
+  images = {
+    iso = busyboxBuild "nixos-${hostName}-${system}.iso" ../builders/iso.sh {
+      inherit toplevel hostName;
+      boot = own.boot;
+      installerTools = own.installer-tools;
+      isoName = "nixos-${hostName}-${system}.iso";
+      volumeId = "CIM_${builtins.replaceStrings [ "-" ] [ "_" ] hostName}";
+    };
+    sd = busyboxBuild "nixos-sd-image-${hostName}-${system}" ../builders/sd.sh {
+      inherit toplevel hostName;
+      imageName = "nixos-sd-image-${hostName}-${system}.img";
+    };
+  };
+  wants = format: builtins.elem format (host.images or [ ]);
+in
+{
+  config.system.build =
+    { inherit toplevel; }
+    // (if wants "iso" then { isoImage = images.iso; } else { })
+    // (if wants "sd" then { sdImage = images.sd; } else { });
+}

@@ -1,0 +1,381 @@
+"""The domain model: what `domain.json` may say, validated once and frozen.
+
+A domain is a set of hosts (with their hardware inventory, guests and images), the accounts that may log in, and the
+remote builders Nix may use.  `load_domain()` turns the JSON file into a `Domain` or raises `DomainError`, whose
+message names the file, the field and the fix — never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DOMAIN_FILE = "domain.json"
+
+# RFC 1123 label: letters, digits and hyphens, not starting or ending with a hyphen, at most 63 characters.
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class DomainError(Exception):
+    """A domain that cannot be used; `str()` is the one-paragraph message the user reads."""
+
+
+def _label(value: str) -> str:
+    if not _LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid host name: use an RFC 1123 label — lower-case letters, digits and '-', "
+            "1 to 63 characters, not starting or ending with '-'"
+        )
+    return value
+
+
+Label = Annotated[str, AfterValidator(_label)]
+
+
+def _fqdn(value: str) -> str:
+    for part in value.split("."):
+        _label(part)
+    return value
+
+
+class Model(BaseModel):
+    """Base for every domain model: frozen, and unknown fields are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class System(enum.StrEnum):
+    """A Nix system double, carrying what QEMU and Debian call the same architecture."""
+
+    x86_64_linux = "x86_64-linux"
+    aarch64_linux = "aarch64-linux"
+
+    @property
+    def arch(self) -> str:
+        """The CPU name as `uname -m` prints it."""
+        return self.value.split("-")[0]
+
+    @property
+    def qemu_binary(self) -> str:
+        return f"qemu-system-{self.arch}"
+
+    @property
+    def debian_arch(self) -> str:
+        return {"x86_64": "amd64", "aarch64": "arm64"}[self.arch]
+
+
+class Format(enum.StrEnum):
+    """An image format, carrying where NixOS puts it and what Hydra calls it."""
+
+    iso = "iso"
+    sd = "sd"
+
+    @property
+    def attribute(self) -> str:
+        """The `config.system.build` attribute that builds it."""
+        return {"iso": "isoImage", "sd": "sdImage"}[self.value]
+
+    @property
+    def product_type(self) -> str:
+        """The subtype in `nix-support/hydra-build-products` (`file <subtype> <path>`)."""
+        return {"iso": "iso", "sd": "sd-image"}[self.value]
+
+    @property
+    def extension(self) -> str:
+        return {"iso": ".iso", "sd": ".img"}[self.value]
+
+
+class GuestKind(enum.StrEnum):
+    dev = "dev"
+    dns = "dns"
+    nats = "nats"
+
+
+class Cpu(Model):
+    model: str
+    cores: int = Field(ge=1)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class Gpu(Model):
+    model: str
+    passthrough: bool = False
+    # Which guests get the GPU when it is passed through (e.g. containers in `dev`).
+    passthrough_to: tuple[Label, ...] = ()
+
+
+class Disk(Model):
+    name: Label
+    device: str
+    size_gib: float = Field(gt=0)
+    kind: str = "ssd"
+
+
+class Hardware(Model):
+    vendor: str = ""
+    model: str
+    cpu: Cpu
+    memory_gib: float = Field(gt=0)
+    gpus: tuple[Gpu, ...] = ()
+    disks: tuple[Disk, ...] = ()
+
+
+class Guest(Model):
+    name: Label
+    kind: GuestKind
+    memory_mib: int = Field(default=256, ge=16)
+    vcpus: int = Field(default=1, ge=1)
+
+
+class Account(Model):
+    name: Label
+    description: str = ""
+    groups: tuple[Label, ...] = ()
+    ssh_keys: tuple[str, ...] = ()
+    hashed_password: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_clear_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("password" in data or "initial_password" in data):
+            raise ValueError(
+                "clear-text passwords are not allowed in domain.json: remove 'password' and give 'ssh_keys' "
+                "(or a crypt(3) 'hashed_password' from `mkpasswd -m sha-512`)"
+            )
+        return data
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+", key):
+                raise ValueError(f"{key[:40]!r}… is not an SSH public key (expected 'ssh-ed25519 AAAA…')")
+        return keys
+
+    @field_validator("hashed_password")
+    @classmethod
+    def _hashed(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("$"):
+            raise ValueError("hashed_password must be a crypt(3) hash such as '$6$…' (from `mkpasswd -m sha-512`)")
+        return value
+
+
+class ProbeKind(enum.StrEnum):
+    console = "console"
+    tcp = "tcp"
+    dns = "dns"
+    nats = "nats"
+
+
+class Probe(Model):
+    """One check run against a booted VM."""
+
+    kind: ProbeKind
+    pattern: str | None = None  # console: a regular expression the serial console must print
+    port: int | None = Field(default=None, ge=1, le=65535)  # tcp: the guest port
+    name: str | None = None  # dns: the name to resolve
+    timeout_s: float = Field(default=60, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Probe:
+        needs = {ProbeKind.console: "pattern", ProbeKind.tcp: "port", ProbeKind.dns: "name"}
+        field = needs.get(self.kind)
+        if field and getattr(self, field) is None:
+            raise ValueError(f"a {self.kind.value} probe needs '{field}'")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {exc}") from None
+        return self
+
+
+class Boot(Model):
+    """How the image is boot-tested in QEMU."""
+
+    memory_mib: int = Field(default=1024, ge=128, le=16384)
+    cpus: int = Field(default=1, ge=1, le=8)
+    timeout_s: float = Field(default=300, gt=0)
+    probes: tuple[Probe, ...] = ()
+
+
+class Install(Model):
+    """Install verification: which disk-config lays out which disk of the host."""
+
+    disk_config: str = "disk-config.nix"
+    disk: Label = "main"  # the hardware disk (and disko `disk.<name>`) to install onto
+    size_gib: float | None = Field(default=None, gt=0)  # the virtual disk's size; default the hardware disk's
+    timeout_s: float = Field(default=600, gt=0)
+
+
+class Host(Model):
+    system: System
+    description: str = ""
+    role: str = ""
+    hardware: Hardware
+    guests: tuple[Guest, ...] = ()
+    images: tuple[Format, ...] = ()
+    boot: Boot = Boot()
+    install: Install | None = None
+
+    @field_validator("guests")
+    @classmethod
+    def _unique_guests(cls, guests: tuple[Guest, ...]) -> tuple[Guest, ...]:
+        names = [g.name for g in guests]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"guest names must be unique; repeated: {', '.join(dupes)}")
+        return guests
+
+    @model_validator(mode="after")
+    def _images_fit_system(self) -> Host:
+        for image in self.images:
+            if image is Format.sd and self.system is not System.aarch64_linux:
+                raise ValueError("an 'sd' image is for aarch64-linux hosts; use 'iso' for x86_64-linux")
+            if image is Format.iso and self.system is not System.x86_64_linux:
+                raise ValueError("an 'iso' image is built for x86_64-linux hosts here; use 'sd' for aarch64-linux")
+        if self.install is not None and self.install.size_gib is None:
+            if self.install.disk not in {d.name for d in self.hardware.disks}:
+                raise ValueError(
+                    f"install.disk {self.install.disk!r} is not among hardware.disks; add it there or set "
+                    "install.size_gib"
+                )
+        return self
+
+
+class Builder(Model):
+    """A Nix remote builder (one line of Nix's machines file)."""
+
+    uri: str  # ssh://user@host or ssh-ng://user@host; may carry ?remote-store=… for a store of its own
+    systems: tuple[System, ...]
+    ssh_key: str | None = None  # a path to the private key; its contents never enter logs or artifacts
+    max_jobs: int = Field(default=1, ge=1)
+    speed_factor: int = Field(default=1, ge=1)
+    features: tuple[str, ...] = ()
+    public_host_key: str | None = None  # base64 of the host key line, as Nix's machines file wants
+
+    @field_validator("uri")
+    @classmethod
+    def _ssh(cls, uri: str) -> str:
+        if not re.match(r"^ssh(-ng)?://[A-Za-z0-9._@:\[\]-]+(\?[A-Za-z0-9._=%/&:-]*)?$", uri):
+            raise ValueError(f"{uri!r} is not an ssh:// or ssh-ng:// store URI such as 'ssh-ng://nix@builder'")
+        return uri
+
+    @field_validator("ssh_key")
+    @classmethod
+    def _key_path(cls, path: str | None) -> str | None:
+        if path is not None and (not path.startswith("/") or re.search(r"\s", path)):
+            raise ValueError("ssh_key is the absolute path of a private key file, without spaces")
+        return path
+
+    def machines_line(self) -> str:
+        """This builder as a line of Nix's machines file (`nix.conf` `builders`); the key appears only as a path."""
+        fields = [
+            self.uri,
+            ",".join(s.value for s in self.systems),
+            self.ssh_key or "-",
+            str(self.max_jobs),
+            str(self.speed_factor),
+            ",".join(self.features) or "-",
+            "-",
+            self.public_host_key or "-",
+        ]
+        return " ".join(fields)
+
+
+class Domain(Model):
+    name: str
+    fqdn: Annotated[str, AfterValidator(_fqdn)]
+    description: str = ""
+    accounts: tuple[Account, ...] = ()
+    builders: tuple[Builder, ...] = ()
+    hosts: dict[Label, Host]
+
+    @field_validator("hosts")
+    @classmethod
+    def _some_hosts(cls, hosts: dict[str, Host]) -> dict[str, Host]:
+        if not hosts:
+            raise ValueError("a domain needs at least one host")
+        return hosts
+
+    def artifacts(self) -> list[Artifact]:
+        """Every image the domain asks for, in host order."""
+        return [Artifact(host=name, format=fmt, system=host.system) for name, host in self.hosts.items()
+                for fmt in host.images]
+
+
+class Artifact(Model):
+    """One image: `<host>-<format>`."""
+
+    host: str
+    format: Format
+    system: System
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}-{self.format.value}"
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    loc = _field_path(tuple(error["loc"]))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"field '{loc}' is not known (a typo? remove it or check the spelling against `cim schema`)"
+    if kind == "missing":
+        return f"field '{loc}' is required but missing"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    return f"field '{loc}': {msg}"
+
+
+def parse_domain(data: Any, source: str) -> Domain:
+    """Validate already-parsed JSON; `source` names the file in the error."""
+    try:
+        return Domain.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors()[:5])
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise DomainError(f"{source}: {problems}{more}. Fix the field(s) named and run again.") from None
+
+
+def load_domain(directory: Path) -> Domain:
+    """Read and validate `<directory>/domain.json`."""
+    path = directory / DOMAIN_FILE
+    if not directory.is_dir():
+        raise DomainError(
+            f"{directory}: no such domain directory. Pass an existing one with `doit domain=DIR` or CIM_DOMAIN=DIR "
+            "(the demo is configs/demo)."
+        )
+    if not path.is_file():
+        raise DomainError(f"{path}: file not found. A domain directory holds domain.json beside its flake.nix.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DomainError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. Fix the syntax there "
+            "(`python3 -m json.tool` shows it too)."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DomainError(f"{path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+    return parse_domain(data, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of domain.json."""
+    return Domain.model_json_schema()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Idempotent set-up for cim-pipeline on Debian 12 / Ubuntu: system packages, binfmt for aarch64, the .venv with the
+# project, Nix's settings for an offline machine, and the demo domain's inputs in the Nix store.
+#   scripts/setup.sh            everything
+#   CIM_SKIP_APT=1 scripts/setup.sh   skip apt (packages already there)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export PATH="$PATH:/usr/sbin:/sbin"
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '[setup] %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+packages=(
+    nix-bin                                   # nix build / eval (2.8 on Debian 12)
+    qemu-system-x86 qemu-system-arm qemu-utils  # the VMs; qemu-img for install disks
+    qemu-user-static binfmt-support           # aarch64 builds through binfmt emulation
+    ovmf u-boot-qemu                          # UEFI firmware (install test), U-Boot for the aarch64 SD boot
+    busybox-static cpio kmod                  # the demo userland, initrd packing, depmod for the module subset
+    xorriso isolinux syslinux-common          # ISO 9660 + El Torito (BIOS)
+    systemd-boot-efi                          # the boot loader the installer writes to the ESP
+    mtools dosfstools e2fsprogs fdisk         # FAT without loop devices, mkfs.ext4 -d, sfdisk on image files
+    nats-server dnsmasq openssh-server        # guest services; sshd for the remote-builder test
+    python3 python3-venv ca-certificates
+)
+
+if [ -z "${CIM_SKIP_APT:-}" ]; then
+    missing=()
+    arm64_ok=1
+    dpkg --print-foreign-architectures | grep -qx arm64 || arm64_ok=0
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ] || [ "$arm64_ok" -eq 0 ]; then
+        # arm64 packages (kernel, busybox, libc) are downloaded, never installed: they go into the Nix store.
+        as_root dpkg --add-architecture arm64
+        say "installing ${missing[*]:-(arm64 package lists)}"
+        as_root apt-get update -q
+        if [ "${#missing[@]}" -gt 0 ]; then
+            as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+        fi
+    fi
+fi
+
+# binfmt_misc: mount it and register aarch64 (qemu-user-static's F-flagged interpreter) when the kernel allows it.
+if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+fi
+if [ -e /proc/sys/fs/binfmt_misc/register ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    as_root update-binfmts --enable qemu-aarch64 2>/dev/null || true
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && [ -e /usr/share/binfmts/qemu-aarch64 ]; then
+        as_root update-binfmts --import qemu-aarch64 2>/dev/null || true
+    fi
+fi
+if [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    say "binfmt: aarch64 registered ($(head -n1 /proc/sys/fs/binfmt_misc/qemu-aarch64))"
+else
+    say "binfmt: aarch64 NOT registered; aarch64 images need a remote builder (see README)"
+fi
+
+# Nix on an offline machine: no substituters, no sandbox (Debian's nix-bin), flakes on.  Local Nix gets
+# aarch64-linux as an extra platform when binfmt can run it.
+as_root mkdir -p /etc/nix
+conf=/etc/nix/nix.conf
+want_conf="# written by cim-pipeline scripts/setup.sh
+experimental-features = nix-command flakes
+substituters =
+sandbox = false
+build-users-group =
+"
+if [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    want_conf+="extra-platforms = aarch64-linux
+"
+fi
+if [ ! -e "$conf" ] || ! grep -q "written by cim-pipeline" "$conf" || [ "$(cat "$conf")" != "$(printf '%s' "$want_conf")" ]; then
+    [ -e "$conf" ] && ! grep -q "written by cim-pipeline" "$conf" && as_root cp "$conf" "$conf.before-cim"
+    printf '%s' "$want_conf" | as_root tee "$conf" >/dev/null
+    say "wrote $conf"
+fi
+
+# The project's virtualenv.
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import pipeline, doit, pydantic, xxhash, qemu.qmp, nats' 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.cim-installed ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    touch .venv/.cim-installed
+fi
+
+# The demo domain's Debian inputs, imported into the Nix store.
+say "importing the demo inputs into the Nix store"
+python3 scripts/demo_inputs.py --root "$root" >/dev/null
+say "ready: .venv/bin/doit domain=configs/demo"
