@@ -1,0 +1,56 @@
+"""doit entry point: `doit domain=DIR [task …]` (or CIM_DOMAIN=DIR); the default domain is configs/cim.
+
+Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from doit import get_var
+
+from pipeline import install, tasks
+from pipeline.domain import DomainError
+from pipeline.hashing import XXH3Checker
+
+ROOT = Path(__file__).resolve().parent
+try:
+    CTX = tasks.make_context(ROOT, Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))))
+except DomainError as exc:
+    # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
+    sys.stderr.write(f"error: {exc}\n")
+    sys.exit(2)
+
+DOIT_CONFIG = {
+    "default_tasks": ["release"],
+    "backend": "sqlite3",
+    "dep_file": str(CTX.state_dir / "doit.sqlite3"),
+    "check_file_uptodate": XXH3Checker,
+    "par_type": "thread",  # tasks wait on nix and QEMU processes; threads are enough and share the DB handle
+    "verbosity": 2,
+}
+CTX.state_dir.mkdir(parents=True, exist_ok=True)
+
+
+def task_validate():
+    return tasks.task_validate(CTX)
+
+
+def task_eval():
+    yield from tasks.task_eval(CTX)
+
+
+def task_build():
+    yield from tasks.task_build(CTX)
+
+
+def task_boot():
+    yield from tasks.task_boot(CTX)
+
+
+def task_install():
+    yield from install.task_install(CTX)
+
+
+def task_release():
+    return tasks.task_release(CTX)

@@ -1,0 +1,251 @@
+"""The one funnel for `nix`: evaluate, build, read the configuration, and choose how an image's system gets built.
+
+Only CLI common to Nix 2.8 (Debian 12) and current 2.2x is used: `nix eval --json`, `nix build --json --no-link`,
+`nix show-config --json`.  The one difference handled is how a derivation's output is named on the command line
+(a bare `drv` before 2.13, `drv^out` after).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.domain import Builder, System
+from pipeline.process import ProcessTimeout, run
+
+FEATURES = ["--extra-experimental-features", "nix-command flakes"]
+EVAL_TIMEOUT = 600.0
+BUILD_TIMEOUT = 3 * 3600.0
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+class NixError(Exception):
+    """A nix command failed; the message names what was asked and ends with the tail of nix's own words."""
+
+    def __init__(self, what: str, stderr: str = "", hint: str = "") -> None:
+        tail = "\n".join(line for line in stderr.strip().splitlines()[-15:])
+        message = what
+        if hint:
+            message += f" {hint}"
+        if tail:
+            message += f"\nnix said:\n{tail}"
+        super().__init__(message)
+        self.stderr = stderr
+
+
+def flake_ref(domain_dir: Path) -> str:
+    """The flake of a domain directory, by path (so files git does not track, like the demo's inputs.json, count)."""
+    return f"path:{domain_dir.resolve()}"
+
+
+@functools.cache
+def version() -> tuple[int, ...]:
+    """Nix's version, e.g. (2, 8, 0)."""
+    try:
+        out = run(["nix", "--version"], timeout=30).stdout
+    except FileNotFoundError:
+        raise NixError("nix is not installed.", hint="Run scripts/setup.sh (Debian's nix-bin) and try again.") from None
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise NixError(f"cannot read the Nix version from {out!r}.")
+    return tuple(int(g or 0) for g in match.groups())
+
+
+def output_installable(drv_path: str, output: str = "out") -> str:
+    """How `nix build` is told to build a store derivation's output.
+
+    Nix >= 2.13 takes `drv^out` (a bare .drv path now means the .drv file itself); older Nix, 2.8 included, builds
+    the outputs of a bare .drv path and knows no `^`.
+    """
+    return f"{drv_path}^{output}" if version() >= (2, 13) else drv_path
+
+
+def _nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (), hint: str = "") -> str:
+    argv = ["nix", *FEATURES, *options, *args]
+    try:
+        proc = run(argv, timeout=timeout)
+    except FileNotFoundError:
+        raise NixError("nix is not installed.", hint="Run scripts/setup.sh and try again.") from None
+    except ProcessTimeout as exc:
+        raise NixError(f"{what} did not finish within {timeout:g} s.", exc.output) from None
+    if proc.returncode != 0:
+        raise NixError(f"{what} failed (exit {proc.returncode}).", proc.stderr, hint)
+    return proc.stdout
+
+
+def eval_json(installable: str, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
+    args = ["eval", "--json", installable]
+    if apply:
+        args += ["--apply", apply]
+    return json.loads(_nix(args, f"nix eval {installable}", timeout))
+
+
+# The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.
+_HOST_ATTRS = "b: builtins.mapAttrs (n: v: v.drvPath) (builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)"
+
+
+def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
+    """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …} as far as it has them."""
+    installable = f"{flake_ref(domain_dir)}#nixosConfigurations.{host}.config.system.build"
+    result = eval_json(installable, apply=_HOST_ATTRS)
+    if not isinstance(result, dict) or "toplevel" not in result:
+        raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
+    return {str(k): str(v) for k, v in result.items()}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    drv_path: str
+    outputs: dict[str, str]
+    log: str
+
+
+def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT, hint: str = "") -> BuildResult:
+    """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs)."""
+    argv = ["nix", *FEATURES, *options, "build", "--json", "--no-link", "-L", output_installable(drv_path)]
+    try:
+        proc = run(argv, timeout=timeout)
+    except FileNotFoundError:
+        raise NixError("nix is not installed.", hint="Run scripts/setup.sh and try again.") from None
+    except ProcessTimeout as exc:
+        raise NixError(f"nix build {drv_path} did not finish within {timeout:g} s.", exc.output) from None
+    if proc.returncode != 0:
+        raise NixError(f"nix build {drv_path} failed (exit {proc.returncode}).", proc.stderr, hint)
+    (entry,) = json.loads(proc.stdout)
+    return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
+
+
+def show_config(options: Sequence[str] = ()) -> dict[str, Any]:
+    """`nix show-config --json`, flattened to {setting: value}."""
+    raw = json.loads(_nix(["show-config", "--json"], "nix show-config", 60, options))
+    return {k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in raw.items()}
+
+
+def hydra_product(out_path: Path, product_type: str) -> Path:
+    """The file a build output names in nix-support/hydra-build-products (`file <type> <path>`), as Hydra finds it."""
+    products = out_path / "nix-support" / "hydra-build-products"
+    if not products.is_file():
+        raise NixError(f"{out_path} has no nix-support/hydra-build-products, so its image file cannot be found.")
+    for line in products.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "file" and parts[1] == product_type:
+            return Path(parts[2])
+    raise NixError(f"{products} lists no 'file {product_type} …' product.")
+
+
+# --- How a system gets built: native, local emulation (binfmt), or a remote builder. ---------------------------------
+
+class Strategy(enum.StrEnum):
+    native = "native"
+    emulation = "emulation"
+    remote = "remote"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    strategy: Strategy
+    system: System
+    reason: str
+    options: tuple[str, ...] = ()  # extra nix options, e.g. ("--option", "builders", "…")
+
+    def describe(self) -> str:
+        return f"{self.system.value} via {self.strategy.value}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class NixFacts:
+    """What the local Nix and kernel can do, read once (see `local_facts`)."""
+
+    system: str
+    extra_platforms: tuple[str, ...] = ()
+    builders: str = ""  # nix.conf `builders`: a machines list or @file
+    binfmt: dict[str, str] = field(default_factory=dict)  # registered binfmt name -> interpreter
+
+
+def _binfmt_entries(directory: Path = BINFMT_DIR) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    if not (directory / "register").exists():
+        return entries
+    for entry in directory.iterdir():
+        if entry.name in {"register", "status"}:
+            continue
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        if not text.startswith("enabled"):
+            continue
+        match = re.search(r"^interpreter (\S+)", text, re.M)
+        entries[entry.name] = match.group(1) if match else ""
+    return entries
+
+
+def local_facts() -> NixFacts:
+    config = show_config()
+    platforms = config.get("extra-platforms", [])
+    if isinstance(platforms, str):
+        platforms = platforms.split()
+    builders = config.get("builders", "")
+    return NixFacts(system=str(config.get("system", "")), extra_platforms=tuple(platforms),
+                    builders=str(builders or "").strip(), binfmt=_binfmt_entries())
+
+
+def _machines_systems(builders: str) -> set[str]:
+    """Systems that nix.conf `builders` (inline lines or @file) offers."""
+    text = builders
+    if builders.startswith("@"):
+        path = Path(builders[1:])
+        text = path.read_text() if path.is_file() else ""
+    systems: set[str] = set()
+    for line in re.split(r"[;\n]", text):
+        parts = line.split()
+        if len(parts) >= 2 and not parts[0].startswith("#"):
+            systems.update(parts[1].split(","))
+    return systems
+
+
+def builders_option(builders: Sequence[Builder]) -> str:
+    """The domain's remote builders as Nix's `builders` setting (machines lines joined by ';')."""
+    return " ; ".join(b.machines_line() for b in builders)
+
+
+def plan_build(system: System, facts: NixFacts, domain_builders: Sequence[Builder] = ()) -> BuildPlan:
+    """Choose how `system` gets built here, in order: native, local emulation, remote builder; else explain the fixes."""
+    if facts.system == system.value:
+        return BuildPlan(Strategy.native, system, f"the local Nix is {facts.system}")
+    emulator = next((name for name in facts.binfmt if name == f"qemu-{system.arch}"), None)
+    if system.value in facts.extra_platforms and emulator:
+        return BuildPlan(Strategy.emulation, system,
+                         f"local Nix lists {system.value} in extra-platforms and binfmt runs it with "
+                         f"{facts.binfmt[emulator] or emulator}")
+    ours = [b for b in domain_builders if system in b.systems]
+    if ours:
+        machines = builders_option(ours)
+        return BuildPlan(Strategy.remote, system,
+                         "remote builder(s) from domain.json: " + ", ".join(b.uri for b in ours),
+                         ("--option", "builders", machines, "--option", "builders-use-substitutes", "false"))
+    if system.value in _machines_systems(facts.builders):
+        return BuildPlan(Strategy.remote, system, f"remote builder(s) from Nix's own builders setting ({facts.builders})")
+    local = facts.system or "this machine's system"
+    why = []
+    if system.value not in facts.extra_platforms:
+        why.append(f"the local Nix ({local}) does not list {system.value} in system/extra-platforms")
+    if not emulator:
+        why.append(f"no binfmt_misc interpreter for {system.arch} is registered")
+    raise NixError(
+        f"a '{system.value}' build is required but this machine is a '{local}' ({'; '.join(why)}), and no remote "
+        f"builder offers {system.value}. Two fixes: (1) emulate it locally: install qemu-user-static (Debian/Ubuntu; "
+        f"on NixOS boot.binfmt.emulatedSystems = [ \"{system.value}\" ]), make sure "
+        f"{BINFMT_DIR}/qemu-{system.arch} is enabled (`mount -t binfmt_misc binfmt_misc {BINFMT_DIR}` then "
+        f"`update-binfmts --enable qemu-{system.arch}`), and add `extra-platforms = {system.value}` to "
+        f"/etc/nix/nix.conf — scripts/setup.sh does all of this; or (2) use a remote builder: add one to domain.json "
+        f"(\"builders\": [{{\"uri\": \"ssh-ng://nix@builder\", \"systems\": [\"{system.value}\"], "
+        f"\"ssh_key\": \"/root/.ssh/id_builder\"}}]) or to Nix's own `builders` setting / /etc/nix/machines."
+    )

@@ -1,0 +1,135 @@
+"""Probes run against a booted VM: a console pattern, a TCP port, a DNS answer, a NATS round-trip.
+
+Each probe has a deadline and retries until it; the last failure is what the error reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.domain import Host, Probe, ProbeKind
+from pipeline.qemu import Vm, VmError
+
+
+class ProbeFailed(VmError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probe: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+def boot_complete_pattern(host: str) -> str:
+    """The line every image of ours prints when it has booted (demo rcS, cim's cim-boot-complete unit)."""
+    return rf"cim: {re.escape(host)} boot complete"
+
+
+def default_probes(host_name: str, host: Host) -> list[Probe]:
+    """The boot-complete line, then the host's guests that answer on the network."""
+    probes = [Probe(kind=ProbeKind.console, pattern=boot_complete_pattern(host_name))]
+    if any(g.kind.value == "nats" for g in host.guests):
+        probes.append(Probe(kind=ProbeKind.nats, port=4222))
+    return probes
+
+
+def guest_ports(probes: list[Probe]) -> set[int]:
+    """Guest ports the probes need forwarded to the host."""
+    ports = set()
+    for probe in probes:
+        if probe.kind is ProbeKind.tcp and probe.port:
+            ports.add(probe.port)
+        elif probe.kind is ProbeKind.nats:
+            ports.add(probe.port or 4222)
+        elif probe.kind is ProbeKind.dns:
+            ports.add(probe.port or 53)
+    return ports
+
+
+def retry(what: str, attempt: Callable[[], str], timeout: float, interval: float = 0.5) -> str:
+    """Call `attempt` until it returns (its detail) or the deadline passes; the last error is reported."""
+    deadline = time.monotonic() + timeout
+    last = "never tried"
+    while True:
+        try:
+            return attempt()
+        except (OSError, ProbeFailed, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - reported below
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise ProbeFailed(f"{what} did not succeed within {timeout:g} s; last error: {last}")
+        time.sleep(interval)
+
+
+def tcp_connect(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.settimeout(3)
+        banner = sock.recv(64)
+        if not banner:
+            raise ProbeFailed("connection closed before any byte (port forward up, guest service not)")
+    return f"port answered: {banner[:40]!r}"
+
+
+def nats_round_trip(port: int, subject: str) -> str:
+    """Publish and receive one message through the guest's nats-server with the official client."""
+    import nats  # nats-py
+
+    async def quiet(_exc: Exception) -> None:
+        """Connection errors are retried by `retry`, which reports the last one; nats-py would log each."""
+
+    async def go() -> str:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0,
+                                allow_reconnect=False, error_cb=quiet)
+        try:
+            sub = await nc.subscribe(subject)
+            await nc.publish(subject, b"cim-probe")
+            msg = await sub.next_msg(timeout=3)
+            return f"round-trip on {subject}: {msg.data.decode()} (server {nc.connected_server_version})"
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def dns_query(port: int, name: str) -> str:
+    """One A query over UDP; the answer's first address."""
+    query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.sendto(query, ("127.0.0.1", port))
+        data = sock.recv(512)
+    answers = struct.unpack(">H", data[6:8])[0]
+    if answers == 0:
+        raise ProbeFailed(f"no answer for {name}")
+    return f"{name} answered ({answers} record(s))"
+
+
+def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
+    """Run one probe against `vm`; `forwards` maps guest ports to host ports."""
+    started = time.monotonic()
+    if probe.kind is ProbeKind.console:
+        assert probe.pattern is not None
+        match = vm.wait_for_console(probe.pattern, probe.timeout_s)
+        detail = f"console: {match.group(0)!r}"
+    elif probe.kind is ProbeKind.tcp:
+        assert probe.port is not None
+        detail = retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
+                       probe.timeout_s)
+    elif probe.kind is ProbeKind.nats:
+        port = forwards[probe.port or 4222]
+        detail = retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
+                       probe.timeout_s)
+    else:
+        assert probe.name is not None
+        port = forwards[probe.port or 53]
+        detail = retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)
+    return ProbeResult(probe.kind.value, True, round(time.monotonic() - started, 2), detail)

@@ -1,0 +1,360 @@
+"""QEMU: a VM spec becomes an argument list (pure); `Vm` runs it, keeps the whole serial console, and waits with deadlines.
+
+The serial console is a unix socket chardev with a `logfile`, so every byte the guest prints lands in the log even when
+nobody is connected, and the pipeline can still type into it (the installer's boot prompt).  QMP (through QEMU's own
+`qemu.qmp` client) asks the guest to power off, then quits QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from pipeline.domain import System
+from pipeline.process import kill_group
+
+log = logging.getLogger("cim.qemu")
+
+OVMF_CODE = [Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_CODE.fd")]
+OVMF_VARS = [Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")]
+UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+KVM_CANARY_SECONDS = 20.0
+# The guest kernel is running: firmware output alone does not prove KVM works.
+KERNEL_STARTED = re.compile(r"Linux version|cim stage 1")
+
+
+class VmError(Exception):
+    """A VM did not do what was asked; the message says which VM, what it waited for, and where its log is."""
+
+
+class VmTimeout(VmError):
+    pass
+
+
+class Firmware(enum.StrEnum):
+    bios = "bios"  # SeaBIOS (x86_64)
+    uefi = "uefi"  # OVMF (x86_64)
+    uboot = "uboot"  # U-Boot as the -bios of the aarch64 virt board
+
+    def files(self) -> list[str]:
+        if self is Firmware.uboot:
+            return [str(UBOOT_ARM64)]
+        if self is Firmware.uefi:
+            return [str(_first(OVMF_CODE)), str(_first(OVMF_VARS))]
+        return []
+
+
+def _first(candidates: Sequence[Path]) -> Path:
+    for path in candidates:
+        if path.exists():
+            return path
+    raise VmError(f"none of {', '.join(map(str, candidates))} exists; install ovmf (scripts/setup.sh)")
+
+
+@dataclass(frozen=True)
+class Drive:
+    path: Path
+    format: str = "raw"
+    media: str = "disk"  # "disk" or "cdrom"
+    snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything that decides how a VM runs; `argv()` turns it into QEMU's command line."""
+
+    name: str
+    system: System
+    workdir: Path  # sockets and firmware variables live here; unique per VM
+    console_log: Path
+    memory_mib: int = 1024
+    cpus: int = 1
+    accel: str = "tcg"
+    firmware: Firmware = Firmware.bios
+    drives: tuple[Drive, ...] = ()
+    boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
+    port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
+    extra: tuple[str, ...] = field(default=())
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.workdir / "console.sock"
+
+    @property
+    def ovmf_vars(self) -> Path:
+        return self.workdir / "OVMF_VARS.fd"
+
+    def argv(self) -> list[str]:
+        """QEMU's argument list for this spec.
+
+        >>> VmSpec("t", System.x86_64_linux, Path("/w"), Path("/w/log")).argv()[:3]
+        ['qemu-system-x86_64', '-name', 't']
+        """
+        argv = [self.system.qemu_binary, "-name", self.name, "-nodefaults", "-display", "none", "-no-reboot",
+                "-m", str(self.memory_mib), "-smp", str(self.cpus)]
+        if self.system is System.aarch64_linux:
+            argv += ["-machine", f"virt,accel={self.accel}", "-cpu", "cortex-a57" if self.accel == "tcg" else "host"]
+        else:
+            argv += ["-machine", f"pc,accel={self.accel}"]
+            if self.accel == "kvm":
+                argv += ["-cpu", "host"]
+        if self.firmware is Firmware.uboot:
+            argv += ["-bios", str(UBOOT_ARM64)]
+        elif self.firmware is Firmware.uefi:
+            code = _first(OVMF_CODE)
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}"]
+        argv += ["-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off,"
+                             f"logfile={self.console_log},logappend=on",
+                 "-serial", "chardev:console",
+                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        for index, drive in enumerate(self.drives):
+            drive_id = f"drive{index}"
+            opts = f"if=none,id={drive_id},file={drive.path},format={drive.format}"
+            if drive.media == "cdrom":
+                opts += ",media=cdrom,readonly=on"
+            if drive.snapshot:
+                opts += ",snapshot=on"
+            argv += ["-drive", opts]
+            if drive.media == "cdrom" and self.system is System.x86_64_linux:
+                argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
+            else:
+                serial = f",serial={drive.serial}" if drive.serial else ""
+                argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
+        if self.boot_order and self.system is System.x86_64_linux:
+            argv += ["-boot", f"order={self.boot_order}"]
+        netdev = "user,id=net0"
+        for host_port, guest_port in self.port_forwards:
+            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+        return argv + list(self.extra)
+
+
+class Vm:
+    """A running VM.  Use as a context manager: on the way out it is powered off, then its process group is killed.
+
+    `wait_for_console(pattern, timeout)` waits for the guest to print a line; `type_console(text)` types into it.
+    """
+
+    def __init__(self, spec: VmSpec) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+        self._seen = ""
+        self.started_at = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def __enter__(self) -> Vm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        spec = self.spec
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        for sock in (spec.qmp_socket, spec.console_socket):
+            sock.unlink(missing_ok=True)
+        if spec.firmware is Firmware.uefi and not spec.ovmf_vars.exists():
+            shutil.copyfile(_first(OVMF_VARS), spec.ovmf_vars)
+        spec.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = spec.console_log.stat().st_size if spec.console_log.exists() else 0
+        stderr_log = (spec.workdir / "qemu.stderr").open("wb")
+        argv = spec.argv()
+        log.info("%s: starting %s", spec.name, " ".join(argv))
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
+                                         start_new_session=True)
+        except FileNotFoundError:
+            raise VmError(f"{spec.name}: {argv[0]} is not installed; run scripts/setup.sh") from None
+        finally:
+            stderr_log.close()
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Quit QEMU through QMP (so the log is flushed), then make sure its process group is gone."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                qmp = QEMUMonitorProtocol(str(self.spec.qmp_socket))
+                qmp.connect()
+                qmp.settimeout(5)
+                qmp.cmd("quit")
+                qmp.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        kill_group(self.proc, grace=2)
+        self._read_new()
+
+    def powerdown(self, timeout: float) -> None:
+        """ACPI power button (`system_powerdown`) and wait for QEMU to exit."""
+        with contextlib.suppress(Exception):
+            qmp = QEMUMonitorProtocol(str(self.spec.qmp_socket))
+            qmp.connect()
+            qmp.settimeout(5)
+            qmp.cmd("system_powerdown")
+            qmp.close()
+        self.wait_for_exit(timeout, "power-off")
+
+    # -- the console -----------------------------------------------------------------------------------------------
+    def _read_new(self) -> str:
+        try:
+            with self.spec.console_log.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        self._offset += len(data)
+        text = data.decode("utf-8", errors="replace")
+        self._seen += text
+        return text
+
+    @property
+    def console(self) -> str:
+        """Everything this VM has printed so far."""
+        self._read_new()
+        return self._seen
+
+    def _tail(self, lines: int = 15) -> str:
+        return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
+
+    def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
+        """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""
+        regex = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        searched_from = 0
+        while True:
+            self._read_new()
+            match = regex.search(self._seen, max(0, searched_from - 4096))
+            if match:
+                return match
+            searched_from = len(self._seen)
+            if not self.running:
+                self._read_new()
+                match = regex.search(self._seen)
+                if match:
+                    return match
+                code = self.proc.returncode if self.proc else None
+                raise VmError(
+                    f"{self.spec.name}: QEMU exited (code {code}) before the console showed {what or pattern!r}; "
+                    f"console log {self.spec.console_log}, QEMU's stderr {self.spec.workdir / 'qemu.stderr'}. "
+                    f"Last console lines:\n{self._tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise VmTimeout(
+                    f"{self.spec.name}: the console did not show {what or pattern!r} within {timeout:g} s; the VM "
+                    f"was stopped, its console log is {self.spec.console_log}. Last console lines:\n{self._tail()}"
+                )
+            time.sleep(0.2)
+
+    def type_console(self, text: str) -> None:
+        """Type `text` on the serial console."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.spec.console_socket))
+            sock.sendall(text.encode())
+            time.sleep(0.2)
+
+    def wait_for_exit(self, timeout: float, what: str = "exit") -> int:
+        """Wait for the guest to power off (QEMU exits); VmTimeout past the deadline."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VmTimeout(
+                f"{self.spec.name}: no {what} within {timeout:g} s; the VM was stopped, its console log is "
+                f"{self.spec.console_log}. Last console lines:\n{self._tail()}"
+            ) from None
+        self._read_new()
+        return code
+
+
+# -- KVM: a bounded canary decides ------------------------------------------------------------------------------------
+
+def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool, str]:
+    """Boot `spec` under KVM for at most `timeout` seconds: console output from the guest means KVM works.
+
+    SeaBIOS alone is not proof: on machines where /dev/kvm exists but nested virtualisation is broken, the firmware
+    runs and the first boot loader then dies with "KVM internal error … emulation failure" and the guest hangs.  So
+    the canary boots the real image and wants its kernel on the serial console.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    canary = dataclasses.replace(spec, name=f"{spec.name}-kvm-canary", accel="kvm",
+                                 workdir=spec.workdir / "kvm-canary", console_log=spec.workdir / "kvm-canary.log")
+    canary.console_log.unlink(missing_ok=True)
+    started = time.monotonic()
+    with Vm(canary) as vm:
+        stderr = canary.workdir / "qemu.stderr"
+        while vm.elapsed() < timeout:
+            errors = stderr.read_text(errors="replace") if stderr.exists() else ""
+            if "KVM internal error" in errors or "emulation failure" in errors or not vm.running:
+                first = next((ln for ln in errors.splitlines() if "error" in ln.lower()), "QEMU exited")
+                return False, f"a KVM canary boot failed after {time.monotonic() - started:.1f} s ({first.strip()})"
+            if KERNEL_STARTED.search(vm.console):
+                return True, f"a KVM canary boot reached the guest kernel in {time.monotonic() - started:.1f} s"
+            time.sleep(0.2)
+    return False, f"a KVM canary boot printed nothing on the console within {timeout:g} s (KVM hangs here)"
+
+
+def choose_accel(spec: VmSpec, state_dir: Path) -> tuple[str, str]:
+    """("kvm" | "tcg", why) for `spec`.  The canary runs once per machine boot; its verdict is kept in state_dir."""
+    host_arch = os.uname().machine
+    if spec.system.arch != host_arch:
+        return "tcg", f"{spec.system.value} guest on an {host_arch} host: TCG emulation"
+    if os.environ.get("CIM_ACCEL") in {"kvm", "tcg"}:
+        return os.environ["CIM_ACCEL"], "CIM_ACCEL is set"
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    cache = state_dir / "kvm-canary.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        verdict = json.loads(cache.read_text())
+        if verdict["boot_id"] == boot_id:
+            return ("kvm" if verdict["ok"] else "tcg"), f"{verdict['why']} (canary of this boot, cached)"
+    ok, why = kvm_canary(spec)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"boot_id": boot_id, "ok": ok, "why": why}))
+    tmp.replace(cache)
+    return ("kvm" if ok else "tcg"), why
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a guest port forward)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(spec: VmSpec) -> Iterator[Vm]:
+    vm = Vm(spec)
+    with vm:
+        yield vm
