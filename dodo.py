@@ -1,4 +1,5 @@
-"""doit entry point: `doit domain=DIR [task …]` (or CIM_DOMAIN=DIR); the default domain is configs/cim.
+"""doit entry point: `doit domain=DIR [artifacts=DIR] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS); the default domain is
+configs/cim, the default artifacts directory artifacts/.
 
 Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default).
 """
@@ -15,7 +16,11 @@ from pipeline.hashing import XXH3Checker
 
 ROOT = Path(__file__).resolve().parent
 try:
-    CTX = tasks.make_context(ROOT, Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))))
+    CTX = tasks.make_context(
+        ROOT,
+        Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
+        Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
+    )
 except DomainError as exc:
     # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
     sys.stderr.write(f"error: {exc}\n")

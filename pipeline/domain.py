@@ -330,12 +330,17 @@ class Artifact(Model):
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    parts = [str(p) for p in loc]
+    if parts and parts[-1] == "[key]":  # a dict key, e.g. a host name: "hosts key 'vhost;rm'"
+        return f"{'.'.join(parts[:-2])} key {parts[-2]!r}"
+    return ".".join(parts) or "(top level)"
 
 
 def _describe(error: Any) -> str:
     loc = _field_path(tuple(error["loc"]))
     kind = error["type"]
+    if loc.endswith("'") and " key " in loc:
+        return f"{loc}: {str(error['msg']).removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         return f"field '{loc}' is not known (a typo? remove it or check the spelling against `cim schema`)"
     if kind == "missing":

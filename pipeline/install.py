@@ -1,20 +1,234 @@
-"""Install verification (issue [3]): installer ISO + blank disk → install → the disk boots alone."""
+"""Install verification: the installer ISO + a blank disk → install per the host's disk-config → the disk boots alone.
+
+Phases, each with its own deadline and a message naming it:
+  plan       evaluate disk-config.nix (disko's format) into partitions; refused before any VM if it cannot work
+  installer  BIOS boot of the ISO beside a blank qcow2 disk; `install` typed at the isolinux prompt; the plan handed
+             over through QEMU fw_cfg; wait for the installer's clean power-off
+  disk-boot  the disk alone under OVMF (UEFI → systemd-boot → kernel): boot-complete line, then `/` and `/boot`
+             mounted from the declared partitions with the declared file systems and sizes, swap active
+Both consoles go to artifacts/<host>-iso/install.log.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.domain import Format
+from doit.tools import config_changed
+
+from pipeline import probes
+from pipeline.artifacts import atomic_write_text
+from pipeline.diskplan import DiskPlan, DiskPlanError
+from pipeline.diskplan import evaluate as evaluate_plan
+from pipeline.domain import Format, Host, System
+from pipeline.hashing import xxh3_text
+from pipeline.process import run
+from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
 
 if TYPE_CHECKING:
     from pipeline.tasks import Context
 
 
+class InstallError(VmError):
+    """The install did not produce a disk that boots as declared; the message names the phase and the log."""
+
+
 def installable_hosts(ctx: Context) -> list[str]:
     """Hosts with an install section and an ISO to install from (each has an install:<host> task)."""
-    return [str(task["name"]) for task in task_install(ctx)]
+    return [name for name, host in ctx.domain.hosts.items() if host.install and Format.iso in host.images]
+
+
+def disk_mib(host: Host) -> int:
+    """The virtual disk's size: install.size_gib, else the hardware disk install.disk names."""
+    assert host.install is not None
+    if host.install.size_gib is not None:
+        return int(host.install.size_gib * 1024)
+    disk = next(d for d in host.hardware.disks if d.name == host.install.disk)
+    return int(disk.size_gib * 1024)
+
+
+def plan_for(ctx: Context, host_name: str) -> DiskPlan:
+    host = ctx.domain.hosts[host_name]
+    assert host.install is not None
+    return evaluate_plan(ctx.domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
+
+
+# -- checking the installed system from its console ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mounted:
+    mountpoint: str
+    device: str
+    fstype: str
+
+
+def parse_report(console: str) -> tuple[dict[str, Mounted], dict[str, tuple[str, int]], set[str]]:
+    """The installed system's `cim-fs:`, `cim-part:` and `cim-swap:` lines → (mounts, partitions, swaps)."""
+    text = console.replace("\r", "")
+    mounts = {m[0]: Mounted(m[0], m[1], m[2]) for m in re.findall(r"^cim-fs: (\S+) (\S+) (\S+) \d+K$", text, re.M)}
+    parts = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^cim-part: (\S+) (\S*) (\d+)MiB$", text, re.M)}
+    swaps = set(re.findall(r"^cim-swap: (\S+) \d+K$", text, re.M))
+    return mounts, parts, swaps
+
+
+def check_installed(plan: DiskPlan, console: str, disk_device: str = "/dev/vda") -> list[str]:
+    """What the disk-only boot shows against the plan: one line per check; raises InstallError on a mismatch."""
+    mounts, parts, swaps = parse_report(console)
+    checks, problems = [], []
+    for part in plan.partitions:
+        dev = f"{disk_device}{part.number}"
+        want_mib = plan.partition_mib(part)
+        got = parts.get(dev)
+        if got is None:
+            problems.append(f"partition {dev} ({part.label}) is missing")
+            continue
+        label, mib = got
+        if label != part.label or mib != want_mib:
+            problems.append(f"{dev} is {label!r} {mib} MiB, declared {part.label!r} {want_mib} MiB")
+            continue
+        if part.format == "swap":
+            if dev not in swaps:
+                problems.append(f"swap {dev} is not active")
+                continue
+            checks.append(f"{dev} {part.label} {mib} MiB: swap active")
+            continue
+        mounted = mounts.get(part.mountpoint or "")
+        if mounted is None:
+            problems.append(f"{part.mountpoint} is not mounted")
+        elif mounted.device != dev or mounted.fstype != part.format:
+            problems.append(f"{part.mountpoint} is {mounted.device} ({mounted.fstype}), declared {dev} ({part.format})")
+        else:
+            checks.append(f"{part.mountpoint} on {dev} {part.label} {mib} MiB {part.format}")
+    if problems:
+        raise InstallError("the installed system does not match the disk-config: " + "; ".join(problems))
+    return checks
+
+
+# -- the flow ------------------------------------------------------------------------------------------------------
+
+def _phase_error(exc: VmError, phase: str, spec: VmSpec, log: Path) -> InstallError:
+    kind = "stalled" if isinstance(exc, VmTimeout) else "failed"
+    message = str(exc).replace(str(spec.console_log), str(log))
+    return InstallError(f"install phase '{phase}' {kind}: {message}")
+
+
+def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.tasks import say
+
+    host = ctx.domain.hosts[host_name]
+    assert host.install is not None
+    artifact = f"{host_name}-iso"
+    task = f"install:{host_name}"
+    plan = plan_for(ctx, host_name)  # refused here, before any VM, if it cannot work
+    for line in plan.describe():
+        say(task, f"plan: {line}")
+    timeout = host.install.timeout_s
+    workdir = ctx.vm_dir(f"{host_name}-install")
+    log_dest = ctx.artifact_dir(artifact) / "install.log"
+    plan_file = workdir / "install-plan.txt"
+    plan_file.write_text(plan.installer_text())
+    disk = workdir / "disk.qcow2"
+    proc = run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{plan.disk_mib}M"], timeout=60)
+    if proc.returncode != 0:
+        raise InstallError(f"qemu-img could not create the blank disk {disk}: {proc.stderr.strip()}")
+    say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse)")
+
+    installer = VmSpec(
+        name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
+        console_log=workdir / "installer.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+        firmware=Firmware.bios, boot_order="d",
+        drives=(Drive(Path(image["path"]), media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
+        extra=("-fw_cfg", f"name=opt/cim/install-plan,file={plan_file}"),
+    )
+    disk_boot = VmSpec(
+        name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
+        console_log=workdir / "disk-boot.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),),
+    )
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"result": "fail", "log": f"{artifact}/install.log", "disk_mib": plan.disk_mib,
+                               "plan": plan.describe()}
+    phases: dict[str, float] = {}
+    try:
+        phase_started = time.monotonic()
+        say(task, f"phase installer: booting {Path(image['path']).name} (BIOS, TCG) beside the blank disk")
+        with Vm(installer) as vm:
+            try:
+                vm.wait_for_console(r"boot:", timeout, "the isolinux boot: prompt")
+                vm.type_console("install\r")
+                vm.wait_for_console(r"cim-install: installing", timeout, "the installer starting")
+                say(task, "installer started; partitioning, formatting, copying, installing systemd-boot")
+                remaining = max(1.0, timeout - (time.monotonic() - phase_started))
+                vm.wait_for_exit(remaining, "clean power-off after the install")
+            except VmError as exc:
+                raise _phase_error(exc, "installer", installer, log_dest) from None
+            console = vm.console
+        failed = re.search(r"^cim-install: FAILED: .*$", console, re.M)
+        if failed or "cim-install: done" not in console:
+            raise InstallError(f"install phase 'installer' failed: {failed.group(0) if failed else 'no done line'}; "
+                               f"log {log_dest}")
+        phases["installer"] = round(time.monotonic() - phase_started, 1)
+        say(task, f"installer powered off cleanly after {phases['installer']} s")
+
+        phase_started = time.monotonic()
+        say(task, "phase disk-boot: booting the disk alone (UEFI/OVMF → systemd-boot)")
+        with Vm(disk_boot) as vm:
+            try:
+                vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
+            except VmError as exc:
+                raise _phase_error(exc, "disk-boot", disk_boot, log_dest) from None
+            console = vm.console
+        phases["disk-boot"] = round(time.monotonic() - phase_started, 1)
+        checks = check_installed(plan, console)
+        for line in checks:
+            say(task, f"check: {line}")
+        outcome.update(result="pass", checks=checks)
+    except (VmError, DiskPlanError) as exc:
+        outcome["error"] = str(exc).splitlines()[0]
+        raise
+    finally:
+        outcome["seconds"] = round(time.monotonic() - started, 1)
+        outcome["phases"] = phases
+        _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
+        ctx.records.update(artifact, install=outcome)
+    shutil.rmtree(workdir, ignore_errors=True)
+    say(task, f"install verified in {outcome['seconds']} s; log {log_dest}")
+    return {"iso_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
+
+
+def _publish_install_log(installer_log: Path, disk_log: Path, dest: Path) -> None:
+    parts = ["=== phase installer: installer ISO booted beside the blank disk ===\n"]
+    parts.append(installer_log.read_text(errors="replace") if installer_log.exists() else "(no output)\n")
+    if disk_log.exists():
+        parts.append("\n=== phase disk-boot: second boot, from the installed disk alone (UEFI) ===\n")
+        parts.append(disk_log.read_text(errors="replace"))
+    atomic_write_text(dest, "".join(parts))
+
+
+def install_fingerprint(ctx: Context, host_name: str) -> str:
+    host = ctx.domain.hosts[host_name]
+    assert host.install is not None
+    return xxh3_text(host.install.disk, str(disk_mib(host)), str(host.boot.memory_mib))
 
 
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
-    yield from ()
+    from pipeline.tasks import user_errors, value_dep
+
+    for host_name in installable_hosts(ctx):
+        host = ctx.domain.hosts[host_name]
+        assert host.install is not None
+        yield {
+            "name": host_name,
+            "doc": f"install {host_name} from its ISO onto a blank disk, then boot the disk alone",
+            "actions": [(user_errors(install_action), [ctx, host_name])],
+            "getargs": {"image": (f"build:{host_name}-iso", None)},
+            "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
+            "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
+                         config_changed(install_fingerprint(ctx, host_name))],
+            "verbosity": 2,
+        }

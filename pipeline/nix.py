@@ -87,6 +87,14 @@ def eval_json(installable: str, *, apply: str | None = None, timeout: float = EV
     return json.loads(_nix(args, f"nix eval {installable}", timeout))
 
 
+def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
+    """`nix eval --json --file PATH` (a plain Nix file such as a disk-config.nix, not a flake)."""
+    args = ["eval", "--json", "--file", str(path), ""]
+    if apply:
+        args += ["--apply", apply]
+    return json.loads(_nix(args, f"nix eval --file {path}", timeout))
+
+
 # The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.
 _HOST_ATTRS = "b: builtins.mapAttrs (n: v: v.drvPath) (builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)"
 

@@ -27,13 +27,15 @@ from doit.tools import config_changed
 
 from pipeline import nix, probes
 from pipeline.artifacts import ArtifactError, Records, publish_file, publish_log
+from pipeline.diskplan import DiskPlanError
 from pipeline.domain import Artifact, Domain, DomainError, Format, System, load_domain
 from pipeline.hashing import xxh3_file, xxh3_text
 from pipeline.process import ProcessTimeout, run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
 
 # Errors whose message is for the user: a task that hits one fails with that message and no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (DomainError, nix.NixError, VmError, ArtifactError, ProcessTimeout)
+USER_ERRORS: tuple[type[Exception], ...] = (DomainError, nix.NixError, VmError, ArtifactError, ProcessTimeout,
+                                            DiskPlanError)
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,12 @@ class Context:
         return path
 
 
-def make_context(root: Path, domain_dir: Path) -> Context:
-    """Load and validate the domain; raises DomainError with the user's message."""
+def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
+    """Load and validate the domain; raises DomainError with the user's message.
+
+    State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
+    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
+    """
     domain_dir = domain_dir if domain_dir.is_absolute() else (root / domain_dir)
     domain = load_domain(domain_dir)
     if not (domain_dir / "flake.nix").is_file():
@@ -70,9 +76,17 @@ def make_context(root: Path, domain_dir: Path) -> Context:
             f"{domain_dir / 'flake.nix'}: file not found. A domain directory needs a flake.nix exposing "
             "nixosConfigurations.<host> for every host in domain.json (see configs/demo/flake.nix)."
         )
+    for name, host in domain.hosts.items():
+        if host.install and not (domain_dir / host.install.disk_config).is_file():
+            raise DomainError(
+                f"{domain_dir / 'domain.json'}: field 'hosts.{name}.install.disk_config' names "
+                f"{host.install.disk_config}, which does not exist in {domain_dir}. Add the disko file or fix the name."
+            )
     slug = xxh3_text(str(domain_dir.resolve()))[:12]
     state = root / ".cim" / "state" / f"{domain_dir.name}-{slug}"
-    return Context(root=root, domain_dir=domain_dir.resolve(), domain=domain, artifacts_dir=root / "artifacts",
+    artifacts = (artifacts_dir if artifacts_dir.is_absolute() else root / artifacts_dir) if artifacts_dir \
+        else root / "artifacts"
+    return Context(root=root, domain_dir=domain_dir.resolve(), domain=domain, artifacts_dir=artifacts,
                    state_dir=state)
 
 
@@ -311,14 +325,16 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
                 say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
         outcome["result"] = "pass"
     except VmError as exc:
-        outcome["error"] = str(exc).splitlines()[0]
-        raise
+        # The console log is published under artifacts/; point there (QEMU's stderr stays in the VM's workdir).
+        message = str(exc).replace(str(spec.console_log), str(log_dest))
+        outcome["error"] = message.splitlines()[0]
+        raise VmError(message) from None
     finally:
         outcome["seconds"] = round(time.monotonic() - started, 1)
         outcome["probes"] = results
         publish_log(spec.console_log, log_dest)
         ctx.records.update(name, boot=outcome)
-        shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     say(name, f"boot test passed in {outcome['seconds']} s; console log {log_dest}")
     return {"image_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
 

@@ -14,13 +14,16 @@ cp "$installerTools"/lib/*.so* "$inst/lib/"
 (cd "$inst" && find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$tree/boot/installer")
 
 cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
+# systemd-boot in the ISO 9660 tree too: the installer copies it onto the target's ESP from here.
+mkdir -p "$tree/EFI/BOOT"
+cp "$boot/systemd-bootx64.efi" "$tree/EFI/BOOT/BOOTX64.EFI"
 params="console=ttyS0,115200 panic=1"
 cat > "$tree/isolinux/isolinux.cfg" <<CFG
 SERIAL 0 115200
 PROMPT 1
 TIMEOUT 20
 DEFAULT boot
-SAY cim installer for $hostName: type 'install' to install onto /dev/vda, or wait to boot the live system
+SAY cim installer for $hostName: type 'install' to install onto /dev/vda (the plan comes from QEMU fw_cfg opt/cim/install-plan), or wait to boot the live system
 LABEL boot
   KERNEL /boot/bzImage
   APPEND initrd=/boot/initrd,/boot/installer $params

@@ -1,0 +1,224 @@
+# What every host of the domain shares: its name in the domain, the domain's accounts (key-only), remote access, Nix,
+# the serial console, the boot-complete line the pipeline waits for, and the statistics reporter.
+{
+  config,
+  lib,
+  pkgs,
+  domain,
+  hostName,
+  ...
+}:
+let
+  inherit (pkgs.stdenv.hostPlatform) system;
+  accounts = domain.accounts or [ ];
+  hasPassword = account: (account.hashed_password or null) != null;
+  isWheel = account: lib.elem "wheel" (account.groups or [ ]);
+
+  # The domain's people: key-only logins (domain.json refuses clear-text passwords; a crypt(3) hash is optional).
+  # A module of its own so the guests people log in to (the dev container) get the very same accounts.
+  login = {
+    users.mutableUsers = false;
+    users.users = lib.listToAttrs (
+      map (
+        account:
+        lib.nameValuePair account.name {
+          isNormalUser = true;
+          description = account.description or "";
+          extraGroups = account.groups or [ ];
+          openssh.authorizedKeys.keys = account.ssh_keys or [ ];
+          hashedPassword = account.hashed_password or null;
+        }
+      ) accounts
+    );
+    # A group an account names but no enabled service creates (libvirtd, say) must still exist.
+    users.groups = lib.genAttrs (lib.unique (lib.concatMap (account: account.groups or [ ]) accounts)) (_: { });
+    # sudo cannot ask a key-only administrator for a password they do not have.
+    security.sudo.wheelNeedsPassword = lib.all hasPassword (lib.filter isWheel accounts);
+    services.openssh = {
+      enable = true;
+      settings = {
+        PasswordAuthentication = false;
+        KbdInteractiveAuthentication = false;
+        PermitRootLogin = "no";
+      };
+    };
+  };
+
+  # Serial consoles, the last one becoming /dev/console. ttyAMA0 is QEMU's `virt` UART (the pipeline's aarch64 VM);
+  # ttyS0 the PC UART, and the Pi's mini UART.
+  serialConsoles =
+    {
+      x86_64-linux = [ "ttyS0" ];
+      aarch64-linux = [
+        "ttyS0"
+        "ttyAMA0"
+      ];
+    }
+    .${system} or [ "ttyS0" ];
+
+  stats = config.cim.stats;
+  statsSubject = "cim.${hostName}.stats";
+in
+{
+  imports = [ login ];
+
+  options.cim = {
+    image = lib.mkOption {
+      type = lib.types.nullOr (
+        lib.types.enum [
+          "iso"
+          "sd"
+        ]
+      );
+      default = null;
+      internal = true;
+      description = "The image this configuration is being built into (set by flake.nix); null for the installed system.";
+    };
+
+    loginModule = lib.mkOption {
+      type = lib.types.deferredModule;
+      readOnly = true;
+      internal = true;
+      description = "The domain's accounts and key-only SSH, as a module for guests that people log in to.";
+    };
+
+    addresses = lib.mkOption {
+      type = lib.types.attrsOf lib.types.str;
+      description = ''
+        The IPv4 address of every host of the domain on the site's LAN, by host name. Hosts take their address by
+        DHCP, so the same image boots anywhere (the pipeline's QEMU included); these are the reservations the site's
+        DHCP server is expected to make, the names the dns guest answers and where edge hosts find the hub.
+        Override one with `cim.addresses.<host> = "…";`.
+      '';
+    };
+
+    stats = {
+      natsUrl = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "nats://10.23.0.12:4222";
+        description = "The NATS server the host's statistics are published to, on subject `cim.<host>.stats`; null: none.";
+      };
+      guests = lib.mkOption {
+        type = lib.types.attrsOf lib.types.str;
+        default = { };
+        example = {
+          nats = "container@nats.service";
+        };
+        description = "Guest name to the systemd unit whose state and resource use stand for that guest.";
+      };
+      interval = lib.mkOption {
+        type = lib.types.str;
+        default = "30s";
+        description = "How often the statistics are published (a systemd time span).";
+      };
+    };
+  };
+
+  config = {
+    cim.loginModule = login;
+    cim.addresses = lib.mapAttrs (_: lib.mkDefault) (
+      lib.listToAttrs (
+        lib.imap0 (index: name: lib.nameValuePair name "192.168.23.${toString (10 + index)}") (
+          lib.attrNames domain.hosts
+        )
+      )
+    );
+
+    networking.hostName = hostName;
+    networking.domain = domain.fqdn;
+    time.timeZone = "UTC";
+
+    nix.settings = {
+      experimental-features = [
+        "nix-command"
+        "flakes"
+      ];
+      trusted-users = [
+        "root"
+        "@wheel"
+      ];
+    };
+
+    # mkAfter: after the image modules' own console= (the SD module ends with tty0), so a serial port is /dev/console.
+    boot.kernelParams = lib.mkAfter (
+      [ "console=tty0" ] ++ map (tty: "console=${tty},115200n8") serialConsoles
+    );
+
+    # The pipeline's boot test waits for this line on the serial console. It is printed once multi-user.target
+    # (and so every guest container, through machines.target) has been reached. It goes to every console in
+    # /proc/consoles, not only /dev/console, so no console= order can hide it.
+    systemd.services.cim-boot-complete = {
+      description = "Report on the consoles that ${hostName} finished booting";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "multi-user.target" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        message="cim: ${hostName} boot complete (${system})"
+        echo "$message"
+        while read -r console _; do
+          if [ -c "/dev/$console" ]; then echo "$message" > "/dev/$console" || true; fi
+        done < /proc/consoles
+      '';
+    };
+
+    # The host reports by sending messages to a running guest: load, memory and, per guest, the state and resource
+    # use of the unit that runs it, as one JSON message on `cim.<host>.stats`.
+    systemd.services.cim-stats = lib.mkIf (stats.natsUrl != null) {
+      description = "Publish ${hostName}'s statistics to NATS subject ${statsSubject}";
+      path = [
+        pkgs.gawk
+        pkgs.jq
+        pkgs.natscli
+      ];
+      environment.HOME = "/run/cim-stats"; # natscli keeps its contexts under $HOME
+      serviceConfig = {
+        Type = "oneshot";
+        DynamicUser = true;
+        RuntimeDirectory = "cim-stats";
+      };
+      script = ''
+        set -euo pipefail
+        read -r load1 load5 load15 _ < /proc/loadavg
+        read -r uptime _ < /proc/uptime
+        mem_total=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
+        mem_available=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
+
+        guests='{}'
+        guest() { # NAME UNIT
+          local state memory cpu
+          state=$(systemctl show --property=ActiveState --value "$2")
+          memory=$(systemctl show --property=MemoryCurrent --value "$2")
+          cpu=$(systemctl show --property=CPUUsageNSec --value "$2")
+          guests=$(jq -c --arg name "$1" --arg unit "$2" --arg state "$state" --arg memory "$memory" --arg cpu "$cpu" \
+            '.[$name] = {unit: $unit, state: $state,
+                         memory_bytes: ($memory | tonumber? // null), cpu_ns: ($cpu | tonumber? // null)}' \
+            <<<"$guests")
+        }
+        ${lib.concatStrings (
+          lib.mapAttrsToList (
+            name: unit: "guest ${lib.escapeShellArg name} ${lib.escapeShellArg unit}\n"
+          ) stats.guests
+        )}
+        payload=$(jq -cn --arg host ${lib.escapeShellArg hostName} --arg system ${system} \
+          --argjson load "[$load1, $load5, $load15]" --argjson uptime "$uptime" \
+          --argjson total "$mem_total" --argjson available "$mem_available" --argjson guests "$guests" \
+          '{host: $host, system: $system, time: (now | floor), uptime_s: $uptime, load: $load,
+            memory: {total_kib: $total, available_kib: $available}, guests: $guests}')
+        nats --server ${lib.escapeShellArg stats.natsUrl} pub ${statsSubject} "$payload"
+      '';
+    };
+    systemd.timers.cim-stats = lib.mkIf (stats.natsUrl != null) {
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnBootSec = stats.interval;
+        OnUnitActiveSec = stats.interval;
+      };
+    };
+
+    system.stateVersion = "25.11";
+  };
+}

@@ -1,0 +1,136 @@
+{
+  description = "cim development: the NixOS hosts of the cim.local domain, their guests and their images";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+    disko = {
+      url = "github:nix-community/disko";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs =
+    { nixpkgs, disko, ... }:
+    let
+      inherit (nixpkgs) lib;
+
+      # The source of truth for hosts, hardware, guests and accounts; the pipeline validates it before Nix reads it.
+      domain = builtins.fromJSON (builtins.readFile ./domain.json);
+
+      hostModule =
+        hostName:
+        let
+          file = ./hosts + "/${hostName}.nix";
+        in
+        if builtins.pathExists file then
+          file
+        else
+          throw "domain.json names the host '${hostName}', but configs/cim/hosts/${hostName}.nix does not exist";
+
+      # The ISO is the host itself, booted live from the image (that is what the pipeline boot-tests), plus NixOS's
+      # minimal installer. For an installable host it also carries the installed system and `cim-install`, which lays
+      # out the disk with disko and installs without network. The install runs unattended, then powers off, when the
+      # systemd credential `cim.install` is set: on the kernel command line `systemd.set_credential=cim.install:1`, or
+      # in QEMU `-smbios type=11,value=io.systemd.credential:cim.install=1`.
+      isoModule =
+        hostName: host: installed:
+        { config, lib, pkgs, ... }:
+        {
+          imports = [ "${nixpkgs}/nixos/modules/installer/cd-dvd/installation-cd-minimal.nix" ];
+          cim.image = "iso";
+        }
+        // lib.optionalAttrs (host ? install) (
+          let
+            disk = installed.disko.devices.disk.${host.install.disk or "main"}.device;
+            cimInstall = pkgs.writeShellApplication {
+              name = "cim-install";
+              runtimeInputs = [
+                config.system.build.nixos-install
+                pkgs.nixos-enter
+                config.nix.package
+                pkgs.util-linux
+              ];
+              text = ''
+                echo "cim: installing ${hostName} onto ${disk}"
+                ${installed.system.build.destroyFormatMount}/bin/disko-destroy-format-mount --yes-wipe-all-disks
+                nixos-install --root /mnt --system ${installed.system.build.toplevel} --no-root-passwd --no-channel-copy
+                umount --recursive /mnt
+                echo "cim: ${hostName} installed"
+              '';
+            };
+          in
+          {
+            # The live system must not mount or swap on the disk it is about to install onto.
+            disko.enableConfig = false;
+            environment.systemPackages = [ cimInstall ];
+            systemd.services.cim-install = {
+              description = "Unattended install of ${hostName} onto ${disk}";
+              wantedBy = [ "multi-user.target" ];
+              # Ordered after the target itself (as cim-boot-complete is), so the live system is up first.
+              after = [
+                "multi-user.target"
+                "cim-boot-complete.service"
+              ];
+              unitConfig.ConditionCredential = "cim.install";
+              serviceConfig = {
+                Type = "oneshot";
+                StandardOutput = "journal+console";
+                StandardError = "journal+console";
+              };
+              script = ''
+                ${lib.getExe cimInstall}
+                systemctl --no-block poweroff
+              '';
+            };
+          }
+        );
+
+      # An SD card image is the whole system of an aarch64 board: firmware, U-Boot and an ext4 root (NIXOS_SD).
+      sdModule = {
+        imports = [ "${nixpkgs}/nixos/modules/installer/sd-card/sd-image-aarch64.nix" ];
+        cim.image = "sd";
+        # The pipeline publishes and boots the raw image (`file sd-image ….img`), not a .zst.
+        sdImage.compressImage = false;
+      };
+
+      # `nixosConfigurations.<host>` is the installed system; each image the host asks for is that system extended
+      # with NixOS's image module, exposed where NixOS puts it (`config.system.build.isoImage`/`.sdImage`). The
+      # definitions are mkDefault: inside the extended configuration the image module's own definition wins, so these
+      # are never evaluated there and nothing recurses.
+      imagesModule =
+        hostName: host:
+        { config, lib, extendModules, ... }:
+        let
+          wants = format: lib.elem format (host.images or [ ]);
+          imageOf = module: (extendModules { modules = [ module ]; }).config.system.build;
+        in
+        {
+          system.build =
+            lib.optionalAttrs (wants "iso") {
+              isoImage = lib.mkDefault (imageOf (isoModule hostName host config)).isoImage;
+            }
+            // lib.optionalAttrs (wants "sd") {
+              sdImage = lib.mkDefault (imageOf sdModule).sdImage;
+            };
+        };
+
+      mkHost =
+        hostName: host:
+        lib.nixosSystem {
+          inherit (host) system;
+          specialArgs = { inherit domain hostName; };
+          modules = [
+            ./configuration.nix
+            (hostModule hostName)
+            (imagesModule hostName host)
+          ]
+          ++ lib.optionals (host ? install) [
+            disko.nixosModules.disko
+            (./. + "/${host.install.disk_config or "disk-config.nix"}")
+          ];
+        };
+    in
+    {
+      nixosConfigurations = lib.mapAttrs mkHost domain.hosts;
+    };
+}

@@ -1,0 +1,37 @@
+# vhost-dev's disk layout in disko's format: the same shape configs/cim/disk-config.nix gives disko on the real
+# host (an ESP for systemd-boot, swap, and an ext4 root), sized for the demo's 1 GiB virtual disk.
+{
+  disko.devices = {
+    disk.main = {
+      type = "disk";
+      device = "/dev/vda";
+      content = {
+        type = "gpt";
+        partitions = {
+          ESP = {
+            size = "64M";
+            type = "EF00";
+            content = {
+              type = "filesystem";
+              format = "vfat";
+              mountpoint = "/boot";
+              mountOptions = [ "umask=0077" ];
+            };
+          };
+          swap = {
+            size = "32M";
+            content.type = "swap";
+          };
+          root = {
+            size = "100%";
+            content = {
+              type = "filesystem";
+              format = "ext4";
+              mountpoint = "/";
+            };
+          };
+        };
+      };
+    };
+  };
+}
