@@ -13,6 +13,7 @@ Usage: scripts/demo_inputs.py [--root REPO]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -197,6 +198,13 @@ def main() -> None:
     debs.mkdir(parents=True, exist_ok=True)
     os.chmod(debs, 0o755)  # apt-get download drops privileges to _apt where it can
 
+    target = args.root / "configs" / "demo" / "inputs.json"
+    stamp = args.root / ".cim" / "inputs.stamp"
+    key = input_key(debs)
+    if target.exists() and stamp.exists() and stamp.read_text() == key and all_valid(target):
+        print(f"demo inputs up to date ({target})")
+        return
+
     record: dict[str, dict[str, dict[str, str]]] = {}
     with tempfile.TemporaryDirectory(dir=args.root / ".cim") as tmp:
         layout = build_inputs(debs, Path(tmp))
@@ -213,15 +221,36 @@ def main() -> None:
                 run(["nix-store", "--realise", store_path, "--add-root", str(gcroots / directory.name),
                      "--indirect"], capture_output=True)
 
-    target = args.root / "configs" / "demo" / "inputs.json"
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     if not target.exists() or target.read_text() != text:
         tmp_target = target.with_suffix(".json.tmp")
         tmp_target.write_text(text)
         tmp_target.rename(target)
+    stamp.write_text(input_key(debs))
     for system, roles in record.items():
         for role, entry in roles.items():
             print(f"demo input {system:14} {role:16} {entry['path']}")
+
+
+def input_key(debs: Path) -> str:
+    """What the inputs are made from: this script, the cached .debs, the host's installer tools."""
+    parts = [hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]
+    parts += sorted(p.name for p in debs.glob("*.deb"))
+    for tool in INSTALLER_TOOLS:
+        st = os.stat(tool)
+        parts.append(f"{tool}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts) + "\n"
+
+
+def all_valid(record_file: Path) -> bool:
+    """Every store path inputs.json names is still valid in the Nix store."""
+    try:
+        record = json.loads(record_file.read_text())
+        paths = [entry["path"] for roles in record.values() for entry in roles.values()]
+    except (ValueError, KeyError, AttributeError):
+        return False
+    proc = subprocess.run(["nix-store", "--check-validity", *paths], capture_output=True, timeout=TIMEOUT)
+    return proc.returncode == 0
 
 
 if __name__ == "__main__":

@@ -29,11 +29,19 @@ packages=(
     python3 python3-venv ca-certificates
 )
 
+# A Nix that is already installed (the official installer, NixOS, CI actions) is used as it is.
+preinstalled_nix=0
+if command -v nix >/dev/null 2>&1 && ! dpkg-query -W -f='${Status}' nix-bin 2>/dev/null | grep -q "install ok installed"; then
+    preinstalled_nix=1
+    packages=("${packages[@]/nix-bin}")
+fi
+
 if [ -z "${CIM_SKIP_APT:-}" ]; then
     missing=()
     arm64_ok=1
     dpkg --print-foreign-architectures | grep -qx arm64 || arm64_ok=0
     for p in "${packages[@]}"; do
+        [ -n "$p" ] || continue
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ] || [ "$arm64_ok" -eq 0 ]; then
@@ -64,7 +72,10 @@ else
 fi
 
 # Nix on an offline machine: no substituters, no sandbox (Debian's nix-bin), flakes on.  Local Nix gets
-# aarch64-linux as an extra platform when binfmt can run it.
+# aarch64-linux as an extra platform when binfmt can run it.  A Nix someone else installed keeps its own settings.
+if [ "$preinstalled_nix" -eq 1 ]; then
+    say "nix is preinstalled ($(nix --version)); leaving /etc/nix/nix.conf alone"
+else
 as_root mkdir -p /etc/nix
 conf=/etc/nix/nix.conf
 want_conf="# written by cim-pipeline scripts/setup.sh
@@ -82,6 +93,7 @@ if [ ! -e "$conf" ] || ! grep -q "written by cim-pipeline" "$conf" || [ "$(cat "
     printf '%s' "$want_conf" | as_root tee "$conf" >/dev/null
     say "wrote $conf"
 fi
+fi
 
 # The project's virtualenv.
 if [ ! -x .venv/bin/python ]; then
@@ -89,8 +101,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c 'import pipeline, doit, pydantic, xxhash, qemu.qmp, nats' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.cim-installed ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/pip install -q -e '.[test]' >/dev/null
     touch .venv/.cim-installed
 fi
 
