@@ -1,0 +1,176 @@
+"""Install verification: the plan from disk-config.nix (unit), and the real installer ISO → disk → disk-only boot."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.diskplan import DiskPlanError, evaluate, parse_size, plan_from_devices
+from pipeline.install import InstallError, check_installed
+from tests.conftest import DoitRunner, executed, needs_demo
+
+
+def devices(partitions: dict, content_type: str = "gpt", **extra: dict) -> dict:
+    return {"disk": {"main": {"type": "disk", "device": "/dev/vda",
+                              "content": {"type": content_type, "partitions": partitions}}}, **extra}
+
+
+ESP = {"size": "64M", "type": "EF00", "content": {"type": "filesystem", "format": "vfat", "mountpoint": "/boot"}}
+SWAP = {"size": "32M", "content": {"type": "swap"}}
+ROOT = {"size": "100%", "content": {"type": "filesystem", "format": "ext4", "mountpoint": "/"}}
+
+
+# -- the plan (pure) ----------------------------------------------------------------------------------------------
+
+def test_plan_orders_partitions_as_disko_does() -> None:
+    # Nix hands attrsets over alphabetically (ESP, root, swap); disko puts the ESP first and "100%" last.
+    plan = plan_from_devices(devices({"ESP": ESP, "root": ROOT, "swap": SWAP}), "main", 1024, "dc.nix")
+    assert [(p.number, p.label, p.format) for p in plan.partitions] == [
+        (1, "disk-main-ESP", "vfat"), (2, "disk-main-swap", "swap"), (3, "disk-main-root", "ext4")]
+    assert plan.partition_mib(plan.partitions[2]) == 1024 - 1 - 64 - 32 - 1
+    script = plan.sfdisk_script()
+    assert script.startswith("label: gpt\n")
+    assert 'size=64MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="disk-main-ESP"' in script
+    assert "fs 3 ext4 / disk-main-root" in plan.installer_text()
+
+
+def test_sizes() -> None:
+    assert parse_size("512M", "x") == 512
+    assert parse_size("16G", "x") == 16384
+    assert parse_size("100%", "x") is None
+    with pytest.raises(DiskPlanError, match=r"x = 'lots'"):
+        parse_size("lots", "x")
+
+
+@pytest.mark.parametrize(
+    ("devs", "attribute"),
+    [
+        (devices({"root": {"size": "100%", "content": {"type": "btrfs"}}}),
+         "disko.devices.disk.main.content.partitions.root.content.type"),
+        (devices({"root": {"size": "100%", "content": {"type": "filesystem", "format": "xfs", "mountpoint": "/"}}}),
+         "disko.devices.disk.main.content.partitions.root.content.format"),
+        (devices({"root": ROOT}, content_type="table"), "disko.devices.disk.main.content.type"),
+        (devices({"root": ROOT}, zpool={"tank": {"type": "zpool"}}), "disko.devices.zpool"),
+        (devices({"ESP": {**ESP, "size": "900M"}, "root": ROOT, "swap": {**SWAP, "size": "200M"}}),
+         "disko.devices.disk.main.content.partitions need"),
+        (devices({"ESP": ESP, "swap": SWAP}), "mounted on \"/\""),
+    ],
+)
+def test_plan_refuses_what_cannot_be_installed(devs: dict, attribute: str) -> None:
+    with pytest.raises(DiskPlanError) as err:
+        plan_from_devices(devs, "main", 1024, "disk-config.nix")
+    assert attribute in str(err.value)
+    assert str(err.value).startswith("disk-config.nix: ")
+
+
+def test_check_installed_compares_console_with_plan() -> None:
+    plan = plan_from_devices(devices({"ESP": ESP, "root": ROOT, "swap": SWAP}), "main", 1024, "dc.nix")
+    console = ("cim-fs: / /dev/vda3 ext4 914620K\ncim-fs: /boot /dev/vda1 vfat 64496K\n"
+               "cim-part: /dev/vda1 disk-main-ESP 64MiB\ncim-part: /dev/vda2 disk-main-swap 32MiB\n"
+               "cim-part: /dev/vda3 disk-main-root 926MiB\ncim-swap: /dev/vda2 32764K\n")
+    assert len(check_installed(plan, console)) == 3
+    with pytest.raises(InstallError, match=r"/boot is /dev/vda3 \(ext4\), declared /dev/vda1 \(vfat\)"):
+        check_installed(plan, console.replace("cim-fs: /boot /dev/vda1 vfat", "cim-fs: /boot /dev/vda3 ext4"))
+    with pytest.raises(InstallError, match="swap /dev/vda2 is not active"):
+        check_installed(plan, console.replace("cim-swap: /dev/vda2 32764K\n", ""))
+
+
+@pytest.mark.nix
+@needs_demo
+def test_demo_disk_config_evaluates_with_nix() -> None:
+    plan = evaluate(Path(__file__).parent.parent / "configs/demo/disk-config.nix", "main", 1024)
+    assert [p.mountpoint for p in plan.partitions] == ["/boot", None, "/"]
+
+
+# -- the real thing -----------------------------------------------------------------------------------------------
+
+def set_disk_config(domain: Path, old: str, new: str) -> None:
+    path = domain / "disk-config.nix"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    first = doit(demo_domain, "install:vhost-dev", check=True)
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
+    assert "cim-install: partitioning /dev/vda" in log
+    assert "powering off" in log and "reboot: Power down" in log
+    assert "=== phase disk-boot" in log
+    assert re.search(r"^cim-fs: / /dev/vda3 ext4", log, re.M)
+    assert "cim-part: /dev/vda1 disk-main-ESP 64MiB" in log
+    record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
+    assert record["result"] == "pass" and record["seconds"] > 0
+    assert set(record["phases"]) == {"installer", "disk-boot"}
+    assert "install:vhost-dev" in executed(first.stdout)
+
+    # A bigger ESP: the install re-runs against the same ISO (nothing is rebuilt) and the disk shows the new size.
+    set_disk_config(demo_domain, 'size = "64M";', 'size = "96M";')
+    second = doit(demo_domain, "install:vhost-dev", check=True)
+    ran = executed(second.stdout)
+    assert "install:vhost-dev" in ran
+    assert "build:vhost-dev-iso" not in ran
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
+    assert "cim-part: /dev/vda1 disk-main-ESP 96MiB" in log
+    assert "cim-part: /dev/vda3 disk-main-root 894MiB" in log
+
+    # Unchanged: nothing runs at all.
+    assert executed(doit(demo_domain, "install:vhost-dev", check=True).stdout) == []
+
+
+@pytest.mark.nix
+@needs_demo
+@pytest.mark.parametrize(
+    ("old", "new", "attribute"),
+    [
+        ('size = "32M";', 'size = "2G";', "disko.devices.disk.main.content.partitions need"),
+        ('format = "ext4";', 'format = "btrfs";', "disko.devices.disk.main.content.partitions.root.content.format"),
+        ('content.type = "swap";', 'content.type = "luks";', "partitions.swap.content.type = 'luks'"),
+    ],
+)
+def test_bad_disk_config_fails_before_any_vm(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
+                                              old: str, new: str, attribute: str) -> None:
+    doit(demo_domain, "build:vhost-dev-iso", check=True)
+    set_disk_config(demo_domain, old, new)
+    started = time.monotonic()
+    proc = doit(demo_domain, "install:vhost-dev")
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert attribute in output
+    assert "Traceback" not in output
+    assert "phase installer" not in output  # no VM was started
+    assert not (artifacts_dir / "vhost-dev-iso" / "install.log").exists()
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_hanging_installer_is_stopped_at_the_phase_timeout(demo_domain: Path, artifacts_dir: Path,
+                                                           doit: DoitRunner) -> None:
+    # A real ISO whose installer hangs after it starts.
+    (demo_domain / "rootfs/sbin/cim-install").write_text(
+        "#!/bin/sh\necho 'cim-install: installing (this installer hangs on purpose)'\nexec sleep 100000\n")
+    domain = json.loads((demo_domain / "domain.json").read_text())
+    domain["hosts"]["vhost-dev"]["install"]["timeout_s"] = 45
+    (demo_domain / "domain.json").write_text(json.dumps(domain))
+
+    proc = doit(demo_domain, "install:vhost-dev")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "install phase 'installer' stalled" in output
+    assert "Traceback" not in output
+    log = artifacts_dir / "vhost-dev-iso" / "install.log"
+    assert str(log) in output
+    assert "this installer hangs on purpose" in log.read_text()
+    # The VM is gone: no QEMU process names this test's ISO (under its private artifacts dir).
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
+    assert not [line for line in ps.splitlines() if "qemu-system" in line and str(artifacts_dir) in line]
