@@ -52,8 +52,8 @@ def validate(domain_dir: Path) -> None:
 @click.option("--domain", "domain_dir", type=click.Path(path_type=Path), default=DEFAULT_DOMAIN, show_default=True)
 def disk_plan(host: str, domain_dir: Path) -> None:
     """Show how HOST's disk-config.nix would be installed (partitions, sizes, file systems)."""
-    from pipeline.install import disk_mib
     from pipeline.diskplan import evaluate
+    from pipeline.install import disk_mib
 
     try:
         domain = load_domain(domain_dir)

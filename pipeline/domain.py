@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -240,19 +241,25 @@ class Host(Model):
             raise ValueError(f"guest names must be unique; repeated: {', '.join(dupes)}")
         return guests
 
-    @model_validator(mode="after")
-    def _images_fit_system(self) -> Host:
-        for image in self.images:
-            if image is Format.sd and self.system is not System.aarch64_linux:
+    @field_validator("images")
+    @classmethod
+    def _images_fit_system(cls, images: tuple[Format, ...], info: ValidationInfo) -> tuple[Format, ...]:
+        system = info.data.get("system")  # absent when 'system' itself was invalid: reported there
+        for image in images:
+            if image is Format.sd and system not in (None, System.aarch64_linux):
                 raise ValueError("an 'sd' image is for aarch64-linux hosts; use 'iso' for x86_64-linux")
-            if image is Format.iso and self.system is not System.x86_64_linux:
+            if image is Format.iso and system not in (None, System.x86_64_linux):
                 raise ValueError("an 'iso' image is built for x86_64-linux hosts here; use 'sd' for aarch64-linux")
-        if self.install is not None and self.install.size_gib is None:
-            if self.install.disk not in {d.name for d in self.hardware.disks}:
-                raise ValueError(
-                    f"install.disk {self.install.disk!r} is not among hardware.disks; add it there or set "
-                    "install.size_gib"
-                )
+        return images
+
+    @model_validator(mode="after")
+    def _install_disk_known(self) -> Host:
+        known = {d.name for d in self.hardware.disks}
+        if self.install is not None and self.install.size_gib is None and self.install.disk not in known:
+            raise ValueError(
+                f"install.disk {self.install.disk!r} is not among hardware.disks; add it there or set "
+                "install.size_gib"
+            )
         return self
 
 

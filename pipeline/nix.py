@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -62,7 +62,7 @@ def retry(what: str, attempt: Callable[[], str], timeout: float, interval: float
     while True:
         try:
             return attempt()
-        except (OSError, ProbeFailed, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - reported below
+        except (TimeoutError, OSError, ProbeFailed, Exception) as exc:
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
             raise ProbeFailed(f"{what} did not succeed within {timeout:g} s; last error: {last}")

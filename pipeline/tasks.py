@@ -63,6 +63,12 @@ class Context:
         return path
 
 
+def state_dir_for(root: Path, domain_dir: Path) -> Path:
+    """Where a domain's doit DB, records and VM work dirs live: .cim/state/<dir name>-<hash of its path>."""
+    domain_dir = domain_dir if domain_dir.is_absolute() else (root / domain_dir)
+    return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir.resolve()))[:12]}"
+
+
 def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
     """Load and validate the domain; raises DomainError with the user's message.
 
@@ -82,8 +88,7 @@ def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None
                 f"{domain_dir / 'domain.json'}: field 'hosts.{name}.install.disk_config' names "
                 f"{host.install.disk_config}, which does not exist in {domain_dir}. Add the disko file or fix the name."
             )
-    slug = xxh3_text(str(domain_dir.resolve()))[:12]
-    state = root / ".cim" / "state" / f"{domain_dir.name}-{slug}"
+    state = state_dir_for(root, domain_dir)
     artifacts = (artifacts_dir if artifacts_dir.is_absolute() else root / artifacts_dir) if artifacts_dir \
         else root / "artifacts"
     return Context(root=root, domain_dir=domain_dir.resolve(), domain=domain, artifacts_dir=artifacts,
@@ -119,8 +124,8 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
             return TaskFailed(str(exc))
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # noqa: BLE001 - an unexpected bug: keep the traceback, but in a file
-            log = Path(".cim") / "last-traceback.txt"
+        except Exception as exc:
+            log = Path(__file__).resolve().parent.parent / ".cim" / "last-traceback.txt"
             log.parent.mkdir(exist_ok=True)
             log.write_text(traceback.format_exc())
             return TaskFailed(f"internal error: {type(exc).__name__}: {exc} (traceback in {log}; please report it)")
@@ -130,7 +135,7 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
 
 # -- uptodate calculators ---------------------------------------------------------------------------------------------
 
-class value_dep(UptodateCalculator):  # type: ignore[misc]  # noqa: N801 - named like doit's result_dep
+class value_dep(UptodateCalculator):  # type: ignore[misc]
     """Up to date while one saved value of another task (e.g. eval's drvPath) is what it was at our last success."""
 
     def __init__(self, dep_task: str, key: str) -> None:

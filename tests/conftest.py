@@ -7,10 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from pipeline import process
+from pipeline.tasks import state_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo"
@@ -27,11 +30,12 @@ needs_demo = pytest.mark.skipif(
 
 
 @pytest.fixture
-def demo_domain(tmp_path: Path) -> Path:
-    """A private copy of configs/demo (with its inputs.json)."""
+def demo_domain(tmp_path: Path) -> Iterator[Path]:
+    """A private copy of configs/demo (with its inputs.json); its doit state is removed afterwards."""
     dest = tmp_path / "demo"
     shutil.copytree(DEMO, dest, ignore=shutil.ignore_patterns("result*"))
-    return dest
+    yield dest
+    shutil.rmtree(state_dir_for(ROOT, dest), ignore_errors=True)
 
 
 @pytest.fixture
@@ -51,8 +55,8 @@ def doit(artifacts_dir: Path) -> DoitRunner:
     def run(domain: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts_dir}", *args]
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})}, start_new_session=True)
+        # pipeline.process.run kills doit's whole process group (QEMU, nix) if it overruns.
+        proc = process.run(argv, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

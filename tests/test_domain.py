@@ -67,7 +67,7 @@ def test_demo_domain_loads() -> None:
 def test_domain_is_frozen() -> None:
     domain = load_domain(DEMO_JSON.parent)
     with pytest.raises(pydantic.ValidationError):
-        domain.hosts["vhost-dev"].hardware.memory_gib = 2  # type: ignore[misc]
+        domain.hosts["vhost-dev"].hardware.memory_gib = 2
 
 
 # -- errors: one paragraph naming the file, the field and the fix ----------------------------------------------------
@@ -231,7 +231,8 @@ def test_json_schema_export() -> None:
 
 def test_system_enum() -> None:
     assert System("x86_64-linux") is System.x86_64_linux
-    assert System.x86_64_linux == "x86_64-linux"  # a StrEnum: usable wherever Nix wants the string
+    assert str(System.x86_64_linux) == "x86_64-linux"  # a StrEnum: usable wherever Nix wants the string
+    assert f"{System.aarch64_linux}" == "aarch64-linux"
     assert System.x86_64_linux.arch == "x86_64"
     assert System.x86_64_linux.qemu_binary == "qemu-system-x86_64"
     assert System.x86_64_linux.debian_arch == "amd64"
@@ -256,7 +257,7 @@ def test_builder_machines_line() -> None:
                       ssh_key="/root/.ssh/id_builder", max_jobs=4, speed_factor=2, features=("kvm", "big-parallel"),
                       public_host_key="c3NoLWVkMjU1MTkgQUFBQQ==")
     fields = builder.machines_line().split(" ")
-    # Nix's machines file: URI, systems, SSH key, max jobs, speed factor, supported features, mandatory features, host key
+    # Nix machines file: URI, systems, SSH key, max jobs, speed factor, supported and mandatory features, host key
     assert fields == ["ssh-ng://nix@builder.cim.local", "aarch64-linux,x86_64-linux", "/root/.ssh/id_builder", "4",
                       "2", "kvm,big-parallel", "-", "c3NoLWVkMjU1MTkgQUFBQQ=="]
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DoitRunner, executed, needs_demo
 
 from pipeline.diskplan import DiskPlanError, evaluate, parse_size, plan_from_devices
 from pipeline.install import InstallError, check_installed
-from tests.conftest import DoitRunner, executed, needs_demo
 
 
 def devices(partitions: dict, content_type: str = "gpt", **extra: dict) -> dict:

@@ -11,29 +11,17 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
-from conftest import ROOT, DoitRunner, executed, needs_demo
-
-from pipeline import tasks
+from conftest import DoitRunner, executed, needs_demo
 
 BOOT_COMPLETE = "cim: vhost-dev boot complete"
-
-
-@pytest.fixture(autouse=True)
-def forget_state(demo_domain: Path, artifacts_dir: Path) -> Iterator[None]:
-    """Remove this test's doit state (.cim/state/<copy>-<hash>) afterwards; the copy's path is unique, so is it."""
-    state = tasks.make_context(ROOT, demo_domain, artifacts_dir).state_dir
-    yield
-    shutil.rmtree(state, ignore_errors=True)
 
 
 def sha256sum(path: Path) -> str:
