@@ -376,6 +376,21 @@ def release_action(ctx: Context) -> dict[str, Any]:
     return {"artifacts": sorted(manifest["artifacts"])}
 
 
+def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date while every artifact record (digests, boot and install results) is what the last release saw."""
+
+    def digest() -> str:
+        records = ctx.records.all()
+        return xxh3_text(json.dumps(records, sort_keys=True))
+
+    def check(task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"records": digest()})
+        manifest = ctx.artifacts_dir / "manifest.json"
+        return manifest.is_file() and (ctx.artifacts_dir / "SHA256SUMS").is_file() and values.get("records") == digest()
+
+    return check
+
+
 def task_release(ctx: Context) -> dict[str, Any]:
     from pipeline import install
 
@@ -385,6 +400,7 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
         "task_dep": deps,
+        "uptodate": [records_unchanged(ctx)],
         "verbosity": 2,
     }
 

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.process import spawn
+from pipeline.process import run, spawn
 from conftest import DoitRunner, needs_demo
 
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself and insists on an absolute path
@@ -41,9 +40,14 @@ pytestmark = [
 ]
 
 
+def checked(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    proc = run(argv, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{argv} failed ({proc.returncode}):\n{proc.stderr}"
+    return proc.stdout
+
+
 def keygen(path: Path, comment: str) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
     return path
 
 
@@ -112,9 +116,7 @@ def sshd(workdir: Path, host_key: Path, client_pub: Path, login: Path, deadline:
 
 
 def local_nix_config(env: dict[str, str]) -> dict[str, object]:
-    proc = subprocess.run(["nix", "show-config", "--json"], env=env, capture_output=True, text=True, timeout=60,
-                          check=True, start_new_session=True)
-    return {k: v["value"] for k, v in json.loads(proc.stdout).items()}
+    return {k: v["value"] for k, v in json.loads(checked(["nix", "show-config", "--json"], env)).items()}
 
 
 @pytest.mark.parametrize("scheme", ["ssh", "ssh-ng"])
@@ -134,7 +136,7 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
         "uri": uri,
         "systems": ["aarch64-linux"],
         "ssh_key": str(client_key),
-        # As Nix's machines file wants it: base64 of the host key line.  Checked strictly below.
+        # As Nix's machines file wants it; ssh checks it strictly (see NIX_SSHOPTS).
         "public_host_key": machines_host_key(host_key.with_suffix(".pub")),
     }]
     (demo_domain / "domain.json").write_text(json.dumps(spec, indent=2))
@@ -167,8 +169,7 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
     assert record["build"]["strategy"] == "remote"
     image = artifacts_dir / record["file"]
     assert image.is_file() and image.stat().st_size == record["size"]
-    sha = subprocess.run(["sha256sum", str(image)], capture_output=True, text=True, timeout=120, check=True)
-    assert sha.stdout.split()[0] == record["sha256"]
+    assert checked(["sha256sum", str(image)], timeout=120).split()[0] == record["sha256"]
     # Built in the builder's own store, then copied back into the local one.
     out_name = Path(record["outPath"]).name
     assert (builder / "nix" / "store" / out_name).is_dir()
@@ -182,4 +183,5 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
             text = path.read_bytes().decode(errors="replace")
             assert not any(ln in text for ln in secret), f"{path} holds the builder's private key"
     assert not any(ln in output for ln in secret)
+    shutil.rmtree(builder / "nix")  # the builder's store (inputs + image, ~200 MiB); kept only when the test fails
     print(f"{scheme}: remote build of vhost-pi-sd in {record['build']['seconds']} s (doit run {seconds:.1f} s)")
