@@ -134,4 +134,5 @@ class Records:
     def rebuild(self) -> dict[str, Any]:
         with _locked(self.state_dir):
             self._write_manifest()
-        return json.loads((self.artifacts_dir / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((self.artifacts_dir / MANIFEST).read_text())
+        return manifest

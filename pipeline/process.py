@@ -1,4 +1,4 @@
-"""The one way this project runs a program: an argument list, a deadline, its own process group killed on the way out."""
+"""The one way this project runs a program: an argument list, a deadline, its process group killed on the way out."""
 
 from __future__ import annotations
 
@@ -29,10 +29,8 @@ def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: flo
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):

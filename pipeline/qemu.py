@@ -1,4 +1,4 @@
-"""QEMU: a VM spec becomes an argument list (pure); `Vm` runs it, keeps the whole serial console, and waits with deadlines.
+"""QEMU: a VM spec becomes an argument list (pure); `Vm` runs it, keeps the whole serial console, waits with deadlines.
 
 The serial console is a unix socket chardev with a `logfile`, so every byte the guest prints lands in the log even when
 nobody is connected, and the pipeline can still type into it (the installer's boot prompt).  QMP (through QEMU's own

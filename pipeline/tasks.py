@@ -1,4 +1,5 @@
-"""The doit task graph of a domain: validate → eval:<host> → build:<artifact> → boot:<artifact> / install:<host> → release.
+"""The doit task graph of a domain: validate → eval:<host> → build:<artifact> → boot:<artifact> / install:<host> →
+release.
 
 Loading the graph runs no subprocess.  Each stage hands the next a small content-addressed fact through doit's saved
 values: eval's derivation paths, build's image digest.  A stage re-runs only when the fact it consumes changed:
@@ -233,7 +234,8 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         raise nix.NixError(
             f"nixosConfigurations.{artifact.host}.config.system.build.{artifact.format.attribute} does not exist in "
             f"{ctx.domain_dir / 'flake.nix'}, but domain.json asks for a {artifact.format.value} image of "
-            f"{artifact.host}. Add it to the flake or remove '{artifact.format.value}' from hosts.{artifact.host}.images."
+            f"{artifact.host}. Add it to the flake or remove '{artifact.format.value}' from "
+            f"hosts.{artifact.host}.images."
         )
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")

@@ -1,0 +1,1 @@
+"""cim-pipeline: turn a NixOS domain into tested, installable machine images (see dodo.py and README.md)."""
