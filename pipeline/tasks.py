@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -111,7 +112,9 @@ def domain_files(domain_dir: Path) -> list[str]:
 
 def say(task: str, message: str) -> None:
     """A line in the run's log, prefixed by the task (the machine, for VMs)."""
-    print(f"[{task}] {message}", flush=True)
+    # One write per line: under `doit -n 2` another task's output must not land inside it.
+    sys.stdout.write(f"[{task}] {message}\n")
+    sys.stdout.flush()
 
 
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import DoitRunner, needs_demo
 
 from pipeline.process import run, spawn
-from conftest import DoitRunner, needs_demo
 
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself and insists on an absolute path
 PI_DRV = r"/nix/store/[a-z0-9]{32}-nixos-sd-image-vhost-pi-aarch64-linux\.drv"
