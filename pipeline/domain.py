@@ -26,6 +26,7 @@ from pydantic import (
 
 DOMAIN_FILE = "domain.json"
 
+_SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+")
 # RFC 1123 label: letters, digits and hyphens, not starting or ending with a hyphen, at most 63 characters.
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -162,7 +163,7 @@ class Account(Model):
     @classmethod
     def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         for key in keys:
-            if not re.match(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+", key):
+            if not _SSH_KEY.match(key):
                 raise ValueError(f"{key[:40]!r}… is not an SSH public key (expected 'ssh-ed25519 AAAA…')")
         return keys
 

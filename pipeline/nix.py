@@ -95,7 +95,8 @@ def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVA
 
 
 # The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.
-_HOST_ATTRS = "b: builtins.mapAttrs (n: v: v.drvPath) (builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)"
+_HOST_ATTRS = ("b: builtins.mapAttrs (n: v: v.drvPath) "
+               "(builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)")
 
 
 def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
@@ -224,7 +225,7 @@ def builders_option(builders: Sequence[Builder]) -> str:
 
 
 def plan_build(system: System, facts: NixFacts, domain_builders: Sequence[Builder] = ()) -> BuildPlan:
-    """Choose how `system` gets built here, in order: native, local emulation, remote builder; else explain the fixes."""
+    """How `system` gets built here: native, local emulation, remote builder, in that order; else the fixes."""
     if facts.system == system.value:
         return BuildPlan(Strategy.native, system, f"the local Nix is {facts.system}")
     emulator = next((name for name in facts.binfmt if name == f"qemu-{system.arch}"), None)
@@ -239,7 +240,8 @@ def plan_build(system: System, facts: NixFacts, domain_builders: Sequence[Builde
                          "remote builder(s) from domain.json: " + ", ".join(b.uri for b in ours),
                          ("--option", "builders", machines, "--option", "builders-use-substitutes", "false"))
     if system.value in _machines_systems(facts.builders):
-        return BuildPlan(Strategy.remote, system, f"remote builder(s) from Nix's own builders setting ({facts.builders})")
+        return BuildPlan(Strategy.remote, system,
+                         f"remote builder(s) from Nix's own builders setting ({facts.builders})")
     local = facts.system or "this machine's system"
     why = []
     if system.value not in facts.extra_platforms:
