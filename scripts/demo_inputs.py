@@ -2,9 +2,11 @@
 """Import the demo world's Debian binaries into the Nix store and record them in configs/demo/inputs.json.
 
 The demo flake has no inputs (nixpkgs is out of reach here), so its derivations build from Debian's own kernels,
-busybox, nats-server, boot loaders and disk tools.  Each set is laid out in a directory, added with `nix-store --add`,
-and named in `inputs.json` by its NAR hash; the flake declares each one as a fixed-output derivation with that hash
-(as nixpkgs' `requireFile` does), so Nix finds it already valid and never tries to fetch it.
+busybox, nats-server, boot loaders and disk tools.  They always come from Debian 12 (bookworm), for amd64 and arm64,
+through a private apt configuration under .cim/apt: the host's own apt sources and dpkg architectures are left alone,
+and the demo is the same on a Debian or an Ubuntu host.  Each set is laid out in a directory, added with
+`nix-store --add`, and named in `inputs.json` by its NAR hash; the flake declares each one as a fixed-output
+derivation with that hash (as nixpkgs' `requireFile` does), so Nix finds it already valid and never fetches it.
 
 Idempotent: .debs are cached in .cim/debs; an unchanged input gives the same store path and the same inputs.json.
 Usage: scripts/demo_inputs.py [--root REPO]
@@ -33,9 +35,18 @@ MODULES = {
               "nls_iso8859_1", "nls_ascii", "sd_mod", "efivarfs"],
 }
 
-# Host tools the x86_64 installer runs inside the guest, copied with their shared libraries.
-INSTALLER_TOOLS = ["/sbin/sfdisk", "/sbin/mkfs.ext4", "/sbin/mke2fs", "/sbin/mkfs.vfat", "/sbin/mkswap",
-                   "/sbin/blkid", "/sbin/e2label", "/usr/bin/lsblk"]
+# The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
+# the packages that hold them and every library they link.
+INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vfat": "sbin/mkfs.fat"}
+INSTALLER_PACKAGES = ["fdisk", "libfdisk1", "libsmartcols1", "libreadline8", "libtinfo6", "libblkid1", "libuuid1",
+                      "e2fsprogs", "libext2fs2", "libcom-err2", "dosfstools", "libc6"]
+
+DEBIAN_SOURCES = """\
+deb [signed-by={keyring}] http://deb.debian.org/debian bookworm main
+deb [signed-by={keyring}] http://deb.debian.org/debian bookworm-updates main
+deb [signed-by={keyring}] http://deb.debian.org/debian-security bookworm-security main
+"""
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
 TIMEOUT = 600
 
@@ -49,14 +60,55 @@ def nix(*args: str) -> str:
     return run(argv, capture_output=True).stdout.strip()
 
 
+class DebianArchive:
+    """apt-get and apt-cache against Debian bookworm (amd64 + arm64) with a private state under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.options: list[str] = []
+
+    def setup(self) -> None:
+        if not KEYRING.is_file():
+            sys.exit(f"demo_inputs: {KEYRING} is missing: install debian-archive-keyring (scripts/setup.sh does)")
+        for sub in ["state/lists/partial", "cache/archives/partial", "etc/apt.conf.d", "etc/preferences.d",
+                    "etc/sources.list.d"]:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "state/status").touch()
+        (self.root / "etc/sources.list").write_text(DEBIAN_SOURCES.format(keyring=KEYRING))
+        self.options = [
+            "-o", f"Dir::Etc={self.root / 'etc'}", "-o", f"Dir::State={self.root / 'state'}",
+            "-o", f"Dir::State::status={self.root / 'state/status'}", "-o", f"Dir::Cache={self.root / 'cache'}",
+            "-o", "APT::Architecture=amd64", "-o", "APT::Architectures::=amd64", "-o", "APT::Architectures::=arm64",
+            "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root",
+        ]
+        lists = list((self.root / "state/lists").glob("*Packages*"))
+        if not lists:
+            proc = subprocess.run(["apt-get", *self.options, "-q", "update"], capture_output=True, text=True,
+                                  timeout=TIMEOUT)
+            if proc.returncode != 0:
+                sys.exit(f"demo_inputs: apt-get update of Debian bookworm failed:\n{proc.stdout}{proc.stderr}")
+
+    def download(self, package: str, cwd: Path) -> None:
+        proc = subprocess.run(["apt-get", *self.options, "download", package], cwd=cwd, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        if proc.returncode != 0:
+            sys.exit(f"demo_inputs: apt-get download {package} from Debian bookworm failed: {proc.stderr.strip()}")
+
+    def depends(self, package: str) -> str:
+        return run(["apt-cache", *self.options, "depends", package], capture_output=True).stdout
+
+
+ARCHIVE = DebianArchive(Path())
+
+
 def download(debs: Path, package: str) -> Path:
-    """The .deb of `package` (name[:arch]) in the cache, fetched with apt-get download when missing."""
+    """The .deb of `package` (name[:arch]) in the cache, fetched from Debian bookworm when missing."""
     name, _, arch = package.partition(":")
     arch = arch or "amd64"
     found = sorted(debs.glob(f"{name}_*_{arch}.deb")) + sorted(debs.glob(f"{name}_*_all.deb"))
     if found:
         return found[-1]
-    run(["apt-get", "download", package], cwd=debs, capture_output=True)
+    ARCHIVE.download(package, debs)
     found = sorted(debs.glob(f"{name}_*_{arch}.deb")) + sorted(debs.glob(f"{name}_*_all.deb"))
     if not found:
         sys.exit(f"demo_inputs: apt-get download {package} gave no .deb in {debs}")
@@ -65,10 +117,10 @@ def download(debs: Path, package: str) -> Path:
 
 def kernel_package(arch: str) -> str:
     """The versioned kernel package the `linux-image-<arch>` metapackage depends on."""
-    out = run(["apt-cache", "depends", f"linux-image-{arch}:{arch}"], capture_output=True).stdout
+    out = ARCHIVE.depends(f"linux-image-{arch}:{arch}")
     match = re.search(r"Depends: (linux-image-[0-9][^\s:]*)", out)
     if not match:
-        sys.exit(f"demo_inputs: cannot resolve linux-image-{arch} (run apt-get update; dpkg --add-architecture arm64)")
+        sys.exit(f"demo_inputs: cannot resolve linux-image-{arch} in Debian bookworm:\n{out}")
     return f"{match.group(1)}:{arch}"
 
 
@@ -138,20 +190,35 @@ def single_file(debs: Path, package: str, member: str, out: Path, name: str | No
         shutil.copy2(Path(tmp) / member, out / (name or Path(member).name), follow_symlinks=True)
 
 
-def installer_tools(out: Path) -> None:
-    """The Debian disk tools the installer runs in the guest, with every shared library `ldd` names."""
-    (out / "bin").mkdir(parents=True)
-    libs: set[Path] = set()
-    for tool in INSTALLER_TOOLS:
-        shutil.copy2(tool, out / "bin" / Path(tool).name)
-        for line in run(["ldd", tool], capture_output=True).stdout.splitlines():
-            match = re.search(r"(/\S+) \(0x", line)
-            if match:
-                libs.add(Path(match.group(1)))
-    for lib in libs:
-        dest = out / str(lib.resolve()).lstrip("/") if lib.name.startswith("ld-linux") else out / "lib" / lib.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lib, dest, follow_symlinks=True)
+def installer_tools(debs: Path, out: Path) -> None:
+    """Debian's sfdisk, mkfs.ext4 and mkfs.vfat with the libraries they link, checked with Debian's own ld.so."""
+    triplet = "x86_64-linux-gnu"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for package in INSTALLER_PACKAGES:
+            extract(download(debs, f"{package}:amd64"), root)
+        (out / "bin").mkdir(parents=True)
+        libdir = out / "lib" / triplet
+        libdir.mkdir(parents=True)
+        for name, member in INSTALLER_TOOLS.items():
+            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
+        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
+            if not (libdir / lib.name).exists():
+                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        if os.uname().machine == "x86_64":
+            # Prove the closure with Debian's own loader, and keep only the libraries the tools load.
+            loader = libdir / "ld-linux-x86-64.so.2"
+            needed = {loader.name}
+            for tool in (out / "bin").iterdir():
+                listing = run([str(loader), "--library-path", str(libdir), "--list", str(tool)],
+                              capture_output=True).stdout
+                if "not found" in listing:
+                    sys.exit(f"demo_inputs: {tool.name} needs a library no package in INSTALLER_PACKAGES has:\n"
+                             f"{listing}")
+                needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", listing, re.M)}
+            for lib in libdir.iterdir():
+                if lib.name not in needed:
+                    lib.unlink()
 
 
 def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
@@ -176,14 +243,14 @@ def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
         layout[system] = roles
 
     boot = stage / "cim-demo-boot-x86_64-linux"
-    single_file(debs, "isolinux", "usr/lib/ISOLINUX/isolinux.bin", boot)
-    single_file(debs, "isolinux", "usr/lib/ISOLINUX/isohdpfx.bin", boot)
-    single_file(debs, "syslinux-common", "usr/lib/syslinux/modules/bios/ldlinux.c32", boot)
-    single_file(debs, "systemd-boot-efi", "usr/lib/systemd/boot/efi/systemd-bootx64.efi", boot)
+    single_file(debs, "isolinux:amd64", "usr/lib/ISOLINUX/isolinux.bin", boot)
+    single_file(debs, "isolinux:amd64", "usr/lib/ISOLINUX/isohdpfx.bin", boot)
+    single_file(debs, "syslinux-common:amd64", "usr/lib/syslinux/modules/bios/ldlinux.c32", boot)
+    single_file(debs, "systemd-boot-efi:amd64", "usr/lib/systemd/boot/efi/systemd-bootx64.efi", boot)
     layout["x86_64-linux"]["boot"] = boot
 
     tools = stage / "cim-demo-installer-tools-x86_64-linux"
-    installer_tools(tools)
+    installer_tools(debs, tools)
     layout["x86_64-linux"]["installer-tools"] = tools
     return layout
 
@@ -196,7 +263,6 @@ def main() -> None:
     os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     debs = args.root / ".cim" / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    os.chmod(debs, 0o755)  # apt-get download drops privileges to _apt where it can
 
     target = args.root / "configs" / "demo" / "inputs.json"
     stamp = args.root / ".cim" / "inputs.stamp"
@@ -205,6 +271,8 @@ def main() -> None:
         print(f"demo inputs up to date ({target})")
         return
 
+    ARCHIVE.root = args.root / ".cim" / "apt"
+    ARCHIVE.setup()
     record: dict[str, dict[str, dict[str, str]]] = {}
     with tempfile.TemporaryDirectory(dir=args.root / ".cim") as tmp:
         layout = build_inputs(debs, Path(tmp))
@@ -233,12 +301,9 @@ def main() -> None:
 
 
 def input_key(debs: Path) -> str:
-    """What the inputs are made from: this script, the cached .debs, the host's installer tools."""
+    """What the inputs are made from: this script and the cached .debs."""
     parts = [hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]
     parts += sorted(p.name for p in debs.glob("*.deb"))
-    for tool in INSTALLER_TOOLS:
-        st = os.stat(tool)
-        parts.append(f"{tool}:{st.st_size}:{st.st_mtime_ns}")
     return "\n".join(parts) + "\n"
 
 

@@ -21,11 +21,11 @@ packages=(
     qemu-system-x86 qemu-system-arm qemu-utils  # the VMs; qemu-img for install disks
     qemu-user-static binfmt-support           # aarch64 builds through binfmt emulation
     ovmf u-boot-qemu                          # UEFI firmware (install test), U-Boot for the aarch64 SD boot
-    busybox-static cpio kmod                  # the demo userland, initrd packing, depmod for the module subset
-    xorriso isolinux syslinux-common          # ISO 9660 + El Torito (BIOS)
-    systemd-boot-efi                          # the boot loader the installer writes to the ESP
-    mtools dosfstools e2fsprogs fdisk         # FAT without loop devices, mkfs.ext4 -d, sfdisk on image files
-    nats-server dnsmasq openssh-server        # guest services; sshd for the remote-builder test
+    xorriso mtools dosfstools e2fsprogs fdisk # image tools the demo builders call: ISO 9660, FAT without loop
+                                              # devices, mkfs.ext4 -d, sfdisk on image files
+    kmod debian-archive-keyring               # depmod for the guests' module subset; Debian's key for the
+                                              # demo's inputs (fetched from bookworm whatever the host runs)
+    openssh-server openssh-client             # sshd for the remote-builder test
     python3 python3-venv ca-certificates
 )
 
@@ -38,20 +38,14 @@ fi
 
 if [ -z "${CIM_SKIP_APT:-}" ]; then
     missing=()
-    arm64_ok=1
-    dpkg --print-foreign-architectures | grep -qx arm64 || arm64_ok=0
     for p in "${packages[@]}"; do
         [ -n "$p" ] || continue
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
-    if [ "${#missing[@]}" -gt 0 ] || [ "$arm64_ok" -eq 0 ]; then
-        # arm64 packages (kernel, busybox, libc) are downloaded, never installed: they go into the Nix store.
-        as_root dpkg --add-architecture arm64
-        say "installing ${missing[*]:-(arm64 package lists)}"
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing ${missing[*]}"
         as_root apt-get update -q
-        if [ "${#missing[@]}" -gt 0 ]; then
-            as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
-        fi
+        as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
 fi
 

@@ -10,7 +10,8 @@ cp "$toplevel/initrd" "$tree/boot/initrd"
 inst="$TMPDIR/installer"
 mkdir -p "$inst/usr/local/sbin" "$inst/lib"
 cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
-cp "$installerTools"/lib/*.so* "$inst/lib/"
+cp -r "$installerTools"/lib/. "$inst/lib/"
+chmod -R u+w "$inst"
 (cd "$inst" && find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$tree/boot/installer")
 
 cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
