@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import xxhash
 from doit.dependency import FileChangedChecker
@@ -17,21 +18,25 @@ from doit.dependency import FileChangedChecker
 _CHUNK = 1 << 20
 
 
-def xxh3_file(path: Path) -> str:
-    """The xxh3-128 hex digest of a file's bytes."""
-    digest = xxhash.xxh3_128()
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def _file_digest(path: Path, digest: _Digest) -> str:
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def xxh3_file(path: Path) -> str:
+    """The xxh3-128 hex digest of a file's bytes."""
+    return _file_digest(path, xxhash.xxh3_128())
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _file_digest(path, hashlib.sha256())
 
 
 def xxh3_files(paths: Iterable[Path], base: Path) -> str:

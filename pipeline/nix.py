@@ -11,6 +11,7 @@ import enum
 import functools
 import json
 import re
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,9 @@ def output_installable(drv_path: str, output: str = "out") -> str:
     return f"{drv_path}^{output}" if version() >= (2, 13) else drv_path
 
 
-def _nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (), hint: str = "") -> str:
+def _run_nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (),
+             hint: str = "") -> subprocess.CompletedProcess[str]:
+    """The funnel: `nix <options> <args>` with flakes on, a deadline, and NixError carrying nix's own words."""
     argv = ["nix", *FEATURES, *options, *args]
     try:
         proc = run(argv, timeout=timeout)
@@ -76,7 +79,11 @@ def _nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] 
         raise NixError(f"{what} did not finish within {timeout:g} s.", exc.output) from None
     if proc.returncode != 0:
         raise NixError(f"{what} failed (exit {proc.returncode}).", proc.stderr, hint)
-    return proc.stdout
+    return proc
+
+
+def _nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] = ()) -> str:
+    return _run_nix(args, what, timeout, options).stdout
 
 
 def eval_json(installable: str, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
@@ -117,15 +124,8 @@ class BuildResult:
 
 def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT, hint: str = "") -> BuildResult:
     """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs)."""
-    argv = ["nix", *FEATURES, *options, "build", "--json", "--no-link", "-L", output_installable(drv_path)]
-    try:
-        proc = run(argv, timeout=timeout)
-    except FileNotFoundError:
-        raise NixError("nix is not installed.", hint="Run scripts/setup.sh and try again.") from None
-    except ProcessTimeout as exc:
-        raise NixError(f"nix build {drv_path} did not finish within {timeout:g} s.", exc.output) from None
-    if proc.returncode != 0:
-        raise NixError(f"nix build {drv_path} failed (exit {proc.returncode}).", proc.stderr, hint)
+    args = ["build", "--json", "--no-link", "-L", output_installable(drv_path)]
+    proc = _run_nix(args, f"nix build {drv_path}", timeout, options, hint)
     (entry,) = json.loads(proc.stdout)
     return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
 

@@ -203,26 +203,23 @@ class Vm:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                qmp = QEMUMonitorProtocol(str(self.spec.qmp_socket))
-                qmp.connect()
-                qmp.settimeout(5)
-                qmp.cmd("quit")
-                qmp.close()
+            self.qmp("quit")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
         kill_group(self.proc, grace=2)
         self._read_new()
 
-    def powerdown(self, timeout: float) -> None:
-        """ACPI power button (`system_powerdown`) and wait for QEMU to exit."""
-        with contextlib.suppress(Exception):
+    def qmp(self, command: str) -> bool:
+        """Send one QMP command (e.g. "quit", "system_powerdown"); False if QEMU did not take it."""
+        try:
             qmp = QEMUMonitorProtocol(str(self.spec.qmp_socket))
             qmp.connect()
             qmp.settimeout(5)
-            qmp.cmd("system_powerdown")
+            qmp.cmd(command)
             qmp.close()
-        self.wait_for_exit(timeout, "power-off")
+        except Exception:  # a dead or dying QEMU: the caller kills the process group anyway
+            return False
+        return True
 
     # -- the console -----------------------------------------------------------------------------------------------
     def _read_new(self) -> str:
