@@ -109,7 +109,17 @@ _HOST_ATTRS = ("b: builtins.mapAttrs (n: v: v.drvPath) "
 def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
     """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …} as far as it has them."""
     installable = f"{flake_ref(domain_dir)}#nixosConfigurations.{host}.config.system.build"
-    result = eval_json(installable, apply=_HOST_ATTRS)
+    try:
+        result = eval_json(installable, apply=_HOST_ATTRS)
+    except NixError as exc:
+        if "unable to download" in exc.stderr or "Couldn't resolve host" in exc.stderr:
+            raise NixError(
+                f"nix eval of {host} failed: the flake's inputs ({domain_dir / 'flake.nix'}) cannot be fetched from "
+                "this machine. Run where nixpkgs is reachable (the cim domain is evaluated in GitHub Actions), "
+                "or commit a flake.lock and prefetch its inputs; offline, use the demo: doit domain=configs/demo.",
+                exc.stderr,
+            ) from None
+        raise
     if not isinstance(result, dict) or "toplevel" not in result:
         raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
     return {str(k): str(v) for k, v in result.items()}

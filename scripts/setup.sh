@@ -96,7 +96,11 @@ fi
 if ! .venv/bin/python -c 'import pipeline, doit, pydantic, xxhash, qemu.qmp, nats' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.cim-installed ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test]' >/dev/null
+    # pip's editable-install chatter only matters when it fails.
+    if ! .venv/bin/pip install -q -e '.[test]' > .venv/pip-install.log 2>&1; then
+        cat .venv/pip-install.log >&2
+        exit 1
+    fi
     touch .venv/.cim-installed
 fi
 
