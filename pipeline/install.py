@@ -161,7 +161,12 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
             try:
                 vm.wait_for_console(r"boot:", timeout, "the isolinux boot: prompt")
                 vm.type_console("install\r")
-                vm.wait_for_console(r"cim-install: installing", timeout, "the installer starting")
+                first = vm.wait_for_console(rf"cim-install: installing|{probes.boot_complete_pattern(host_name)}",
+                                            timeout, "the installer starting")
+                if not first.group(0).startswith("cim-install"):
+                    raise InstallError(
+                        f"install phase 'installer' failed: the ISO booted its live system instead of the "
+                        f"installer (the 'install' typed at the isolinux prompt was missed); log {log_dest}")
                 say(task, "installer started; partitioning, formatting, copying, installing systemd-boot")
                 remaining = max(1.0, timeout - (time.monotonic() - phase_started))
                 vm.wait_for_exit(remaining, "clean power-off after the install")

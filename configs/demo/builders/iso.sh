@@ -22,7 +22,7 @@ params="console=ttyS0,115200 panic=1"
 cat > "$tree/isolinux/isolinux.cfg" <<CFG
 SERIAL 0 115200
 PROMPT 1
-TIMEOUT 20
+TIMEOUT 30
 DEFAULT boot
 SAY cim installer for $hostName: type 'install' to install onto /dev/vda (the plan comes from QEMU fw_cfg opt/cim/install-plan), or wait to boot the live system
 LABEL boot
