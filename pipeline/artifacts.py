@@ -104,10 +104,12 @@ class Records:
             return {}
         return {p.stem: self.load(p.stem) for p in sorted(self.dir.glob("*.json"))}
 
-    def update(self, artifact: str, **fields: Any) -> None:
-        """Merge `fields` into the artifact's record and rebuild manifest.json and SHA256SUMS."""
+    def update(self, artifact: str, clear: tuple[str, ...] = (), **fields: Any) -> None:
+        """Merge `fields` into the artifact's record (dropping the `clear` ones) and rebuild the manifest and sums."""
         with _locked(self.state_dir):
             record = self.load(artifact)
+            for name in clear:
+                record.pop(name, None)
             record.update(fields)
             atomic_write_text(self.dir / f"{artifact}.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
             self._write_manifest()

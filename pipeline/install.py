@@ -152,7 +152,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     )
     started = time.monotonic()
     outcome: dict[str, Any] = {"result": "fail", "log": f"{artifact}/install.log", "disk_mib": plan.disk_mib,
-                               "plan": plan.describe()}
+                               "plan": plan.describe(), "image_xxh3": image["xxh3"]}
     phases: dict[str, float] = {}
     try:
         phase_started = time.monotonic()

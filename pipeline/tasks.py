@@ -257,8 +257,11 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     (dest_dir / "build.log").write_text(result.log)
     stat = dest.stat()
     rel = str(dest.relative_to(ctx.artifacts_dir))
-    ctx.records.update(name, host=artifact.host, format=artifact.format.value, system=artifact.system.value,
-                       drvPath=drv, outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
+    # Boot and install results belong to the bytes they tested: a new image starts without them.
+    outdated: tuple[str, ...] = ("boot", "install") if ctx.records.load(name).get("xxh3") != xxh3 else ()
+    ctx.records.update(name, clear=outdated, host=artifact.host, format=artifact.format.value,
+                       system=artifact.system.value, drvPath=drv, outPath=str(out), file=rel, size=size,
+                       sha256=sha256, xxh3=xxh3,
                        build={"strategy": plan.strategy.value, "reason": plan.reason, "seconds": seconds,
                               "log": f"{name}/build.log"})
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…) in {seconds} s")
@@ -322,7 +325,8 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
     log_dest = ctx.artifact_dir(name) / "boot.log"
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    outcome: dict[str, Any] = {"result": "fail", "accel": accel, "log": f"{name}/boot.log"}
+    outcome: dict[str, Any] = {"result": "fail", "accel": accel, "log": f"{name}/boot.log",
+                               "image_xxh3": image["xxh3"]}
     try:
         with Vm(spec) as vm:
             deadline = started + host.boot.timeout_s
