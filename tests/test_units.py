@@ -448,3 +448,12 @@ def sha256_sum(path: Path) -> str:
     """The digest as coreutils computes it, not as our code does."""
     out = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True, timeout=60).stdout
     return out.split()[0]
+
+
+def test_records_clear_drops_results_of_an_older_image(tmp_path: Path) -> None:
+    records = Records(tmp_path / "state", tmp_path / "artifacts", {})
+    records.update("a-iso", xxh3="old", boot={"result": "pass"}, install={"result": "pass"})
+    records.update("a-iso", clear=("boot", "install"), xxh3="new")
+    assert records.load("a-iso") == {"xxh3": "new"}
+    manifest = json.loads((tmp_path / "artifacts" / "manifest.json").read_text())
+    assert "boot" not in manifest["artifacts"]["a-iso"]
