@@ -52,16 +52,13 @@ def validate(domain_dir: Path) -> None:
 @click.option("--domain", "domain_dir", type=click.Path(path_type=Path), default=DEFAULT_DOMAIN, show_default=True)
 def disk_plan(host: str, domain_dir: Path) -> None:
     """Show how HOST's disk-config.nix would be installed (partitions, sizes, file systems)."""
-    from pipeline.diskplan import evaluate
-    from pipeline.install import disk_mib
+    from pipeline.install import plan_for
 
     try:
         domain = load_domain(domain_dir)
-        if host not in domain.hosts or domain.hosts[host].install is None:
-            raise DomainError(f"{domain_dir / 'domain.json'}: host {host!r} has no install section")
-        spec = domain.hosts[host]
-        assert spec.install is not None
-        plan = evaluate(domain_dir / spec.install.disk_config, spec.install.disk, disk_mib(spec))
+        if host not in domain.hosts:
+            raise DomainError(f"{domain_dir / 'domain.json'}: no host {host!r} (hosts: {', '.join(domain.hosts)})")
+        plan = plan_for(domain_dir, host, domain.hosts[host])
     except (DomainError, DiskPlanError, NixError) as exc:
         _fail(exc)
         return

@@ -52,10 +52,11 @@ def disk_mib(host: Host) -> int:
     return int(disk.size_gib * 1024)
 
 
-def plan_for(ctx: Context, host_name: str) -> DiskPlan:
-    host = ctx.domain.hosts[host_name]
-    assert host.install is not None
-    return evaluate_plan(ctx.domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
+def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
+    """Evaluate the host's disk-config.nix into the install plan for its install disk."""
+    if host.install is None:
+        raise DiskPlanError(f"{domain_dir / 'domain.json'}: host {host_name!r} has no install section")
+    return evaluate_plan(domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
 
 
 # -- checking the installed system from its console ---------------------------------------------------------------
@@ -111,10 +112,9 @@ def check_installed(plan: DiskPlan, console: str, disk_device: str = "/dev/vda")
 
 # -- the flow ------------------------------------------------------------------------------------------------------
 
-def _phase_error(exc: VmError, phase: str, spec: VmSpec, log: Path) -> InstallError:
+def _phase_error(exc: VmError, phase: str) -> InstallError:
     kind = "stalled" if isinstance(exc, VmTimeout) else "failed"
-    message = str(exc).replace(str(spec.console_log), str(log))
-    return InstallError(f"install phase '{phase}' {kind}: {message}")
+    return InstallError(f"install phase '{phase}' {kind}: {exc}")
 
 
 def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     assert host.install is not None
     artifact = f"{host_name}-iso"
     task = f"install:{host_name}"
-    plan = plan_for(ctx, host_name)  # refused here, before any VM, if it cannot work
+    plan = plan_for(ctx.domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
@@ -141,14 +141,14 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     installer = VmSpec(
         name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
         console_log=workdir / "installer.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
-        firmware=Firmware.bios, boot_order="d",
+        firmware=Firmware.bios, boot_order="d", published_log=log_dest,
         drives=(Drive(Path(image["path"]), media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
         extra=("-fw_cfg", f"name=opt/cim/install-plan,file={plan_file}"),
     )
     disk_boot = VmSpec(
         name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
         console_log=workdir / "disk-boot.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
-        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),),
+        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),), published_log=log_dest,
     )
     started = time.monotonic()
     outcome: dict[str, Any] = {"result": "fail", "log": f"{artifact}/install.log", "disk_mib": plan.disk_mib,
@@ -171,7 +171,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
                 remaining = max(1.0, timeout - (time.monotonic() - phase_started))
                 vm.wait_for_exit(remaining, "clean power-off after the install")
             except VmError as exc:
-                raise _phase_error(exc, "installer", installer, log_dest) from None
+                raise _phase_error(exc, "installer") from None
             console = vm.console
         failed = re.search(r"^cim-install: FAILED: .*$", console, re.M)
         if failed or "cim-install: done" not in console:
@@ -186,7 +186,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
             try:
                 vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
             except VmError as exc:
-                raise _phase_error(exc, "disk-boot", disk_boot, log_dest) from None
+                raise _phase_error(exc, "disk-boot") from None
             console = vm.console
         phases["disk-boot"] = round(time.monotonic() - phase_started, 1)
         checks = check_installed(plan, console)

@@ -86,19 +86,15 @@ def _nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] 
     return _run_nix(args, what, timeout, options).stdout
 
 
-def eval_json(installable: str, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
-    args = ["eval", "--json", installable]
-    if apply:
-        args += ["--apply", apply]
-    return json.loads(_nix(args, f"nix eval {installable}", timeout))
+def eval_json(*installable: str, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
+    """`nix eval --json INSTALLABLE… [--apply F]`, parsed."""
+    args = ["eval", "--json", *installable, *(["--apply", apply] if apply else [])]
+    return json.loads(_nix(args, f"nix eval {' '.join(installable)}", timeout))
 
 
 def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
     """`nix eval --json --file PATH` (a plain Nix file such as a disk-config.nix, not a flake)."""
-    args = ["eval", "--json", "--file", str(path), ""]
-    if apply:
-        args += ["--apply", apply]
-    return json.loads(_nix(args, f"nix eval --file {path}", timeout))
+    return eval_json("--file", str(path), "", apply=apply, timeout=timeout)
 
 
 # The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.

@@ -62,7 +62,7 @@ def retry(what: str, attempt: Callable[[], str], timeout: float, interval: float
     while True:
         try:
             return attempt()
-        except (TimeoutError, OSError, ProbeFailed, Exception) as exc:
+        except Exception as exc:  # any failure is retried until the deadline; the last one is reported
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
             raise ProbeFailed(f"{what} did not succeed within {timeout:g} s; last error: {last}")

@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,10 @@ class Firmware(enum.StrEnum):
     uboot = "uboot"  # U-Boot as the -bios of the aarch64 virt board
 
     def files(self) -> list[str]:
+        """The firmware files QEMU will load (VmError naming the package when one is missing)."""
         if self is Firmware.uboot:
+            if not UBOOT_ARM64.exists():
+                raise VmError(f"{UBOOT_ARM64} is missing; install u-boot-qemu (scripts/setup.sh)")
             return [str(UBOOT_ARM64)]
         if self is Firmware.uefi:
             return [str(_first(OVMF_CODE)), str(_first(OVMF_VARS))]
@@ -90,6 +93,12 @@ class VmSpec:
     boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
     port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
     extra: tuple[str, ...] = field(default=())
+    published_log: Path | None = None  # where the console log is kept for the user, if not console_log itself
+
+    @property
+    def shown_log(self) -> Path:
+        """The console log an error message points the user to."""
+        return self.published_log or self.console_log
 
     @property
     def qmp_socket(self) -> Path:
@@ -144,7 +153,9 @@ class VmSpec:
             argv += ["-boot", f"order={self.boot_order}"]
         netdev = "user,id=net0"
         for host_port, guest_port in self.port_forwards:
-            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+            # Both protocols: NATS and SSH speak TCP, a DNS probe asks over UDP.
+            for proto in ("tcp", "udp"):
+                netdev += f",hostfwd={proto}:127.0.0.1:{host_port}-:{guest_port}"
         argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
         return argv + list(self.extra)
 
@@ -175,8 +186,9 @@ class Vm:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         for sock in (spec.qmp_socket, spec.console_socket):
             sock.unlink(missing_ok=True)
+        firmware = spec.firmware.files()  # fails clearly before QEMU would
         if spec.firmware is Firmware.uefi and not spec.ovmf_vars.exists():
-            shutil.copyfile(_first(OVMF_VARS), spec.ovmf_vars)
+            shutil.copyfile(firmware[1], spec.ovmf_vars)
         spec.console_log.parent.mkdir(parents=True, exist_ok=True)
         self._offset = spec.console_log.stat().st_size if spec.console_log.exists() else 0
         stderr_log = (spec.workdir / "qemu.stderr").open("wb")
@@ -262,13 +274,13 @@ class Vm:
                 code = self.proc.returncode if self.proc else None
                 raise VmError(
                     f"{self.spec.name}: QEMU exited (code {code}) before the console showed {what or pattern!r}; "
-                    f"console log {self.spec.console_log}, QEMU's stderr {self.spec.workdir / 'qemu.stderr'}. "
+                    f"console log {self.spec.shown_log}, QEMU's stderr {self.spec.workdir / 'qemu.stderr'}. "
                     f"Last console lines:\n{self._tail()}"
                 )
             if time.monotonic() > deadline:
                 raise VmTimeout(
                     f"{self.spec.name}: the console did not show {what or pattern!r} within {timeout:g} s; the VM "
-                    f"was stopped, its console log is {self.spec.console_log}. Last console lines:\n{self._tail()}"
+                    f"was stopped, its console log is {self.spec.shown_log}. Last console lines:\n{self._tail()}"
                 )
             time.sleep(0.2)
 
@@ -288,7 +300,7 @@ class Vm:
         except subprocess.TimeoutExpired:
             raise VmTimeout(
                 f"{self.spec.name}: no {what} within {timeout:g} s; the VM was stopped, its console log is "
-                f"{self.spec.console_log}. Last console lines:\n{self._tail()}"
+                f"{self.spec.shown_log}. Last console lines:\n{self._tail()}"
             ) from None
         self._read_new()
         return code
@@ -323,7 +335,8 @@ def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool,
 
 
 def choose_accel(spec: VmSpec, state_dir: Path) -> tuple[str, str]:
-    """("kvm" | "tcg", why) for `spec`.  The canary runs once per machine boot; its verdict is kept in state_dir."""
+    """("kvm" | "tcg", why) for `spec`.  The canary runs once per machine boot; its verdict is kept in state_dir,
+    which is machine-wide (the checkout's .cim/), not per domain: KVM works or not for every domain alike."""
     host_arch = os.uname().machine
     if spec.system.arch != host_arch:
         return "tcg", f"{spec.system.value} guest on an {host_arch} host: TCG emulation"
@@ -343,15 +356,16 @@ def choose_accel(spec: VmSpec, state_dir: Path) -> tuple[str, str]:
     return ("kvm" if ok else "tcg"), why
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for a guest port forward)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(tries: int = 20) -> int:
+    """A port on 127.0.0.1 free for both TCP and UDP right now (a guest port forward takes both)."""
+    for _ in range(tries):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise VmError(f"no port on 127.0.0.1 was free for both TCP and UDP in {tries} tries")
 
-
-@contextlib.contextmanager
-def running(spec: VmSpec) -> Iterator[Vm]:
-    vm = Vm(spec)
-    with vm:
-        yield vm

@@ -11,6 +11,7 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -30,8 +31,8 @@ from doit.tools import config_changed
 from pipeline import nix, probes
 from pipeline.artifacts import ArtifactError, Records, publish_file, publish_log
 from pipeline.diskplan import DiskPlanError
-from pipeline.domain import Artifact, Domain, DomainError, Format, System, load_domain
-from pipeline.hashing import xxh3_file, xxh3_text
+from pipeline.domain import Artifact, Domain, DomainError, Format, ProbeKind, System, load_domain
+from pipeline.hashing import XXH3Checker, xxh3_text
 from pipeline.process import ProcessTimeout, run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
 
@@ -55,6 +56,11 @@ class Context:
         return Records(self.state_dir, self.artifacts_dir,
                        {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)})
 
+    @functools.cached_property
+    def files(self) -> list[str]:
+        """The domain's flake files, walked once per run (validate and every eval depend on them)."""
+        return domain_files(self.domain_dir)
+
     def artifact_dir(self, artifact: str) -> Path:
         return self.artifacts_dir / artifact
 
@@ -67,8 +73,8 @@ class Context:
 
 def state_dir_for(root: Path, domain_dir: Path) -> Path:
     """Where a domain's doit DB, records and VM work dirs live: .cim/state/<dir name>-<hash of its path>."""
-    domain_dir = domain_dir if domain_dir.is_absolute() else (root / domain_dir)
-    return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir.resolve()))[:12]}"
+    domain_dir = (root / domain_dir).resolve()
+    return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
 
 
 def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
@@ -77,7 +83,7 @@ def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None
     State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
     two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
     """
-    domain_dir = domain_dir if domain_dir.is_absolute() else (root / domain_dir)
+    domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_domain(domain_dir)
     if not (domain_dir / "flake.nix").is_file():
         raise DomainError(
@@ -90,11 +96,8 @@ def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None
                 f"{domain_dir / 'domain.json'}: field 'hosts.{name}.install.disk_config' names "
                 f"{host.install.disk_config}, which does not exist in {domain_dir}. Add the disko file or fix the name."
             )
-    state = state_dir_for(root, domain_dir)
-    artifacts = (artifacts_dir if artifacts_dir.is_absolute() else root / artifacts_dir) if artifacts_dir \
-        else root / "artifacts"
-    return Context(root=root, domain_dir=domain_dir.resolve(), domain=domain, artifacts_dir=artifacts,
-                   state_dir=state)
+    return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=root / (artifacts_dir or "artifacts"),
+                   state_dir=state_dir_for(root, domain_dir))
 
 
 def domain_files(domain_dir: Path) -> list[str]:
@@ -161,25 +164,21 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
 
 def published_intact(task: Any, values: dict[str, Any]) -> bool:
     """Up to date while the file a build published still has the digest it was published with."""
-    path, digest = values.get("path"), values.get("xxh3")
-    if not path or not digest:
+    path, digest, size, mtime = (values.get(k) for k in ("path", "xxh3", "size", "mtime"))
+    if not path or not digest or size is None or mtime is None:
         return False
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return False
-    if stat.st_size != values.get("size"):
-        return False
-    if stat.st_mtime == values.get("mtime"):
-        return True
-    return bool(xxh3_file(Path(path)) == digest)
+    return not XXH3Checker().check_modified(path, stat, (mtime, size, digest))
 
 
 # -- validate ---------------------------------------------------------------------------------------------------------
 
 @user_errors
 def validate_action(ctx: Context) -> dict[str, Any]:
-    nix_files = sorted(Path(f) for f in domain_files(ctx.domain_dir) if f.endswith(".nix"))
+    nix_files = sorted(Path(f) for f in ctx.files if f.endswith(".nix"))
     for path in nix_files:
         try:
             proc = run(["nix-instantiate", "--parse", str(path)], timeout=60)
@@ -197,7 +196,7 @@ def task_validate(ctx: Context) -> dict[str, Any]:
     return {
         "doc": "validate domain.json (pydantic) and parse-check every .nix file",
         "actions": [(validate_action, [ctx])],
-        "file_dep": domain_files(ctx.domain_dir),
+        "file_dep": ctx.files,
         "verbosity": 2,
     }
 
@@ -215,13 +214,12 @@ def eval_action(ctx: Context, host: str) -> dict[str, str]:
 
 
 def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
-    files = domain_files(ctx.domain_dir)
     for host in ctx.domain.hosts:
         yield {
             "name": host,
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
-            "file_dep": files,
+            "file_dep": ctx.files,
             "task_dep": ["validate"],
             "verbosity": 2,
         }
@@ -284,6 +282,7 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 # -- boot -------------------------------------------------------------------------------------------------------------
 
 def boot_spec(ctx: Context, artifact: Artifact, image: Path, workdir: Path, forwards: dict[int, int]) -> VmSpec:
+    """The boot test's VM; its console log is published as artifacts/<artifact>/boot.log."""
     host = ctx.domain.hosts[artifact.host]
     if artifact.format is Format.iso:
         drives: tuple[Drive, ...] = (Drive(image, media="cdrom"),)
@@ -293,6 +292,7 @@ def boot_spec(ctx: Context, artifact: Artifact, image: Path, workdir: Path, forw
         firmware, order = Firmware.uboot, ""
     return VmSpec(name=f"{artifact.name}-boot", system=artifact.system, workdir=workdir,
                   console_log=workdir / "console.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+                  published_log=ctx.artifact_dir(artifact.name) / "boot.log",
                   firmware=firmware, drives=drives, boot_order=order,
                   port_forwards=tuple(sorted((hp, gp) for gp, hp in forwards.items())))
 
@@ -319,10 +319,10 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
     forwards = {port: free_port() for port in probes.guest_ports(checks)}
     workdir = ctx.vm_dir(name)
     spec = boot_spec(ctx, artifact, path, workdir, forwards)
-    accel, why = choose_accel(spec, ctx.state_dir)
-    spec = VmSpec(**{**spec.__dict__, "accel": accel})
+    accel, why = choose_accel(spec, ctx.root / ".cim")
+    spec = dataclasses.replace(spec, accel=accel)
     say(name, f"booting {path.name} in {spec.system.qemu_binary} ({accel}: {why})")
-    log_dest = ctx.artifact_dir(name) / "boot.log"
+    log_dest = spec.shown_log
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {"result": "fail", "accel": accel, "log": f"{name}/boot.log",
@@ -331,18 +331,16 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
         with Vm(spec) as vm:
             deadline = started + host.boot.timeout_s
             for probe in checks:
+                # The boot-complete line may take the whole boot budget; service probes their own, within it.
                 remaining = max(1.0, deadline - time.monotonic())
-                probe = probe.model_copy(update={"timeout_s": min(probe.timeout_s, remaining)}) \
-                    if probe.kind.value != "console" else probe.model_copy(update={"timeout_s": remaining})
-                result = probes.run_probe(vm, probe, forwards)
+                timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
+                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), forwards)
                 results.append(result.__dict__)
                 say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
         outcome["result"] = "pass"
     except VmError as exc:
-        # The console log is published under artifacts/; point there (QEMU's stderr stays in the VM's workdir).
-        message = str(exc).replace(str(spec.console_log), str(log_dest))
-        outcome["error"] = message.splitlines()[0]
-        raise VmError(message) from None
+        outcome["error"] = str(exc).splitlines()[0]
+        raise
     finally:
         outcome["seconds"] = round(time.monotonic() - started, 1)
         outcome["probes"] = results
@@ -373,8 +371,9 @@ def release_action(ctx: Context) -> dict[str, Any]:
     manifest = ctx.records.rebuild()
     problems = []
     for name, record in manifest["artifacts"].items():
+        # Content was checked by each build:<artifact> this run (published_intact); here only that it is there.
         path = ctx.artifacts_dir / record.get("file", "")
-        if not path.is_file() or xxh3_file(path) != record.get("xxh3"):
+        if not path.is_file() or path.stat().st_size != record.get("size"):
             problems.append(f"{name}: {path} does not match its build record")
         if record.get("boot", {}).get("result") != "pass":
             problems.append(f"{name}: boot test has not passed")

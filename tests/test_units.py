@@ -211,7 +211,8 @@ def test_vmspec_argv_port_forwards(tmp_path: Path) -> None:
     spec = VmSpec(name="p", system=System.aarch64_linux, workdir=tmp_path, console_log=tmp_path / "log",
                   port_forwards=((40222, 4222), (40053, 53)))
     argv = spec.argv()
-    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40222-:4222,hostfwd=tcp:127.0.0.1:40053-:53"]
+    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40222-:4222,hostfwd=udp:127.0.0.1:40222-:4222,"
+                                    "hostfwd=tcp:127.0.0.1:40053-:53,hostfwd=udp:127.0.0.1:40053-:53"]
     assert "virtio-net-pci,netdev=net0" in opt(argv, "-device")
 
 
