@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.domain import Host, Probe, ProbeKind
+from pipeline.domain import GuestKind, Host, Probe, ProbeKind
 from pipeline.qemu import Vm, VmError
 
 
@@ -37,7 +37,7 @@ def boot_complete_pattern(host: str) -> str:
 def default_probes(host_name: str, host: Host) -> list[Probe]:
     """The boot-complete line, then the host's guests that answer on the network."""
     probes = [Probe(kind=ProbeKind.console, pattern=boot_complete_pattern(host_name))]
-    if any(g.kind.value == "nats" for g in host.guests):
+    if any(g.kind is GuestKind.nats for g in host.guests):
         probes.append(Probe(kind=ProbeKind.nats, port=4222))
     return probes
 

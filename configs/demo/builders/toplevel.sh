@@ -37,10 +37,13 @@ printf '%s' "$consoleTty" > etc/cim/console
 printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
 printf 'root:x:0:0:root:/root:/bin/sh\n' > etc/passwd
 printf 'root:x:0:\n' > etc/group
-printf '%s' "$accountLines" | while read -r name uid; do
-    [ -n "$name" ] || continue
-    printf '%s:x:%s:100::/home/%s:/bin/sh\n' "$name" "$uid" "$name" >> etc/passwd
-    mkdir -p "home/$name/.ssh"
+printf '%s' "$accountLines" | while read -r name rest; do
+    case "$name" in
+        "") ;;
+        +key) user=${rest%% *}; printf '%s\n' "${rest#* }" >> "home/$user/.ssh/authorized_keys" ;;
+        *) printf '%s:x:%s:100::/home/%s:/bin/sh\n' "$name" "$rest" "$name" >> etc/passwd
+           mkdir -p "home/$name/.ssh" ;;
+    esac
 done
 
 mkdir -p "$out"

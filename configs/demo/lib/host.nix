@@ -33,9 +33,12 @@ let
     inherit (domain) fqdn;
     inherit (own) kernel services;
     guestLines = builtins.concatStringsSep "" (map (g: "${g.name} ${g.kind}\n") (host.guests or [ ]));
-    # Accounts get uids from 1000 in domain.json order; their SSH keys are in /etc/cim/host.json.
+    # Accounts get uids from 1000 in domain.json order; each line: name uid, then its SSH public keys.
     accountLines = builtins.concatStringsSep "" (builtins.genList
-      (i: "${(builtins.elemAt (domain.accounts or [ ]) i).name} ${toString (1000 + i)}\n")
+      (i:
+        let a = builtins.elemAt (domain.accounts or [ ]) i;
+        in "${a.name} ${toString (1000 + i)}\n"
+          + builtins.concatStringsSep "" (map (k: "+key ${a.name} ${k}\n") (a.ssh_keys or [ ])))
       (builtins.length (domain.accounts or [ ])));
     rootfs = ../rootfs;
     consoleTty = if system == "aarch64-linux" then "ttyAMA0" else "ttyS0";
