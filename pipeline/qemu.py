@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class VmSpec:
     port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
     extra: tuple[str, ...] = field(default=())
     published_log: Path | None = None  # where the console log is kept for the user, if not console_log itself
+    # Unix sockets (QMP, console) live here; a socket path must stay under ~107 bytes (sun_path), which a deep
+    # workdir exceeds, so `Vm` gives each VM a short private directory in the system temp dir.
+    socket_dir: Path | None = None
 
     @property
     def shown_log(self) -> Path:
@@ -102,11 +106,11 @@ class VmSpec:
 
     @property
     def qmp_socket(self) -> Path:
-        return self.workdir / "qmp.sock"
+        return (self.socket_dir or self.workdir) / "qmp.sock"
 
     @property
     def console_socket(self) -> Path:
-        return self.workdir / "console.sock"
+        return (self.socket_dir or self.workdir) / "console.sock"
 
     @property
     def ovmf_vars(self) -> Path:
@@ -172,6 +176,7 @@ class Vm:
         self._offset = 0
         self._seen = ""
         self.started_at = 0.0
+        self._own_socket_dir = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def __enter__(self) -> Vm:
@@ -182,10 +187,11 @@ class Vm:
         self.stop()
 
     def start(self) -> None:
+        self.spec.workdir.mkdir(parents=True, exist_ok=True)
+        if self.spec.socket_dir is None:
+            self.spec = dataclasses.replace(self.spec, socket_dir=Path(tempfile.mkdtemp(prefix="cim-vm-")))
+            self._own_socket_dir = True
         spec = self.spec
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        for sock in (spec.qmp_socket, spec.console_socket):
-            sock.unlink(missing_ok=True)
         firmware = spec.firmware.files()  # fails clearly before QEMU would
         if spec.firmware is Firmware.uefi and not spec.ovmf_vars.exists():
             shutil.copyfile(firmware[1], spec.ovmf_vars)
@@ -220,6 +226,8 @@ class Vm:
                 self.proc.wait(timeout=grace)
         kill_group(self.proc, grace=2)
         self._read_new()
+        if self._own_socket_dir and self.spec.socket_dir is not None:
+            shutil.rmtree(self.spec.socket_dir, ignore_errors=True)
 
     def qmp(self, command: str) -> bool:
         """Send one QMP command (e.g. "quit", "system_powerdown"); False if QEMU did not take it."""
@@ -272,9 +280,11 @@ class Vm:
                 if match:
                     return match
                 code = self.proc.returncode if self.proc else None
+                stderr = self.spec.workdir / "qemu.stderr"
+                said = stderr.read_text(errors="replace").strip()[-2000:] if stderr.exists() else ""
                 raise VmError(
                     f"{self.spec.name}: QEMU exited (code {code}) before the console showed {what or pattern!r}; "
-                    f"console log {self.spec.shown_log}, QEMU's stderr {self.spec.workdir / 'qemu.stderr'}. "
+                    f"console log {self.spec.shown_log}. QEMU said: {said or '(nothing)'}. "
                     f"Last console lines:\n{self._tail()}"
                 )
             if time.monotonic() > deadline:
