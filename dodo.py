@@ -1,7 +1,11 @@
-"""doit entry point: `doit domain=DIR [artifacts=DIR] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS); the default domain is
-configs/cim, the default artifacts directory artifacts/.
+"""doit entry point: `doit domain=DIR [artifacts=DIR] [wait=no|SECONDS] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS /
+CIM_WAIT); the default domain is configs/cim, the default artifacts directory artifacts/.
 
 Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default).
+
+A run that executes tasks holds the artifacts directory's lock (pipeline.runlock) from here until it ends; another run
+of the same domain waits for it (or, with wait=no, refuses).  SIGINT, SIGTERM and SIGHUP stop every VM and nix
+process and end the run (pipeline.process).  `doit list` / `info` / `help` take no lock and never wait.
 """
 
 import os
@@ -10,17 +14,21 @@ from pathlib import Path
 
 from doit import get_var
 
-from pipeline import tasks
+from pipeline import process, runlock, tasks
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker
 
 ROOT = Path(__file__).resolve().parent
+process.stop_on_signals()
+RUN_LOCK = None  # held (module global) until the process ends
 try:
     CTX = tasks.make_context(
         ROOT,
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
     )
+    if tasks.doit_command(sys.argv[1:]) not in tasks.READ_ONLY_COMMANDS:
+        RUN_LOCK = tasks.begin_run(CTX, runlock.parse_wait(get_var("wait", os.environ.get("CIM_WAIT"))))
 except CimError as exc:
     # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
     sys.stderr.write(f"error: {exc.report()}\n")

@@ -10,15 +10,18 @@ parallel.  `manifest.json` is a `Manifest`; `cim schema manifest` prints its JSO
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,47 +36,143 @@ class ArtifactError(CimError):
     """An artifact could not be published or does not match its record."""
 
 
+def write_error(path: Path, exc: OSError) -> ArtifactError:
+    """The one message for a file that cannot be written: the path, the system's reason, the fix."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = (f"Free space on the file system of {path.parent} (`df -h {path.parent}`), or pass another "
+                "directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again.")
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = (f"Make {path.parent} writable (read-only mount? `lsattr -d` shows an immutable flag), or pass "
+                "another directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again.")
+    else:
+        hint = "Fix that path or pass another directory with `doit artifacts=DIR`; then run again."
+    return ArtifactError(f"cannot write {path}: {reason}. Nothing was replaced: the files already there are "
+                         "unchanged.", hint=hint)
+
+
+_TEMP = re.compile(r"^\..+\.\d+(\.\d+)?\.tmp$")
+
+
+def _temp_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
+
+
+class _Writer:
+    """The write side of `atomic_file`: a failed write is the ArtifactError naming the file."""
+
+    def __init__(self, out: BinaryIO, dest: Path) -> None:
+        self._out = out
+        self._dest = dest
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        try:
+            while view:  # unbuffered: a short write (the disk filling up) writes the rest, or fails, here
+                view = view[self._out.write(view) or 0:]
+        except OSError as exc:
+            raise write_error(self._dest, exc) from None
+        return len(data)
+
+
+def _open_temp(dest: Path) -> tuple[int, Path | None]:
+    """An unnamed file in dest's directory (O_TMPFILE), else a named temporary one; (fd, its name or None)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    named = _temp_name(dest)
+    return os.open(named, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644), named
+
+
+def _link_unnamed(fd: int, name: Path) -> None:
+    """Give the O_TMPFILE file `fd` the name `name`: linkat(AT_SYMLINK_FOLLOW) of its /proc/self/fd link.
+
+    Passing a directory fd makes CPython call linkat() with the follow flag (plain link() would link the /proc symlink
+    itself and fail with EXDEV).
+    """
+    parent = os.open(name.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name.name, dst_dir_fd=parent, follow_symlinks=True)
+    finally:
+        os.close(parent)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[_Writer]:
+    """A file that appears at `dest` whole, or not at all; the old `dest` stays until the new one is complete.
+
+    It is written unnamed (Linux O_TMPFILE) in `dest`'s directory, so a process killed mid-write (even by SIGKILL)
+    leaves nothing behind; only once it is complete and synced does it get a name, and is renamed over `dest`.
+    Where the file system has no O_TMPFILE, a named `.<name>.<pid>.<tid>.tmp` is used (`sweep_temps` removes one a
+    killed run left).  A write that fails (no space, read-only, no permission) raises ArtifactError naming `dest`;
+    errors of the block itself (e.g. reading the source of a copy) pass unchanged.
+    """
+    try:
+        fd, named = _open_temp(dest)
+    except OSError as exc:
+        raise write_error(dest, exc) from None
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as out:  # unbuffered: closing after a failed write cannot fail again
+            yield _Writer(out, dest)
+            try:
+                os.fchmod(out.fileno(), 0o644)
+                os.fsync(out.fileno())
+                if named is None:
+                    named = _temp_name(dest)
+                    _link_unnamed(out.fileno(), named)
+                named.replace(dest)
+                named = None
+            except OSError as exc:
+                raise write_error(dest, exc) from None
+    finally:
+        if named is not None:
+            with contextlib.suppress(OSError):
+                named.unlink()
+
+
+def sweep_temps(directory: Path) -> list[Path]:
+    """Remove the named temporary files a killed run left in `directory` and its sub-directories; those removed.
+
+    Only call it while holding the artifacts directory's run lock: then no other run is writing there.
+    """
+    removed = []
+    if directory.is_dir():
+        for path in [*directory.glob(".*.tmp"), *directory.glob("*/.*.tmp")]:
+            if _TEMP.match(path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    with atomic_file(path) as out:
+        out.write(text.encode("utf-8"))
 
 
 def publish_file(source: Path, dest: Path) -> tuple[str, str, int]:
     """Copy `source` to `dest` atomically, hashing while copying; returns (sha256, xxh3-128, size)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     sha, xxh, size = hashlib.sha256(), xxhash.xxh3_128(), 0
-    try:
-        with source.open("rb") as src, tmp.open("wb") as out:
-            while chunk := src.read(1 << 20):
-                sha.update(chunk)
-                xxh.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with source.open("rb") as src, atomic_file(dest) as out:
+        while chunk := src.read(1 << 20):
+            sha.update(chunk)
+            xxh.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
     return sha.hexdigest(), xxh.hexdigest(), size
 
 
 def publish_log(source: Path, dest: Path) -> None:
     """Keep a VM's console log under artifacts/ (atomically), whatever the outcome."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    if source.exists():
-        shutil.copyfile(source, tmp)
-    else:
-        tmp.write_text("(the VM printed nothing)\n")
-    tmp.replace(dest)
+    with atomic_file(dest) as out:
+        if source.exists():
+            with source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        else:
+            out.write(b"(the VM printed nothing)\n")
 
 
 @contextlib.contextmanager
@@ -229,10 +328,11 @@ class Records:
     def drop(self, keep: set[str]) -> None:
         """Forget records of artifacts the domain no longer has."""
         with _locked(self.state_dir):
-            for path in self.dir.glob("*.json") if self.dir.is_dir() else []:
-                if path.stem not in keep:
-                    path.unlink()
-            self._write_manifest()
+            dropped = [p for p in (self.dir.glob("*.json") if self.dir.is_dir() else []) if p.stem not in keep]
+            for path in dropped:
+                path.unlink()
+            if dropped:  # else the manifest is as it was: leave it (and its stamp) alone
+                self._write_manifest()
 
     def digest_source(self) -> str:
         """Every record as one text: what the release's up-to-date check compares."""

@@ -27,6 +27,8 @@ from pydantic import (
 from pipeline.errors import CimError
 
 DOMAIN_FILE = "domain.json"
+# A domain.json is a few kilobytes; anything past this is the wrong file, and reading it whole would be slow.
+MAX_DOMAIN_BYTES = 4 * 2**20
 
 _SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+")
 # RFC 1123 label: letters, digits and hyphens, not starting or ending with a hyphen, at most 63 characters.
@@ -379,12 +381,32 @@ def load_domain(directory: Path) -> Domain:
     if not path.is_file():
         raise DomainError(f"{path}: file not found.", hint="A domain directory holds domain.json beside its flake.nix.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_DOMAIN_BYTES + 1)  # never more than the cap, whatever the file's size
+    except OSError as exc:
+        raise DomainError(f"{path}: cannot be read ({exc.strerror or exc}).",
+                          hint="Check the file's permissions and that it is a regular file.") from None
+    if len(raw) > MAX_DOMAIN_BYTES:
+        raise DomainError(f"{path}: larger than {MAX_DOMAIN_BYTES // 2**20} MiB; a domain description is a few "
+                          "kilobytes (is it the right file?).",
+                          hint="Point domain=DIR at a directory whose domain.json describes the domain "
+                               "(`cim schema` shows what it holds).")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DomainError(f"{path}: binary data (a NUL byte at offset {nul}), not JSON text.",
+                          hint="domain.json must be UTF-8 JSON text (`cim schema` shows what it holds).")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DomainError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}).", hint="Save it as UTF-8.") \
+            from None
     except json.JSONDecodeError as exc:
         raise DomainError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.",
                           hint="Fix the syntax there (`python3 -m json.tool` shows it too).") from None
-    except UnicodeDecodeError as exc:
-        raise DomainError(f"{path}: not UTF-8 text ({exc.reason}).", hint="Save it as UTF-8.") from None
+    except RecursionError:
+        raise DomainError(f"{path}: JSON nested too deeply to read (thousands of levels of arrays or objects).",
+                          hint="A domain.json is a few levels deep (`cim schema` shows its shape); fix the "
+                               "file.") from None
     return parse_domain(data, str(path))
 
 

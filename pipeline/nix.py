@@ -132,6 +132,33 @@ def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_
     return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
 
 
+def add_gc_root(out_path: Path, link: Path) -> None:
+    """Register `out_path` as a Nix GC root through the symlink `link` (replacing what `link` rooted before).
+
+    `nix-store --realise PATH --add-root LINK --indirect` (Nix 2.8 and later alike): LINK points at the store path and
+    Nix's gcroots/auto points at LINK, so `nix-collect-garbage` keeps the path while LINK exists and frees it once
+    LINK points elsewhere or is removed.
+    """
+    link.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["nix-store", "--realise", str(out_path), "--add-root", str(link), "--indirect"]
+    try:
+        proc = run(argv, timeout=120)
+    except FileNotFoundError:
+        raise NixError("nix-store is not installed.", hint="Run scripts/setup.sh and try again.") from None
+    except ProcessTimeout as exc:
+        raise NixError(f"nix-store --add-root {link} did not finish within 120 s.", exc.output) from None
+    if proc.returncode != 0:
+        raise NixError(f"could not register {out_path} as a GC root at {link}.", proc.stderr)
+
+
+def drop_gc_roots(directory: Path, keep: set[str]) -> None:
+    """Remove the GC root links in `directory` whose name is not in `keep` (images the domain no longer has)."""
+    if directory.is_dir():
+        for link in directory.iterdir():
+            if link.name not in keep:
+                link.unlink(missing_ok=True)
+
+
 def parse_error(path: Path) -> str | None:
     """`nix-instantiate --parse PATH`: None when the file parses, else nix's words about where it does not."""
     try:

@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from pipeline import process
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import GuestKind, Host, Probe, ProbeKind
 from pipeline.qemu import Vm, VmError
@@ -56,6 +57,7 @@ def retry(what: str, attempt: Callable[[], str], timeout: float, interval: float
             return attempt()
         except Exception as exc:  # any failure is retried until the deadline; the last one is reported
             last = f"{type(exc).__name__}: {exc}"
+        process.check_interrupted()
         if time.monotonic() > deadline:
             raise ProbeFailed(f"{what} did not succeed within {timeout:g} s; last error: {last}")
         time.sleep(interval)

@@ -1,16 +1,42 @@
-"""The one way this project runs a program: an argument list, a deadline, its process group killed on the way out."""
+"""The one way this project runs a program: an argument list, a deadline, its process group killed on the way out.
+
+Every child starts in a session of its own (so a signal to it reaches everything it started) and, through util-linux
+`setpriv --pdeathsig KILL`, with the kernel's parent-death signal: if the pipeline itself is killed — even by
+SIGKILL, which runs no cleanup — the kernel kills its QEMU and nix children.  (`preexec_fn` could set the same with
+prctl, but it is unsafe in a threaded program such as `doit -n`; the death signal fires when the *thread* that started
+the child exits, which is why a child is used only by the thread that started it.)
+
+Every live child is in a registry.  `stop_on_signals()` (called once by dodo.py, in the main thread) makes SIGINT,
+SIGTERM and SIGHUP end a run alike: refuse new children, stop every registered process group (SIGTERM, then SIGKILL),
+give the threads whose children died a moment to keep their console logs and records, then exit 128+signal.  That
+also holds under `doit -n`, whose worker threads never see a KeyboardInterrupt.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pipeline.errors import CimError
+
+SETPRIV = "setpriv"  # util-linux; present wherever Debian's or Ubuntu's base system is
+STOP_GRACE = 5.0  # seconds a stopped process group gets between SIGTERM and SIGKILL
+CLEANUP_GRACE = 15.0  # seconds the threads of an interrupted run get to keep their logs and records
+
+_lock = threading.RLock()  # re-entrant: the signal handler runs in the main thread, which may hold it
+_children: dict[int, subprocess.Popen[Any]] = {}
+_busy: set[threading.Thread] = set()
+_stopping: int | None = None  # the signal that ends this run, once one came
 
 
 class ProcessTimeout(CimError):
@@ -23,20 +49,90 @@ class ProcessTimeout(CimError):
         super().__init__(f"{argv[0]} did not finish within {timeout:g} s and was stopped")
 
 
-def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 5.0) -> None:
+class Interrupted(CimError):
+    """The run was told to stop (SIGINT, SIGTERM or SIGHUP): no new program starts."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"the run was interrupted by {signal.Signals(signum).name}; its VMs and nix processes "
+                         "were stopped", hint="Run it again: it continues from what completed.")
+
+
+def stopping() -> int | None:
+    """The signal that ends this run, or None while it goes on."""
+    return _stopping
+
+
+def check_interrupted() -> None:
+    """Raise `Interrupted` once the run was told to stop (waits call this between polls)."""
+    if _stopping is not None:
+        raise Interrupted(_stopping)
+
+
+def _with_death_signal(argv: Sequence[str], path: str | None = None) -> list[str]:
+    """`argv` started through setpriv so that it gets SIGKILL when the thread that started it dies.
+
+    The program is looked up first, so a missing one is a FileNotFoundError here as it would be without setpriv.
+    """
+    program = shutil.which(argv[0], path=path) if os.sep not in argv[0] else argv[0]
+    if program is None or not os.access(program, os.X_OK):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    setpriv = shutil.which(SETPRIV)
+    if setpriv is None:  # without util-linux the signal handlers still stop children; a SIGKILL would not
+        return list(argv)
+    return [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]]
+
+
+def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    with _lock:
+        check_interrupted()
+        env = kwargs.get("env")
+        argv = _with_death_signal(argv, env.get("PATH") if env else None)
+        proc: subprocess.Popen[Any] = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        _children[proc.pid] = proc
+    return proc
+
+
+def _forget(proc: subprocess.Popen[Any]) -> None:
+    with _lock:
+        _children.pop(proc.pid, None)
+
+
+def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = STOP_GRACE) -> None:
     """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL it."""
-    if proc.poll() is not None:
+    try:
+        if proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers the leader left behind
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers the leader left behind
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    finally:
+        _forget(proc)
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    stdout: IO[bytes] | int | None = subprocess.DEVNULL,
+    stderr: IO[bytes] | int | None = subprocess.STDOUT,
+    stdin: int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived program in its own session, registered; the caller ends it with `kill_group`.
+
+    Raises FileNotFoundError when the program is not installed, `Interrupted` once the run is stopping.
+    """
+    proc: subprocess.Popen[bytes] = _popen(argv, stdout=stdout, stderr=stderr, stdin=stdin,
+                                           env=dict(env) if env else None, cwd=cwd)
+    return proc
 
 
 @contextlib.contextmanager
@@ -50,10 +146,7 @@ def spawn(
     cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start a long-lived program in its own session; its whole process group dies when the block ends."""
-    proc = subprocess.Popen(
-        list(argv), stdout=stdout, stderr=stderr, stdin=stdin, env=dict(env) if env else None, cwd=cwd,
-        start_new_session=True,
-    )
+    proc = start(argv, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd)
     try:
         yield proc
     finally:
@@ -68,11 +161,14 @@ def run(
     cwd: Path | None = None,
     input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run to completion and capture stdout/stderr as text; raises ProcessTimeout past `timeout` seconds."""
-    proc = subprocess.Popen(
-        list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    """Run to completion and capture stdout/stderr as text; raises ProcessTimeout past `timeout` seconds.
+
+    A run stopped by a signal raises `Interrupted` (its output is incomplete and no caller should judge it).
+    """
+    proc: subprocess.Popen[str] = _popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-        env=dict(env) if env else None, cwd=cwd, start_new_session=True,
+        env=dict(env) if env else None, cwd=cwd,
     )
     try:
         out, err = proc.communicate(input=input_text, timeout=timeout)
@@ -82,4 +178,82 @@ def run(
         raise ProcessTimeout(argv, timeout, (out or "") + (err or "")) from None
     finally:
         kill_group(proc)
+    check_interrupted()
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+# -- ending a run on a signal -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def busy() -> Iterator[None]:
+    """Mark the current thread as doing a task's work: an interrupted run waits for it to keep its logs and records."""
+    me = threading.current_thread()
+    with _lock:
+        _busy.add(me)
+    try:
+        yield
+    finally:
+        with _lock:
+            _busy.discard(me)
+
+
+def stop_all(grace: float = STOP_GRACE) -> int:
+    """Stop every registered process group: SIGTERM all, wait up to `grace` s together, SIGKILL what is left.
+
+    Returns how many groups there were.
+    """
+    with _lock:
+        procs = list(_children.values())
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return len(procs)
+
+
+def _wait_for_busy_threads(deadline: float) -> None:
+    me = threading.current_thread()
+    while time.monotonic() < deadline:
+        with _lock:
+            others = [t for t in _busy if t is not me and t.is_alive()]
+        if not others:
+            return
+        others[0].join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    global _stopping
+    if _stopping is not None:  # a second signal: no more patience
+        with _lock:
+            procs = list(_children.values())
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        return
+    with _lock:
+        _stopping = signum
+    name = signal.Signals(signum).name
+    sys.stderr.write(f"\n[cim] {name}: stopping the run's VMs and nix processes …\n")
+    sys.stderr.flush()
+    count = stop_all()
+    _wait_for_busy_threads(time.monotonic() + CLEANUP_GRACE)
+    sys.stderr.write(f"[cim] {name}: stopped {count} process group(s); console logs are kept, nothing "
+                     "half-published. Run again to continue.\n")
+    sys.stderr.flush()
+    # SystemExit unwinds the main thread (a task running there cleans up in its `finally` blocks, doit saves what
+    # completed) and ends the process with the shell's code for that signal, without a traceback.
+    raise SystemExit(128 + signum)
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP end the run cleanly (see the module's docstring).  Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (doit loads dodo.py there)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_signal)

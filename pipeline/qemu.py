@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from pipeline import process
 from pipeline.domain import System
 from pipeline.errors import CimError
 from pipeline.process import kill_group
@@ -202,8 +203,9 @@ class Vm:
         argv = spec.argv()
         log.info("%s: starting %s", spec.name, " ".join(argv))
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-                                         start_new_session=True)
+            # Through process.start: its own session, registered for a signal's clean stop, killed by the kernel if
+            # the pipeline dies (parent-death signal).
+            self.proc = process.start(argv, stdout=stderr_log, stderr=stderr_log)
         except FileNotFoundError:
             raise VmError(f"{spec.name}: {argv[0]} is not installed; run scripts/setup.sh") from None
         finally:
@@ -275,6 +277,7 @@ class Vm:
             if match:
                 return match
             searched_from = len(self._seen)
+            process.check_interrupted()  # a signal stopped QEMU: say so, not that the VM died
             if not self.running:
                 self._read_new()
                 match = regex.search(self._seen)
@@ -308,6 +311,7 @@ class Vm:
         assert self.proc is not None
         try:
             code = self.proc.wait(timeout=timeout)
+            process.check_interrupted()
         except subprocess.TimeoutExpired:
             raise VmTimeout(
                 f"{self.spec.name}: no {what} within {timeout:g} s; the VM was stopped, its console log is "

@@ -24,12 +24,23 @@ from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
 from doit.tools import config_changed
 
-from pipeline import boot, install, nix
-from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
+from pipeline import boot, install, nix, process
+from pipeline.artifacts import (
+    MANIFEST,
+    SUMS,
+    ArtifactError,
+    ArtifactRecord,
+    BuildInfo,
+    Records,
+    atomic_write_text,
+    publish_file,
+    sweep_temps,
+)
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
-from pipeline.hashing import XXH3Checker, xxh3_text
+from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_text
 from pipeline.log import say, step
+from pipeline.runlock import RunLock
 from pipeline.validate import flake_files, load_checked, validate
 
 
@@ -58,6 +69,11 @@ class Context:
         """State shared by every domain of this checkout (the KVM verdict)."""
         return self.root / ".cim"
 
+    @property
+    def gcroots(self) -> Path:
+        """The Nix GC roots of this run's published images, one symlink per artifact."""
+        return self.state_dir / "gcroots"
+
     def artifact_dir(self, artifact: str) -> Path:
         return self.artifacts_dir / artifact
 
@@ -69,21 +85,78 @@ class Context:
 
 
 def state_dir_for(root: Path, domain_dir: Path) -> Path:
-    """Where a domain's doit DB, records and VM work dirs live: .cim/state/<dir name>-<hash of its path>."""
+    """Everything a domain's runs keep: .cim/state/<dir name>-<hash of its path> (one sub-directory per artifacts
+    directory, see `run_state_dir`)."""
     domain_dir = (root / domain_dir).resolve()
     return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
+
+
+def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
+    """Where the doit DB, records, GC roots and VM work dirs of one domain *into one artifacts directory* live.
+
+    State says what is published where, so it is keyed by both: `doit artifacts=NEW_DIR` after a run into artifacts/
+    starts from nothing and publishes everything into NEW_DIR (the builds themselves are in the Nix store already).
+    """
+    artifacts_dir = (root / artifacts_dir).resolve()
+    key = f"{artifacts_dir.name}-{xxh3_text(str(artifacts_dir))[:12]}"
+    return state_dir_for(root, domain_dir) / "artifacts" / key
 
 
 def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
     """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
-    State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
-    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
+    State (the doit DB, records, VM work dirs) lives in `run_state_dir`: keyed by the domain's path and the artifacts
+    directory, so two domains, two copies of one, or one domain into two directories never share cached facts.
+    `artifacts_dir` defaults to <root>/artifacts.
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
-    return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=root / (artifacts_dir or "artifacts"),
-                   state_dir=state_dir_for(root, domain_dir))
+    artifacts = (root / (artifacts_dir or "artifacts")).resolve()
+    return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=artifacts,
+                   state_dir=run_state_dir(root, domain_dir, artifacts))
+
+
+# doit commands that only read the graph or its state: they take no run lock and never wait.
+READ_ONLY_COMMANDS = frozenset({"list", "info", "help", "dumpdb", "tabcompletion"})
+_DOIT_COMMANDS = READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "strace", "reset-dep", "auto"}
+_LOADER_OPTIONS_WITH_VALUE = frozenset({"-f", "--file", "-d", "--dir"})
+
+
+def doit_command(argv: list[str]) -> str:
+    """The doit command an argument list runs, found as doit finds it (loader options and NAME=VALUE skipped).
+
+    >>> doit_command(["domain=configs/demo", "list", "--all"]), doit_command(["-n", "2", "boot"])
+    ('list', 'run')
+    """
+    args = list(argv)
+    while args and args[0] in _LOADER_OPTIONS_WITH_VALUE | {"-k", "--seek-file"}:
+        args = args[2:] if args[0] in _LOADER_OPTIONS_WITH_VALUE else args[1:]
+    args = [a for a in args if a.startswith("-") or "=" not in a]
+    return args[0] if args and args[0] in _DOIT_COMMANDS else "run"
+
+
+def begin_run(ctx: Context, wait: float) -> RunLock:
+    """Before doit opens the state: take the artifacts directory's run lock (waiting up to `wait` s for another run
+    of this domain), then clear what a killed run left (named temporary files, VM disks of dead processes)."""
+    lock = RunLock(ctx.root, ctx.domain_dir, ctx.artifacts_dir)
+    lock.acquire(wait)
+    for path in sweep_temps(ctx.artifacts_dir):
+        say("cim", f"removed {path}, a temporary file a killed run left")
+    _sweep_vm_dirs(ctx.state_dir / "vm")
+    return lock
+
+
+def _sweep_vm_dirs(vm_root: Path) -> None:
+    """Remove the disks and sockets of VM work dirs whose run is gone (killed); their console logs stay."""
+    if not vm_root.is_dir():
+        return
+    for workdir in vm_root.iterdir():
+        pid = workdir.name.rsplit("-", 2)[-2] if workdir.name.count("-") >= 2 else ""
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        for path in workdir.rglob("*"):
+            if path.is_file() and not path.name.endswith(".log"):
+                path.unlink(missing_ok=True)
 
 
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +165,8 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(action)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return action(*args, **kwargs)
+            with process.busy():  # a signal's clean stop waits for this thread to keep its logs and records
+                return action(*args, **kwargs)
         except CimError as exc:
             return TaskFailed(exc.report())
         except KeyboardInterrupt:
@@ -128,16 +202,37 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
-def published_intact(task: Any, values: dict[str, Any]) -> bool:
-    """Up to date while the file a build published still has the digest it was published with."""
-    path, digest, size, mtime = (values.get(k) for k in ("path", "xxh3", "size", "mtime"))
-    if not path or not digest or size is None or mtime is None:
-        return False
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return not XXH3Checker().check_modified(path, stat, (mtime, size, digest))
+def stamp(path: Path) -> list[Any]:
+    """What `outputs_intact` compares a published file by: [mtime, size, xxh3]."""
+    stat = path.stat()
+    return [stat.st_mtime, stat.st_size, xxh3_file(path)]
+
+
+def stamps(ctx: Context, *paths: Path) -> dict[str, list[Any]]:
+    """The saved value "outputs" of a task: each file it published (relative to artifacts/) and its stamp."""
+    return {str(p.relative_to(ctx.artifacts_dir)): stamp(p) for p in paths}
+
+
+def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date while every file the task published under *this run's* artifacts directory is still there with the
+    digest it was published with: a task whose output was replaced or removed runs again."""
+
+    def check(task: Any, values: dict[str, Any]) -> bool:
+        outputs = values.get("outputs")
+        if not isinstance(outputs, dict) or not outputs:
+            return False
+        checker = XXH3Checker()
+        for rel, (mtime, size, digest) in outputs.items():
+            path = ctx.artifacts_dir / rel
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return False
+            if checker.check_modified(str(path), stat, (mtime, size, digest)):
+                return False
+        return True
+
+    return check
 
 
 # -- validate ---------------------------------------------------------------------------------------------------------
@@ -147,7 +242,9 @@ def validate_action(ctx: Context) -> dict[str, Any]:
     checked = validate(ctx.domain_dir, ctx.files)
     say("validate", f"{ctx.domain_dir / 'domain.json'}: {len(checked.domain.hosts)} host(s), "
                     f"{len(checked.domain.artifacts())} image(s); {len(checked.nix_files)} .nix file(s) parse")
-    ctx.records.drop({a.name for a in ctx.domain.artifacts()})
+    keep = {a.name for a in ctx.domain.artifacts()}
+    ctx.records.drop(keep)
+    nix.drop_gc_roots(ctx.gcroots, keep)
     return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files)}
 
 
@@ -206,11 +303,13 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     dest_dir = ctx.artifact_dir(name)
     dest = dest_dir / product.name
     sha256, xxh3, size = publish_file(product, dest)
+    build_log = dest_dir / "build.log"
+    atomic_write_text(build_log, result.log)
     for stale in dest_dir.glob(f"*{artifact.format.extension}"):
         if stale != dest:
             stale.unlink()
-    (dest_dir / "build.log").write_text(result.log)
-    stat = dest.stat()
+    # The published image keeps its build in the Nix store: nix-collect-garbage frees older builds, not this one.
+    nix.add_gc_root(out, ctx.gcroots / name)
     rel = str(dest.relative_to(ctx.artifacts_dir))
     # Boot and install results belong to the bytes they tested: save_build drops them for new bytes.
     ctx.records.save_build(name, ArtifactRecord(
@@ -220,7 +319,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
                         log=f"{name}/build.log")))
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
-            "mtime": stat.st_mtime, "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value}
+            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value, "outputs": stamps(ctx, dest, build_log)}
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -230,7 +329,7 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
             "doc": f"nix build the {artifact.format.value} image of {artifact.host} ({artifact.system.value})",
             "actions": [(build_action, [ctx, artifact])],
             "getargs": {"drvs": (f"eval:{artifact.host}", None)},
-            "uptodate": [value_dep(f"eval:{artifact.host}", artifact.format.attribute), published_intact],
+            "uptodate": [value_dep(f"eval:{artifact.host}", artifact.format.attribute), outputs_intact(ctx)],
             "verbosity": 2,
         }
 
@@ -240,11 +339,12 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
+    log = ctx.artifact_dir(name) / "boot.log"
     outcome = boot.boot_test(
-        artifact, ctx.domain.hosts[artifact.host], Path(image["path"]), image["xxh3"],
-        workdir=ctx.vm_dir(name), log_dest=ctx.artifact_dir(name) / "boot.log", log_name=f"{name}/boot.log",
+        artifact, ctx.domain.hosts[artifact.host], ctx.artifacts_dir / image["file"], image["xxh3"],
+        workdir=ctx.vm_dir(name), log_dest=log, log_name=f"{name}/boot.log",
         machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
-    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds}
+    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": stamps(ctx, log)}
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -256,7 +356,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host))],
+                         config_changed(boot.fingerprint(artifact, host)), outputs_intact(ctx)],
             "verbosity": 2,
         }
 
@@ -266,11 +366,12 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
     artifact = f"{host_name}-iso"
+    log = ctx.artifact_dir(artifact) / "install.log"
     outcome = install.verify(
-        host_name, ctx.domain.hosts[host_name], ctx.domain_dir, Path(image["path"]), image["xxh3"],
-        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=ctx.artifact_dir(artifact) / "install.log",
+        host_name, ctx.domain.hosts[host_name], ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log,
         log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
-    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
+    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": stamps(ctx, log)}
 
 
 def install_fingerprint(ctx: Context, host_name: str) -> str:
@@ -291,7 +392,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name))],
+                         config_changed(install_fingerprint(ctx, host_name)), outputs_intact(ctx)],
             "verbosity": 2,
         }
 
@@ -312,9 +413,10 @@ def release_action(ctx: Context) -> dict[str, Any]:
     if problems:
         raise ArtifactError("release refused: " + "; ".join(problems) + ".",
                             hint="Run `doit` again to rebuild and re-test them.")
-    say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / 'manifest.json'}, "
-                   f"checksums in {ctx.artifacts_dir / 'SHA256SUMS'}")
-    return {"artifacts": sorted(manifest.artifacts)}
+    say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / MANIFEST}, "
+                   f"checksums in {ctx.artifacts_dir / SUMS}")
+    return {"artifacts": sorted(manifest.artifacts),
+            "outputs": stamps(ctx, ctx.artifacts_dir / MANIFEST, ctx.artifacts_dir / SUMS)}
 
 
 def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
@@ -325,8 +427,7 @@ def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
 
     def check(task: Any, values: dict[str, Any]) -> bool:
         task.value_savers.append(lambda: {"records": digest()})
-        manifest = ctx.artifacts_dir / "manifest.json"
-        return manifest.is_file() and (ctx.artifacts_dir / "SHA256SUMS").is_file() and values.get("records") == digest()
+        return values.get("records") == digest()
 
     return check
 
@@ -338,6 +439,6 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
         "task_dep": deps,
-        "uptodate": [records_unchanged(ctx)],
+        "uptodate": [records_unchanged(ctx), outputs_intact(ctx)],
         "verbosity": 2,
     }
