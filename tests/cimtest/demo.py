@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import process
+from pipeline.runlock import lock_path
 from pipeline.tasks import state_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -43,10 +44,12 @@ def demo_domain(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def artifacts_dir(tmp_path: Path) -> Path:
+def artifacts_dir(tmp_path: Path) -> Iterator[Path]:
+    """A private artifacts directory; its run lock (.cim/locks/) is removed afterwards."""
     path = tmp_path / "artifacts"
     path.mkdir()
-    return path
+    yield path
+    lock_path(ROOT, path).unlink(missing_ok=True)
 
 
 DoitRunner = Callable[..., subprocess.CompletedProcess[str]]
