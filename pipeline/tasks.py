@@ -202,27 +202,33 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
-def stamp(path: Path) -> list[Any]:
-    """What `outputs_intact` compares a published file by: [mtime, size, xxh3]."""
-    stat = path.stat()
-    return [stat.st_mtime, stat.st_size, xxh3_file(path)]
-
-
-def stamps(ctx: Context, *paths: Path) -> dict[str, list[Any]]:
-    """The saved value "outputs" of a task: each file it published (relative to artifacts/) and its stamp."""
-    return {str(p.relative_to(ctx.artifacts_dir)): stamp(p) for p in paths}
-
-
 def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
     """Up to date while every file the task published under *this run's* artifacts directory is still there with the
-    digest it was published with: a task whose output was replaced or removed runs again."""
+    digest it was published with: a task whose output was replaced or removed runs again.
+
+    The action returns the files it published as "outputs" (paths relative to the artifacts directory); their stamps
+    ([mtime, size, xxh3]) are saved after it ran, as a separate value, so that re-publishing the same bytes changes
+    nothing a later task's `getargs` compares (doit re-runs a task whose getargs source returned something else).
+    """
+
+    def saved_stamps(task: Any) -> dict[str, Any]:
+        stamps = {}
+        for rel in task.values.get("outputs") or []:
+            path = ctx.artifacts_dir / rel
+            try:
+                stat = path.stat()
+                stamps[rel] = [stat.st_mtime, stat.st_size, xxh3_file(path)]
+            except OSError:
+                continue  # gone already: the next check finds it missing
+        return {"stamps": stamps}
 
     def check(task: Any, values: dict[str, Any]) -> bool:
-        outputs = values.get("outputs")
-        if not isinstance(outputs, dict) or not outputs:
+        task.value_savers.append(lambda: saved_stamps(task))
+        stamps = values.get("stamps")
+        if not isinstance(stamps, dict) or not stamps or set(stamps) != set(values.get("outputs") or []):
             return False
         checker = XXH3Checker()
-        for rel, (mtime, size, digest) in outputs.items():
+        for rel, (mtime, size, digest) in stamps.items():
             path = ctx.artifacts_dir / rel
             try:
                 stat = os.stat(path)
@@ -233,6 +239,11 @@ def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
         return True
 
     return check
+
+
+def published(ctx: Context, *paths: Path) -> list[str]:
+    """The value "outputs" of a task: the files it published, relative to the artifacts directory."""
+    return [str(p.relative_to(ctx.artifacts_dir)) for p in paths]
 
 
 # -- validate ---------------------------------------------------------------------------------------------------------
@@ -319,7 +330,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
                         log=f"{name}/build.log")))
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
-            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value, "outputs": stamps(ctx, dest, build_log)}
+            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value, "outputs": published(ctx, dest, build_log)}
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -344,7 +355,7 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
         artifact, ctx.domain.hosts[artifact.host], ctx.artifacts_dir / image["file"], image["xxh3"],
         workdir=ctx.vm_dir(name), log_dest=log, log_name=f"{name}/boot.log",
         machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
-    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": stamps(ctx, log)}
+    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": published(ctx, log)}
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -371,7 +382,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
         host_name, ctx.domain.hosts[host_name], ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
         workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log,
         log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
-    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": stamps(ctx, log)}
+    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": published(ctx, log)}
 
 
 def install_fingerprint(ctx: Context, host_name: str) -> str:
@@ -416,7 +427,7 @@ def release_action(ctx: Context) -> dict[str, Any]:
     say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / MANIFEST}, "
                    f"checksums in {ctx.artifacts_dir / SUMS}")
     return {"artifacts": sorted(manifest.artifacts),
-            "outputs": stamps(ctx, ctx.artifacts_dir / MANIFEST, ctx.artifacts_dir / SUMS)}
+            "outputs": published(ctx, ctx.artifacts_dir / MANIFEST, ctx.artifacts_dir / SUMS)}
 
 
 def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
