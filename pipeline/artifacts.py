@@ -126,6 +126,39 @@ class BootResult(Record):
     seconds: float = 0.0
     probes: list[ProbeResult] = Field(default_factory=list)
     error: str | None = None
+    # What, besides the image, decided this boot (VM, probes): a pass with the same image and fingerprint is reused
+    # (its inventory report re-reconciled) without a VM.
+    fingerprint: str = ""
+
+
+class InventoryDifference(Record):
+    """One fact where the detected hardware is not what domain.json declares."""
+
+    field: str
+    declared: str
+    detected: str
+    kind: Literal["missing", "unexpected", "differs"]
+
+
+class InventoryUnchecked(Record):
+    """A declared fact the boot VM cannot be (e.g. 128 GiB, a passed-through GPU): not compared, never a match."""
+
+    field: str
+    declared: str
+    reason: str
+
+
+class InventoryResult(Record):
+    """The hardware report of a boot test, reconciled with the host's declared hardware under the domain's policy."""
+
+    result: Outcome  # fail only under policy "enforce" with a difference
+    verdict: Literal["match", "differs"]
+    policy: Literal["record", "warn", "enforce"]
+    report: str  # the detected report, relative to the artifacts directory
+    image_xxh3: str
+    summary: str
+    differences: list[InventoryDifference] = Field(default_factory=list)
+    unchecked: list[InventoryUnchecked] = Field(default_factory=list)
 
 
 class InstallResult(Record):
@@ -156,6 +189,7 @@ class ArtifactRecord(Record):
     xxh3: str
     build: BuildInfo
     boot: BootResult | None = None
+    inventory: InventoryResult | None = None
     install: InstallResult | None = None
 
 
@@ -205,11 +239,15 @@ class Records:
         with _locked(self.state_dir):
             old = self.load(artifact)
             if old is not None and old.xxh3 == record.xxh3:
-                record = record.model_copy(update={"boot": old.boot, "install": old.install})
+                record = record.model_copy(update={"boot": old.boot, "inventory": old.inventory,
+                                                   "install": old.install})
             self._write(artifact, record)
 
     def save_boot(self, artifact: str, result: BootResult) -> None:
         self._save_result(artifact, boot=result)
+
+    def save_inventory(self, artifact: str, result: InventoryResult) -> None:
+        self._save_result(artifact, inventory=result)
 
     def save_install(self, artifact: str, result: InstallResult) -> None:
         self._save_result(artifact, install=result)

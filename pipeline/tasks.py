@@ -25,7 +25,7 @@ from doit.task import UptodateCalculator
 from doit.tools import config_changed
 
 from pipeline import boot, install, nix
-from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
+from pipeline.artifacts import ArtifactError, ArtifactRecord, BootResult, BuildInfo, Records, publish_file
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_text
@@ -240,23 +240,59 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
-    outcome = boot.boot_test(
-        artifact, ctx.domain.hosts[artifact.host], Path(image["path"]), image["xxh3"],
-        workdir=ctx.vm_dir(name), log_dest=ctx.artifact_dir(name) / "boot.log", log_name=f"{name}/boot.log",
-        machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
+    host = ctx.domain.hosts[artifact.host]
+    log_dest = ctx.artifact_dir(name) / "boot.log"
+    kept = ctx.state_dir / "inventory" / f"{name}.json"
+    previous = ctx.records.load(name)
+    if reusable_boot(previous.boot if previous else None, image["xxh3"], boot.fingerprint(artifact, host),
+                     [log_dest] + ([kept] if boot.reports_inventory(host) else [])):
+        # Only the policy or the declared hardware changed: this image already passed this VM; no VM boots again.
+        assert previous is not None and previous.boot is not None
+        outcome = previous.boot
+        say(name, f"boot test of this image and VM passed before ({outcome.seconds} s); reusing it and its hardware "
+                  "report, no VM")
+    else:
+        kept.unlink(missing_ok=True)
+        outcome = boot.boot_test(
+            artifact, host, Path(image["path"]), image["xxh3"],
+            workdir=ctx.vm_dir(name), log_dest=log_dest, log_name=f"{name}/boot.log",
+            machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name), report_keep=kept)
+    if boot.reports_inventory(host):
+        boot.reconcile_inventory(
+            artifact, host, ctx.domain.inventory, report=kept, published=ctx.artifact_dir(name) / "inventory.json",
+            report_name=f"{name}/inventory.json", image_xxh3=image["xxh3"], accel=outcome.accel, log_dest=log_dest,
+            record=functools.partial(ctx.records.save_inventory, name))
     return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds}
+
+
+def reusable_boot(result: BootResult | None, image_xxh3: str, fingerprint: str, outputs: list[Path]) -> bool:
+    """A passed boot of these bytes with this VM and probes, whose kept outputs are all still there."""
+    return (result is not None and result.result == "pass" and result.image_xxh3 == image_xxh3
+            and result.fingerprint == fingerprint and all(p.is_file() for p in outputs))
+
+
+def outputs_present(paths: list[Path]) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date only while every output the task owns is there (a deleted one makes it run)."""
+    return lambda task, values: all(p.is_file() for p in paths)
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
     for artifact in ctx.domain.artifacts():
         host = ctx.domain.hosts[artifact.host]
+        outputs = [ctx.artifact_dir(artifact.name) / "boot.log"]
+        if boot.reports_inventory(host):
+            outputs.append(ctx.artifact_dir(artifact.name) / "inventory.json")
         yield {
             "name": artifact.name,
-            "doc": f"boot {artifact.name} in QEMU and run its probes",
+            "doc": f"boot {artifact.name} in QEMU, run its probes and reconcile its hardware report",
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
+            # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
+            # which a change of them re-runs from the kept report without a VM (boot_action).
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host))],
+                         config_changed(boot.fingerprint(artifact, host)),
+                         config_changed(boot.inventory_fingerprint(ctx.domain.inventory, host.hardware)),
+                         outputs_present(outputs)],
             "verbosity": 2,
         }
 
@@ -277,7 +313,7 @@ def install_fingerprint(ctx: Context, host_name: str) -> str:
     """What, besides the ISO and the disk-config file, decides an install test."""
     host = ctx.domain.hosts[host_name]
     assert host.install is not None
-    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
+    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(install.vm_size(host)[0]))
 
 
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -309,6 +345,8 @@ def release_action(ctx: Context) -> dict[str, Any]:
             problems.append(f"{name}: {path} does not match its build record")
         if record.boot is None or record.boot.result != "pass":
             problems.append(f"{name}: boot test has not passed")
+        if record.inventory is not None and record.inventory.result != "pass":
+            problems.append(f"{name}: hardware inventory differs under policy 'enforce' ({record.inventory.summary})")
     if problems:
         raise ArtifactError("release refused: " + "; ".join(problems) + ".",
                             hint="Run `doit` again to rebuild and re-test them.")
