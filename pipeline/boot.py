@@ -166,7 +166,7 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
         machine = inventory.boot_machine(host)
         if accel == "kvm" and "cpu.model" not in machine.unchecked_fields:
             machine = dataclasses.replace(machine, unchecked=(*machine.unchecked, inventory.Unchecked(
-                "cpu.model", host.hardware.cpu.model, "under KVM the boot VM's CPU is the build machine's (-cpu host)")))
+                "cpu.model", host.hardware.cpu.model, "under KVM the boot VM's CPU is the build machine's")))
         result = inventory.verdict(host.hardware, detected, policy, machine)
     say(name, f"inventory: {result.summary()}; report {published}")
     for line in result.lines():
