@@ -74,9 +74,12 @@ def test_memory_falls_back_to_phys_mem_without_smbios_devices() -> None:
     assert inventory.parse_report(data, "x").memory_bytes == 137438953472
 
 
-@pytest.mark.parametrize("bad", [[], {"version": 1}, {"hardware": {}}, {"version": 1, "hardware": {"cpu": [{"cores": "x"}]}}])
+NOT_REPORTS = [[], {"version": 1}, {"hardware": {}}, {"version": 1, "hardware": {"cpu": [{"cores": "x"}]}}]
+
+
+@pytest.mark.parametrize("bad", NOT_REPORTS)
 def test_what_is_not_a_report_is_refused_with_the_file_named(bad: object) -> None:
-    with pytest.raises(inventory.InventoryError, match="facter.json|not a hardware report|not as facter"):
+    with pytest.raises(inventory.InventoryError, match=r"^facter\.json: "):
         inventory.parse_report(bad, "facter.json")
 
 
