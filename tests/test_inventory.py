@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ DEMO = ROOT / "configs" / "demo"
 CIM = ROOT / "configs" / "cim"
 
 
-def report() -> dict:  # type: ignore[type-arg]
+def report() -> Any:
     return json.loads(FACTER.read_text())
 
 
@@ -31,7 +32,7 @@ def cim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def qemu_pc_report(memory_mib: int = 1024, disks: tuple[tuple[str, int], ...] = (("vda", 1024),),
-                   gpus: tuple[str, ...] = ()) -> dict:  # type: ignore[type-arg]
+                   gpus: tuple[str, ...] = ()) -> dict[str, Any]:
     """A report as the demo's cim-inventory writes it in a QEMU `pc` VM (shape as in artifacts/*/inventory.json)."""
     return {
         "version": 1, "system": "x86_64-linux", "virtualisation": "qemu",
