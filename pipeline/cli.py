@@ -72,8 +72,11 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise inventory.InventoryError(f"{path}: no such {what}.", hint="Give the path of an existing file.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise inventory.InventoryError(f"{path}: not a JSON {what} ({exc}).",
+                                       hint="Give the file as the tool wrote it.") from None
+    except UnicodeDecodeError as exc:
+        raise inventory.InventoryError(f"{path}: not UTF-8 text ({exc.reason}).",
                                        hint="Give the file as the tool wrote it.") from None
 
 

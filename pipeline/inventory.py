@@ -408,7 +408,7 @@ def enforce_error(host: str, result: Verdict) -> InventoryError:
         f"{host}: the detected hardware is not what domain.json declares: " + "; ".join(
             d.describe() for d in result.differences) + ".",
         hint="Unknown hardware does not pass under inventory policy 'enforce': fix domain.json (`cim inventory "
-             f"{host} --write`) or the machine, or set \"inventory\": \"record\".")
+             f"{host} --domain DIR --write`) or the machine, or set \"inventory\": \"record\".")
 
 
 # -- side by side, and bringing domain.json in line ---------------------------------------------------------------

@@ -225,3 +225,24 @@ def test_cim_inventory_without_a_report_says_how_to_get_one(tmp_path: Path) -> N
     bad.write_text("{not json")
     proc = cim("inventory", "vhost-dev", "--domain", str(DEMO), "--facter", str(bad))
     assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_boot_vm_gets_the_declared_disks_and_display_adapters(tmp_path: Path) -> None:
+    from pipeline import boot
+    from pipeline.domain import Artifact, Format, System
+
+    data = json.loads((DEMO / "domain.json").read_text())
+    data["hosts"]["vhost-dev"]["hardware"]["gpus"] = [{"model": "QEMU Standard VGA", "pci_id": "1234:1111"}]
+    host = parse_domain(data, "x").hosts["vhost-dev"]
+    artifact = Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux)
+    argv = boot.boot_spec(artifact, host, tmp_path / "x.iso", tmp_path, {}, tmp_path / "boot.log").argv()
+    assert argv[argv.index("-m") + 1] == "1024" and argv[argv.index("-smp") + 1] == "1"
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert "virtio-blk-pci,drive=drive1,serial=cim-disk0" in devices and "VGA" in devices
+    boot.make_blank_disks(host, tmp_path)
+    blank = boot.blank_disk_path(tmp_path, 0)
+    assert blank.stat().st_size == 1 << 30 and blank.stat().st_blocks == 0  # sparse: no space used
+
+    workstation = load_domain(CIM).hosts["vhost-dev"]  # its 1 TiB NVMe disk, on an NVMe controller
+    argv = boot.boot_spec(artifact, workstation, tmp_path / "x.iso", tmp_path, {}, tmp_path / "boot.log").argv()
+    assert "nvme,drive=drive1,serial=cim-disk0" in argv and argv[argv.index("-m") + 1] == "4096"
