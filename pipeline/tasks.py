@@ -289,9 +289,10 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{artifact.name}", None)},
             # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
             # which a change of them re-runs from the kept report without a VM (boot_action).
+            # (One config_changed: doit keeps a single saved value for it per task.)
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host)),
-                         config_changed(boot.inventory_fingerprint(ctx.domain.inventory, host.hardware)),
+                         config_changed(xxh3_text(boot.fingerprint(artifact, host),
+                                                  boot.inventory_fingerprint(ctx.domain.inventory, host.hardware))),
                          outputs_present(outputs)],
             "verbosity": 2,
         }

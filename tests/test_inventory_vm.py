@@ -91,6 +91,7 @@ def test_other_hardware_than_declared(demo_domain: Path, artifacts_dir: Path, do
     proc = doit(demo_domain, "boot:vhost-dev-iso", check=True)
     assert "no VM" in proc.stdout and "warning: inventory: memory_gib" in proc.stdout
     assert "booting" not in proc.stdout
+    assert executed(doit(demo_domain, "boot:vhost-dev-iso", check=True).stdout) == []  # and then nothing to do
 
     # cim inventory shows it side by side; --write brings domain.json in line with what the VM has.
     shown = cim("inventory", "vhost-dev", "--domain", str(demo_domain), "--artifacts", str(artifacts_dir))
