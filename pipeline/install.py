@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import probes
 from pipeline.artifacts import InstallResult, atomic_write_text
@@ -45,6 +46,13 @@ def disk_mib(host: Host) -> int:
         return int(host.install.size_gib * 1024)
     disk = next(d for d in host.hardware.disks if d.name == host.install.disk)
     return int(disk.size_gib * 1024)
+
+
+def spec(host_name: str, host: Host) -> dict[str, Any]:
+    """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
+    assert host.install is not None
+    return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
+                                  "boot": {"memory_mib": host.boot.memory_mib}}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:

@@ -12,6 +12,7 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 import traceback
@@ -22,14 +23,13 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
-from doit.tools import config_changed
 
 from pipeline import boot, install, nix
 from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_text
-from pipeline.log import say, step
+from pipeline.log import progress, say, step
 from pipeline.validate import flake_files, load_checked, validate
 
 
@@ -128,6 +128,22 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
+class spec_dep:
+    """Up to date while a spec (what decides a test besides its image) is the one of our last success.
+
+    Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
+    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.digest = xxh3_text(json.dumps(spec, sort_keys=True))
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
+        return bool(values.get("spec_digest") == self.digest)
+
+
 def published_intact(task: Any, values: dict[str, Any]) -> bool:
     """Up to date while the file a build published still has the digest it was published with."""
     path, digest, size, mtime = (values.get(k) for k in ("path", "xxh3", "size", "mtime"))
@@ -199,7 +215,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
-    with step(name, "built", announce=False) as built:
+    with step(name, "built", announce=False) as built, progress(name, "nix build", nix.BUILD_TIMEOUT):
         result = nix.build(drv, options=plan.options)
     out = Path(result.outputs["out"])
     product = nix.hydra_product(out, artifact.format.product_type)
@@ -256,7 +272,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host))],
+                         spec_dep(boot.spec(artifact, host))],
             "verbosity": 2,
         }
 
@@ -273,13 +289,6 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
-def install_fingerprint(ctx: Context, host_name: str) -> str:
-    """What, besides the ISO and the disk-config file, decides an install test."""
-    host = ctx.domain.hosts[host_name]
-    assert host.install is not None
-    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
-
-
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
     for host_name in install.installable_hosts(ctx.domain):
         host = ctx.domain.hosts[host_name]
@@ -291,7 +300,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name))],
+                         spec_dep(install.spec(host_name, host))],
             "verbosity": 2,
         }
 
