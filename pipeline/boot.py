@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import probes
-from pipeline.artifacts import BootResult, ProbeResult, publish_log
+from pipeline.artifacts import BootResult, ProbeResult, publish_log, utc_now
 from pipeline.domain import Artifact, Format, Host, Probe, ProbeKind
 from pipeline.log import say
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
@@ -80,7 +80,8 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
     finally:
         outcome = BootResult(result="fail" if error is not None or len(results) < len(checks) else "pass",
                              accel=accel, log=log_name, image_xxh3=image_xxh3,
-                             seconds=round(time.monotonic() - started, 1), probes=results, error=error)
+                             seconds=round(time.monotonic() - started, 1), probes=results,
+                             planned=[probes.label(p) for p in checks], error=error, at=utc_now())
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

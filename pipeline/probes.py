@@ -35,6 +35,15 @@ def default_probes(host_name: str, host: Host) -> list[Probe]:
     return probes
 
 
+def label(probe: Probe) -> str:
+    """A probe's name in records and junit.xml: its kind, and its port or DNS name when there may be several."""
+    if probe.kind is ProbeKind.tcp:
+        return f"tcp {probe.port}"
+    if probe.kind is ProbeKind.dns:
+        return f"dns {probe.name}"
+    return probe.kind.value
+
+
 def guest_ports(probes: list[Probe]) -> set[int]:
     """Guest ports the probes need forwarded to the host."""
     ports = set()
@@ -116,7 +125,7 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
     else:
         with progress(vm.spec.name, f"probe {probe.kind.value}", probe.timeout_s, vm.last_console_line):
             detail = _network_probe(vm, probe, forwards)
-    return ProbeResult(probe=probe.kind.value, ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
+    return ProbeResult(probe=label(probe), ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
 
 
 def _network_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> str:

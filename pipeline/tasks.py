@@ -25,7 +25,7 @@ from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
 
 from pipeline import boot, install, nix
-from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
+from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file, utc_now
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_text
@@ -233,7 +233,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         host=artifact.host, format=artifact.format.value, system=artifact.system.value, drvPath=drv,
         outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
         build=BuildInfo(strategy=plan.strategy.value, reason=plan.reason, seconds=built.seconds,
-                        log=f"{name}/build.log")))
+                        log=f"{name}/build.log", at=utc_now())))
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
             "mtime": stat.st_mtime, "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value}
