@@ -29,6 +29,9 @@ _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f]")
 
 _lock = threading.RLock()  # one writer at a time: say, the ticker, the end of a wait
 _waits: dict[int, Wait] = {}
+# When each prefix's next plain line is due.  Back-to-back waits of one machine (prompt, installer, power-off) share
+# it, so a phase made of several short waits still shows a line every PLAIN_EVERY seconds.
+_next_plain: dict[str, float] = {}
 _ticker: threading.Thread | None = None
 _live_shown = False
 
@@ -119,7 +122,9 @@ class Wait:
     next_plain: float = 0.0
 
     def __post_init__(self) -> None:
-        self.next_plain = self.started + PLAIN_EVERY
+        due = _next_plain.get(self.prefix)
+        follows = due is not None and due >= self.started - PLAIN_EVERY  # a wait of this prefix just ended
+        self.next_plain = due if follows and due is not None else self.started + PLAIN_EVERY
 
     def describe(self) -> str:
         """`[prefix] phase: 12 s / 300 s — last console line`."""
@@ -163,8 +168,8 @@ def progress(prefix: str, phase: str, deadline_s: float | None = None,
              last_line: Callable[[], str] | None = None) -> Iterator[Wait]:
     """Show that the wait inside the block is alive (see the module's doc); yields the Wait (its phase may change)."""
     global _ticker
-    wait = Wait(prefix, phase, deadline_s, last_line)
     with _lock:
+        wait = Wait(prefix, phase, deadline_s, last_line)
         _waits[id(wait)] = wait
         if _ticker is None:
             _ticker = threading.Thread(target=_tick, name="cim-progress", daemon=True)
@@ -174,4 +179,5 @@ def progress(prefix: str, phase: str, deadline_s: float | None = None,
     finally:
         with _lock:
             _waits.pop(id(wait), None)
+            _next_plain[wait.prefix] = wait.next_plain
             _clear_live()

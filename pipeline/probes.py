@@ -120,7 +120,7 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
     started = time.monotonic()
     if probe.kind is ProbeKind.console:
         assert probe.pattern is not None
-        match = vm.wait_for_console(probe.pattern, probe.timeout_s)  # shows its own progress
+        match = vm.wait_for_console(probe.pattern, probe.timeout_s, f"console /{probe.pattern}/")  # with progress
         detail = f"console: {match.group(0)!r}"
     else:
         with progress(vm.spec.name, f"probe {probe.kind.value}", probe.timeout_s, vm.last_console_line):

@@ -278,7 +278,7 @@ class Vm:
 
     def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
         """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""
-        with progress(self.spec.name, f"waiting for {what or pattern!r}", timeout, self.last_console_line):
+        with progress(self.spec.name, f"waiting for {what or repr(pattern)}", timeout, self.last_console_line):
             return self._wait_for_console(pattern, timeout, what)
 
     def _wait_for_console(self, pattern: str, timeout: float, what: str) -> re.Match[str]:

@@ -54,6 +54,11 @@ class Context:
         return flake_files(self.domain_dir)
 
     @property
+    def dep_file(self) -> Path:
+        """doit's dependency DB (sqlite3) for this domain."""
+        return self.state_dir / "doit.sqlite3"
+
+    @property
     def machine_state(self) -> Path:
         """State shared by every domain of this checkout (the KVM verdict)."""
         return self.root / ".cim"
@@ -349,4 +354,16 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "task_dep": deps,
         "uptodate": [records_unchanged(ctx)],
         "verbosity": 2,
+    }
+
+
+def creators(ctx: Context) -> dict[str, Callable[[], Any]]:
+    """The task creators of `ctx`'s graph by name, as doit loads them from dodo.py (and `cim status` from here)."""
+    return {
+        "task_validate": lambda: task_validate(ctx),
+        "task_eval": lambda: task_eval(ctx),
+        "task_build": lambda: task_build(ctx),
+        "task_boot": lambda: task_boot(ctx),
+        "task_install": lambda: task_install(ctx),
+        "task_release": lambda: task_release(ctx),
     }
