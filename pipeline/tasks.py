@@ -185,7 +185,7 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
-    with step(f"eval:{host}", "evaluated", announce=False):
+    with step(f"eval:{host}", "evaluated", announce=False), progress(f"eval:{host}", "nix eval", nix.EVAL_TIMEOUT):
         drvs = nix.eval_host(ctx.domain_dir, host)
         for attr, drv in sorted(drvs.items()):
             say(f"eval:{host}", f"{attr} = {drv}")
