@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from doit.dependency import Dependency, SqliteDB
 from doit.loader import load_tasks
+from doit.task import result_dep
 
 from pipeline.artifacts import ArtifactRecord
 from pipeline.errors import CimError
@@ -117,7 +118,11 @@ class Graph:
 
     def _compute(self, name: str) -> TaskState:
         task = self.tasks[name]
+        never = self.dep.backend.get(name, "_values_:") is None  # doit saves values at every success
         status = self.dep.get_status(task, self.tasks, get_log=True)
+        if never:  # doit forgets a task that failed, so the record says whether it ran at all
+            failed = self._failure(name)
+            return TaskState(name, "run", [failed or "it has not run successfully yet (doit has no record of it)"])
         if status.status != "up-to-date":
             return TaskState(name, "run", self._why_run(task, status))
         upstream = [dep for dep in self._upstream(name) if self.state(dep).state == "run"]
@@ -125,6 +130,16 @@ class Graph:
             direct = [dep for dep in self._upstream(name, direct=True) if self.state(dep).state != "up-to-date"]
             return TaskState(name, "after", self._why_after(task, upstream), direct or upstream)
         return TaskState(name, "up-to-date", self._why_current(task))
+
+    def _failure(self, name: str) -> str | None:
+        """`its last run failed …` when the artifact's record keeps a failed boot or install for `name`."""
+        stage, _, subject = name.partition(":")
+        artifact = f"{subject}-iso" if stage == "install" else subject
+        record = self.ctx.records.load(artifact) if stage in ("boot", "install") else None
+        result = getattr(record, stage, None) if record else None
+        if result is None or result.result != "fail":
+            return None
+        return f"its last run failed ({result.at or 'time unknown'}): {result.error or 'see its log'}"
 
     def _upstream(self, name: str, direct: bool = False) -> list[str]:
         """The tasks `name` depends on (doit's task_dep, a group's sub-tasks expanded), nearest first; only the
@@ -145,8 +160,6 @@ class Graph:
 
     # -- words ----------------------------------------------------------------------------------------------------
     def _why_run(self, task: Any, status: Any) -> list[str]:
-        if not self.dep.backend.in_(task.name):
-            return ["it has not run successfully yet (doit has no record of it)"]
         reasons: list[str] = []
         for path in status.reasons.get("changed_file_dep", []):
             old = self.dep.backend.get(task.name, path)
@@ -169,15 +182,15 @@ class Graph:
 
     def _what(self, utd: value_dep) -> str:
         if utd.key == "xxh3":
-            return f"the image digest (from {utd.dep_task})"
-        return f"the drvPath of {utd.key} (from {utd.dep_task})"
+            return f"the image digest from {utd.dep_task}"
+        return f"the {utd.key} drvPath from {utd.dep_task}"
 
     def _why_stale(self, name: str, utd: Any) -> list[str]:
         saved = self._saved(name)
         if isinstance(utd, value_dep):
             current, before = utd._current(), saved.get(utd.saved_as)
             if current is None:
-                return [f"{utd.dep_task} has not run yet, so there is no {self._what(utd)} to compare"]
+                return [f"{utd.dep_task} has not run yet: {self._what(utd)} is not known"]
             if before is None:
                 return [f"{self._what(utd)} was not recorded at its last run"]
             show = _digest if utd.key == "xxh3" else str
@@ -195,6 +208,10 @@ class Graph:
                 return [f"the published {self._rel(path)} is missing"]
             return [f"the published {self._rel(path)} no longer has the digest it was published with "
                     f"(xxh3 {_digest(saved.get('xxh3'))} → {_digest(xxh3_file(Path(path)))})"]
+        if isinstance(utd, result_dep):  # doit's own check behind `getargs`
+            if self.dep.backend.get(utd.dep_name, "_values_:") is None:
+                return []  # said by the value check of the same task
+            return [f"what {utd.dep_name} handed on changed since its last run"]
         if "records_unchanged" in getattr(utd, "__qualname__", ""):
             return ["the records (images, boot and install results) changed since the last release, or manifest.json "
                     "or SHA256SUMS is missing"]

@@ -269,3 +269,6 @@ def _walk(domain: Path, artifacts: Path) -> None:
     assert cases["nats"].is_skipped
     rows = {row["artifact"]: row for row in status(domain, artifacts)["artifacts"]}
     assert rows["vhost-pi-sd"]["boot"]["result"] == "fail"
+    why = explain(domain, artifacts, "boot:vhost-pi-sd")
+    assert why["state"] == "run" and why["reasons"][0].startswith("its last run failed"), why
+    assert "TCP port 9" in why["reasons"][0], why
