@@ -118,11 +118,11 @@ class Graph:
 
     def _compute(self, name: str) -> TaskState:
         task = self.tasks[name]
-        never = self.dep.backend.get(name, "_values_:") is None  # doit saves values at every success
-        status = self.dep.get_status(task, self.tasks, get_log=True)
-        if never:  # doit forgets a task that failed, so the record says whether it ran at all
+        if self.dep.backend.get(name, "_values_:") is None:  # doit saves values at every success
+            # doit forgets a task that failed, so the artifact's record says whether it ran at all.
             failed = self._failure(name)
             return TaskState(name, "run", [failed or "it has not run successfully yet (doit has no record of it)"])
+        status = self.dep.get_status(task, self.tasks, get_log=True)
         if status.status != "up-to-date":
             return TaskState(name, "run", self._why_run(task, status))
         upstream = [dep for dep in self._upstream(name) if self.state(dep).state == "run"]
@@ -267,7 +267,7 @@ def graph(ctx: Context) -> Iterator[Graph]:
         try:
             yield Graph(ctx, dep)
         finally:
-            dep.backend._conn.close()
+            dep.close()  # writes to the private copy only
 
 
 # -- status -----------------------------------------------------------------------------------------------------------
@@ -343,6 +343,11 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def _when(at: str | None) -> str:
+    """2026-11-27T17:49:46Z → 2026-11-27 17:49Z (a table cell's width)."""
+    return f"{at[:10]} {at[11:16]}Z" if at and len(at) >= 16 else "?"
+
+
 def _short_drv(drv: str) -> str:
     """/nix/store/<32-char hash>-name.drv → the hash's first 12 characters."""
     return Path(drv).name[:12]
@@ -352,7 +357,7 @@ def _cells(row: dict[str, Any], extra: list[str]) -> list[str]:
     image = row["image"]
     image_cell = "not built" if image is None else (
         f"{Path(image['file']).name}, {_mib(image['size'])}, drv {_short_drv(image['drvPath'])}, "
-        f"built {image['built'] or '?'}")
+        f"built {_when(image['built'])}")
     cells = [row["artifact"], image_cell, _result_cell(row["boot"])]
     cells.append(_result_cell(row["install"]) if "install" in row else "—")
     for key in extra:
@@ -368,7 +373,7 @@ def _result_cell(stage: dict[str, Any]) -> str:
         return "never"
     parts = [str(stage["result"])]
     if stage.get("at"):
-        parts.append(str(stage["at"]))
+        parts.append(_when(stage["at"]))
     if stage.get("seconds") is not None:
         parts.append(f"{stage['seconds']} s")
     if stage.get("accel"):
