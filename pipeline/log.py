@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 PLAIN_EVERY = 10.0  # seconds between two plain progress lines of one wait
-LIVE_EVERY = 0.5  # seconds between two redraws of the live line
+LIVE_EVERY = 0.5  # seconds between two redraws of the live line (and two looks at what is due)
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f]")
 
 _lock = threading.RLock()  # one writer at a time: say, the ticker, the end of a wait
@@ -142,7 +142,7 @@ def _tick() -> None:
     global _ticker, _live_shown
     is_live = live()
     while True:
-        time.sleep(LIVE_EVERY if is_live else 1.0)
+        time.sleep(LIVE_EVERY)  # plain lines, too, are due on this beat
         with _lock:
             if not _waits:
                 _clear_live()

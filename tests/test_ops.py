@@ -203,7 +203,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
     assert progress, f"no progress line in a run with 20 s boots:\n{output}"
     vm_phase = [i for i, (_, text) in enumerate(lines) if text.startswith((".  boot:", ".  install:"))]
     quiet = max(b[0] - a[0] for a, b in zip(lines[vm_phase[0]:], lines[vm_phase[0] + 1:], strict=False))
-    # A line is due every 10 s; the ticker looks once a second and the machine is shared, hence the margin.
+    # A line is due every 10 s; the ticker looks twice a second and the machine is shared, hence the margin.
     assert quiet <= 12.5, f"{quiet:.1f} s without a line while VMs ran:\n{output}"
     for log in artifacts.glob("*/*.log"):  # progress is for the reader of the run, never in a log file
         assert not re.search(r"^\[[^\]]+\] [^\n]*: \d+ s / \d+ s", log.read_text(errors="replace"), re.M), log
