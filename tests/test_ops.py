@@ -133,6 +133,26 @@ def test_progress_on_a_terminal_is_one_live_line() -> None:
     assert "\n[vm] waiting" not in text, "redrawn in place, never a new line"
 
 
+def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
+    domain, artifacts = tmp_path / "demo", tmp_path / "artifacts"
+    shutil.copytree(DEMO, domain, ignore=shutil.ignore_patterns("result*", "inputs.json"))
+    try:
+        data = status(domain, artifacts)
+        assert [(r["artifact"], r["image"], r["boot"]["result"]) for r in data["artifacts"]] == [
+            ("vhost-dev-iso", None, "never"), ("vhost-pi-sd", None, "never")]
+        assert data["artifacts"][0]["install"] == {"result": "never"} and "install" not in data["artifacts"][1]
+        assert {t["state"] for t in data["out_of_date"]} == {"run"}
+        assert explain(domain, artifacts, "build:vhost-pi-sd")["reasons"] == [
+            "it has not run successfully yet (doit has no record of it)"]
+        assert not artifacts.exists(), "status writes nothing"
+        assert not (state_dir_for(ROOT, domain) / "doit.sqlite3").exists(), "not even doit's DB"
+        wrong = cim("explain", "boot:nope", "--domain", str(domain))
+        assert wrong.returncode == 2 and "no task 'boot:nope'" in wrong.stderr and "boot:vhost-pi-sd" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+    finally:
+        shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
+
+
 # -- a real demo run, as an operator sees it ---------------------------------------------------------------------------
 
 def cim(*args: str) -> subprocess.CompletedProcess[str]:
