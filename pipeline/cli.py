@@ -66,19 +66,21 @@ def disk_plan(host: str, domain_dir: Path) -> None:
         click.echo(f"  {line}")
 
 
-def _context(domain_dir: Path, artifacts_dir: Path) -> Any:
+def _context(domain_dir: Path | None, artifacts_dir: Path | None) -> Any:
+    """The run's context as `doit` builds it; paths given are from the current directory, defaults from the
+    checkout `doit` runs in (dodo.py's directory, whose .cim/ holds the state of every domain)."""
     from pipeline.tasks import make_context
 
-    # The checkout `doit` runs in (dodo.py's directory): its .cim/ holds the state of every domain.
     root = Path(__file__).resolve().parent.parent
-    return make_context(root, domain_dir.resolve(), artifacts_dir.resolve())
+    return make_context(root, (domain_dir or root / DEFAULT_DOMAIN).resolve(),
+                        (artifacts_dir or root / "artifacts").resolve())
 
 
 DOMAIN_OPTION = click.option("--domain", "domain_dir", type=click.Path(path_type=Path), envvar="CIM_DOMAIN",
-                             default=DEFAULT_DOMAIN, show_default=True, help="the domain directory (or CIM_DOMAIN)")
+                             help=f"the domain directory (or CIM_DOMAIN; default {DEFAULT_DOMAIN})")
 ARTIFACTS_OPTION = click.option("--artifacts", "artifacts_dir", type=click.Path(path_type=Path),
-                                envvar="CIM_ARTIFACTS", default="artifacts", show_default=True,
-                                help="the artifacts directory (or CIM_ARTIFACTS)")
+                                envvar="CIM_ARTIFACTS", help="the artifacts directory (or CIM_ARTIFACTS; default "
+                                                             "artifacts/ of the checkout)")
 
 
 @cli.command()
@@ -86,7 +88,7 @@ ARTIFACTS_OPTION = click.option("--artifacts", "artifacts_dir", type=click.Path(
 @ARTIFACTS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="the same data as JSON, for scripts")
 @click.option("--markdown", "as_markdown", is_flag=True, help="a Markdown table, for a CI job summary")
-def status(domain_dir: Path, artifacts_dir: Path, as_json: bool, as_markdown: bool) -> None:
+def status(domain_dir: Path | None, artifacts_dir: Path | None, as_json: bool, as_markdown: bool) -> None:
     """Each artifact's image, boot and install results, and which tasks are out of date (runs nothing)."""
     from pipeline import status as st
 
@@ -106,7 +108,7 @@ def status(domain_dir: Path, artifacts_dir: Path, as_json: bool, as_markdown: bo
 @DOMAIN_OPTION
 @ARTIFACTS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="the same as JSON")
-def explain(task: str, domain_dir: Path, artifacts_dir: Path, as_json: bool) -> None:
+def explain(task: str, domain_dir: Path | None, artifacts_dir: Path | None, as_json: bool) -> None:
     """Why TASK (e.g. boot:vhost-dev-iso) would run, or why it is up to date (runs nothing)."""
     from pipeline import status as st
 
