@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline import inventory, probes
 from pipeline.artifacts import (
@@ -24,8 +25,9 @@ from pipeline.artifacts import (
     ProbeResult,
     atomic_write_text,
     publish_log,
+    utc_now,
 )
-from pipeline.domain import Artifact, Format, GuestKind, Hardware, Host, InventoryPolicy, Probe, ProbeKind
+from pipeline.domain import Artifact, Format, GuestKind, Host, InventoryPolicy, Probe, ProbeKind
 from pipeline.hashing import xxh3_text
 from pipeline.log import say, step
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
@@ -76,19 +78,25 @@ def boot_probes(host_name: str, host: Host) -> list[Probe]:
     return list(host.boot.probes) or probes.default_probes(host_name, host)
 
 
-def fingerprint(artifact: Artifact, host: Host) -> str:
-    """What, besides the image, decides a boot test: VM size, format, probes."""
+def spec(artifact: Artifact, host: Host, policy: InventoryPolicy = InventoryPolicy.record) -> dict[str, Any]:
+    """What, besides the image, decides a boot test, keyed as in domain.json so that a change can be named
+    (`hosts.vhost-dev.boot.memory_mib`): the VM (`boot`, as resolved from the declared hardware), the effective probes
+    (declared, else the defaults), and what the hardware report is reconciled with (`hardware`, `inventory`)."""
     machine = inventory.boot_machine(host)
-    spec = {"memory": machine.memory_mib, "cpus": machine.cpus, "format": artifact.format.value,
-            "disks": [[d.size_gib, d.bus.value] for d in machine.disks],
-            "displays": [d.value for d in machine.displays], "inventory": reports_inventory(host),
-            "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]}
-    return xxh3_text(json.dumps(spec, sort_keys=True))
+    return {"hosts": {artifact.host: {
+        "boot": {"memory_mib": machine.memory_mib, "cpus": machine.cpus,
+                 "disks": [{"size_gib": d.size_gib, "bus": d.bus.value} for d in machine.disks],
+                 "displays": [d.value for d in machine.displays], "inventory_report": reports_inventory(host),
+                 "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]},
+        "hardware": host.hardware.model_dump(mode="json")}},
+        "format": artifact.format.value, "inventory": policy.value}
 
 
-def inventory_fingerprint(policy: InventoryPolicy, hardware: Hardware) -> str:
-    """What decides the reconcile of a kept report: the policy and the declared hardware."""
-    return xxh3_text(policy.value, json.dumps(hardware.model_dump(mode="json"), sort_keys=True))
+def fingerprint(artifact: Artifact, host: Host) -> str:
+    """The VM part of `spec` (not the policy or the declared hardware): a pass with the same image and fingerprint
+    is reused, its kept hardware report reconciled again, without a VM."""
+    vm = spec(artifact, host)
+    return xxh3_text(json.dumps([vm["format"], vm["hosts"][artifact.host]["boot"]], sort_keys=True))
 
 
 def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, workdir: Path, log_dest: Path,
@@ -98,7 +106,8 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
     `record` gets the result (pass or fail) before this returns or raises."""
     name = artifact.name
     checks = boot_probes(artifact.host, host)
-    ports = probes.guest_ports(checks) | ({4222} if reports_inventory(host) else set())
+    inventory_planned = report_keep is not None and reports_inventory(host)
+    ports = probes.guest_ports(checks) | ({4222} if inventory_planned else set())
     forwards = {port: free_port() for port in ports}
     spec = boot_spec(artifact, host, image, workdir, forwards, log_dest)
     make_blank_disks(host, workdir)
@@ -118,17 +127,20 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
                 result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), forwards)
                 results.append(result)
                 say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
-            if report_keep is not None and reports_inventory(host):
+            if inventory_planned:
+                assert report_keep is not None
                 results.append(_receive_report(vm, artifact.host, forwards[4222], deadline, report_keep))
                 say(name, f"probe inventory: ok in {results[-1].seconds} s — {results[-1].detail}")
     except VmError as exc:
         error = str(exc).splitlines()[0]
         raise
     finally:
-        outcome = BootResult(result="fail" if error is not None or len(results) < len(checks) else "pass",
+        complete = len(results) == len(checks) + inventory_planned
+        outcome = BootResult(result="fail" if error is not None or not complete else "pass",
                              accel=accel, log=log_name, image_xxh3=image_xxh3,
-                             seconds=round(time.monotonic() - started, 1), probes=results, error=error,
-                             fingerprint=fingerprint(artifact, host))
+                             seconds=round(time.monotonic() - started, 1), probes=results,
+                             planned=[*map(probes.label, checks), *(["inventory"] if inventory_planned else [])],
+                             error=error, at=utc_now(), fingerprint=fingerprint(artifact, host))
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -154,12 +166,12 @@ def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Pa
 
 
 def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy, *, report: Path, published: Path,
-                        report_name: str, image_xxh3: str, accel: str, log_dest: Path,
+                        report_name: str, image_xxh3: str, accel: str, log_dest: Path, log_name: str,
                         record: Callable[[InventoryResult], None]) -> InventoryResult:
     """Reconcile the kept report with the declared hardware; publish inventory.json, the verdict in boot.log and the
     record; under `enforce` a difference raises InventoryError naming each (after the record is kept)."""
     name = artifact.name
-    with step(name, "inventory reconciled", announce=False):
+    with step(name, "inventory reconciled", announce=False) as reconciled:
         text = report.read_text()
         detected = inventory.parse_report(json.loads(text), str(report))
         atomic_write_text(published, text)
@@ -172,15 +184,17 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
     for line in result.lines():
         say(name, f"inventory: {line}")
     _log_verdict(log_dest, result)
+    failure = None if result.passed else inventory.enforce_error(artifact.host, result)
     outcome = InventoryResult(
         result="pass" if result.passed else "fail", verdict="match" if result.matches else "differs",
-        policy=policy.value, report=report_name, image_xxh3=image_xxh3, summary=result.summary(),
+        policy=policy.value, report=report_name, image_xxh3=image_xxh3, summary=result.summary(), log=log_name,
+        seconds=reconciled.seconds, error=failure.message if failure else None, at=utc_now(),
         differences=[InventoryDifference(field=d.field, declared=d.declared, detected=d.detected, kind=d.kind.value)
                      for d in result.differences],
         unchecked=[InventoryUnchecked(field=u.field, declared=u.declared, reason=u.reason) for u in result.unchecked])
     record(outcome)
-    if not result.passed:
-        raise inventory.enforce_error(artifact.host, result)
+    if failure is not None:
+        raise failure
     if policy is InventoryPolicy.warn:
         for diff in result.differences:
             say(name, f"warning: inventory: {diff.describe()}")

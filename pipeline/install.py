@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import probes
-from pipeline.artifacts import InstallResult, atomic_write_text
+from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
 from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
 from pipeline.domain import Domain, Format, Host, System
@@ -52,6 +53,13 @@ def vm_size(host: Host) -> tuple[int, int]:
     """(memory MiB, CPUs) of the install VMs: those of the boot VM."""
     machine = boot_machine(host)
     return machine.memory_mib, machine.cpus
+
+
+def spec(host_name: str, host: Host) -> dict[str, Any]:
+    """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
+    assert host.install is not None
+    return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
+                                  "boot": {"memory_mib": vm_size(host)[0]}}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -200,7 +208,7 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
         outcome = InstallResult(result="fail" if error is not None or not checks else "pass", log=log_name,
                                 image_xxh3=image_xxh3, disk_mib=plan.disk_mib, plan=plan.describe(),
                                 seconds=round(time.monotonic() - started, 1), phases=phases, checks=checks,
-                                error=error)
+                                error=error, at=utc_now())
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

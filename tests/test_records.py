@@ -69,7 +69,7 @@ def test_manifest_keeps_its_shape_and_validates_against_its_schema(tmp_path: Pat
         seconds=40.0, phases={"installer": 20.0, "disk-boot": 20.0}, checks=["/ on /dev/vda3"]))
     records.save_inventory("vhost-dev-iso", InventoryResult(
         result="pass", verdict="differs", policy="record", report="vhost-dev-iso/inventory.json", image_xxh3=dev.xxh3,
-        summary="1 difference(s) from the inventory (policy record)",
+        summary="1 difference(s) from the inventory (policy record)", log="vhost-dev-iso/boot.log",
         differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")]))
 
     manifest = json.loads((records.artifacts_dir / MANIFEST).read_text())
