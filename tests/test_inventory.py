@@ -246,3 +246,20 @@ def test_the_boot_vm_gets_the_declared_disks_and_display_adapters(tmp_path: Path
     workstation = load_domain(CIM).hosts["vhost-dev"]  # its 1 TiB NVMe disk, on an NVMe controller
     argv = boot.boot_spec(artifact, workstation, tmp_path / "x.iso", tmp_path, {}, tmp_path / "boot.log").argv()
     assert "nvme,drive=drive1,serial=cim-disk0" in argv and argv[argv.index("-m") + 1] == "4096"
+
+
+def test_an_enforced_difference_is_a_failed_inventory_case_in_junit(tmp_path: Path) -> None:
+    from pipeline.artifacts import ArtifactRecord, BuildInfo, InventoryDifference, InventoryResult, junit_xml
+
+    message = "vhost-dev: the detected hardware is not what domain.json declares: memory_gib: declared 1 GiB, …"
+    record = ArtifactRecord(
+        host="vhost-dev", format="iso", system="x86_64-linux", drvPath="/nix/store/x.drv", outPath="/nix/store/x",
+        file="vhost-dev-iso/x.iso", size=1, sha256="0" * 64, xxh3="0" * 32,
+        build=BuildInfo(strategy="native", reason="", seconds=1.0, log="vhost-dev-iso/build.log"),
+        inventory=InventoryResult(
+            result="fail", verdict="differs", policy="enforce", report="vhost-dev-iso/inventory.json",
+            image_xxh3="0" * 32, summary="1 difference(s)", log="vhost-dev-iso/boot.log", error=message,
+            differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")]))
+    xml = junit_xml({"vhost-dev-iso": record}, tmp_path, "2026-11-27T00:00:00")
+    assert 'classname="vhost-dev-iso.inventory" name="inventory"' in xml
+    assert "memory_gib: declared 1 GiB" in xml and 'failures="1"' in xml
