@@ -156,8 +156,9 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
 # -- a real demo run, as an operator sees it ---------------------------------------------------------------------------
 
 def cim(*args: str) -> subprocess.CompletedProcess[str]:
+    # A wide table: with the inventory column, 80 columns would wrap the artifact names.
     return subprocess.run([str(Path(sys.executable).with_name("cim")), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=120, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
 
 
 def status(domain: Path, artifacts: Path) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
     table = cim("status", "--domain", str(domain), "--artifacts", str(artifacts))
     assert table.returncode == 0 and "vhost-pi-sd" in table.stdout and "pass" in table.stdout, table.stderr
     markdown = cim("status", "--domain", str(domain), "--artifacts", str(artifacts), "--markdown").stdout
-    assert "| artifact | image | boot | install | to run |" in markdown and "| vhost-dev-iso |" in markdown
+    assert "| artifact | image | boot | install | inventory | to run |" in markdown and "| vhost-dev-iso |" in markdown
 
     # 3. junit.xml: a suite per artifact, a passed case per probe and for the install.
     xml = junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))
