@@ -127,9 +127,19 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     plan = plan_for(ctx.domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
     for line in plan.describe():
         say(task, f"plan: {line}")
+    log_dest = ctx.artifact_dir(artifact) / "install.log"
+    # A pass is kept by the ISO's bytes and everything else that decides the install: the plan it was handed
+    # (from disk-config.nix and the disk size), the disk it installs onto, the VM's memory.
+    spec_digest = xxh3_text(install_fingerprint(ctx, host_name), plan.installer_text())
+    kept = ctx.passes.find("install", image["xxh3"], spec_digest, ("install.log",))
+    if kept:
+        reused = kept.restore({"install.log": log_dest})
+        ctx.records.update(artifact, install=reused)
+        say(task, f"this ISO passed this install before ({kept.path.name}): result and log re-published from "
+                  f"{kept.path}, no VM")
+        return {"iso_xxh3": image["xxh3"], "seconds": reused.get("seconds", 0.0), "reused": True}
     timeout = host.install.timeout_s
     workdir = ctx.vm_dir(f"{host_name}-install")
-    log_dest = ctx.artifact_dir(artifact) / "install.log"
     plan_file = workdir / "install-plan.txt"
     plan_file.write_text(plan.installer_text())
     disk = workdir / "disk.qcow2"
@@ -202,6 +212,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
         ctx.records.update(artifact, install=outcome)
     shutil.rmtree(workdir, ignore_errors=True)
+    ctx.passes.keep("install", image["xxh3"], spec_digest, outcome, {"install.log": log_dest})
     say(task, f"install verified in {outcome['seconds']} s; log {log_dest}")
     return {"iso_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
 
@@ -222,7 +233,7 @@ def install_fingerprint(ctx: Context, host_name: str) -> str:
 
 
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
-    from pipeline.tasks import user_errors, value_dep
+    from pipeline.tasks import published, user_errors, value_dep
 
     for host_name in installable_hosts(ctx):
         host = ctx.domain.hosts[host_name]
@@ -234,6 +245,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name))],
+                         config_changed(install_fingerprint(ctx, host_name)),
+                         published(ctx.artifact_dir(f"{host_name}-iso") / "install.log")],
             "verbosity": 2,
         }

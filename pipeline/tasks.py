@@ -7,6 +7,9 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
   build:<artifact>   its drvPath (from eval), or the published file no longer matching its digest
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
+  check:<artifact>   its drvPath (not in the default run: it rebuilds the image to prove it reproducible)
+A boot or install that passed is kept in .cim/results by image digest and spec (pipeline.results): when its
+published log is gone the task runs, finds the pass and re-publishes it without a VM.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
 from doit.tools import config_changed
 
-from pipeline import nix, probes
+from pipeline import nix, probes, reproduce
 from pipeline.artifacts import ArtifactError, Records, publish_file, publish_log
 from pipeline.diskplan import DiskPlanError
 from pipeline.domain import Artifact, Domain, DomainError, Format, ProbeKind, System, load_domain
 from pipeline.hashing import XXH3Checker, xxh3_text
 from pipeline.process import ProcessTimeout, run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
+from pipeline.results import PassStore
 
 # Errors whose message is for the user: a task that hits one fails with that message and no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (DomainError, nix.NixError, VmError, ArtifactError, ProcessTimeout,
@@ -50,11 +54,17 @@ class Context:
     domain: Domain
     artifacts_dir: Path
     state_dir: Path
+    results_dir: Path
 
     @functools.cached_property
     def records(self) -> Records:
         return Records(self.state_dir, self.artifacts_dir,
                        {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)})
+
+    @functools.cached_property
+    def passes(self) -> PassStore:
+        """Boots and installs that passed, by image digest and spec: shared by every domain of this checkout."""
+        return PassStore(self.results_dir)
 
     @functools.cached_property
     def files(self) -> list[str]:
@@ -77,11 +87,13 @@ def state_dir_for(root: Path, domain_dir: Path) -> Path:
     return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
 
 
-def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
+def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None,
+                 results_dir: Path | None = None) -> Context:
     """Load and validate the domain; raises DomainError with the user's message.
 
     State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
-    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
+    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.  Passed boots and
+    installs are content-addressed, so they are shared: `results_dir` defaults to <root>/.cim/results.
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_domain(domain_dir)
@@ -97,7 +109,8 @@ def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None
                 f"{host.install.disk_config}, which does not exist in {domain_dir}. Add the disko file or fix the name."
             )
     return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=root / (artifacts_dir or "artifacts"),
-                   state_dir=state_dir_for(root, domain_dir))
+                   state_dir=state_dir_for(root, domain_dir),
+                   results_dir=root / (results_dir or Path(".cim") / "results"))
 
 
 def domain_files(domain_dir: Path) -> list[str]:
@@ -172,6 +185,16 @@ def published_intact(task: Any, values: dict[str, Any]) -> bool:
     except FileNotFoundError:
         return False
     return not XXH3Checker().check_modified(path, stat, (mtime, size, digest))
+
+
+def published(*paths: Path) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date only while the files a task published are there: a deleted log makes its task run (and find its
+    result in .cim/results rather than boot again)."""
+
+    def check(task: Any, values: dict[str, Any]) -> bool:
+        return all(path.is_file() for path in paths)
+
+    return check
 
 
 # -- validate ---------------------------------------------------------------------------------------------------------
@@ -256,7 +279,8 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     stat = dest.stat()
     rel = str(dest.relative_to(ctx.artifacts_dir))
     # Boot and install results belong to the bytes they tested: a new image starts without them.
-    outdated: tuple[str, ...] = ("boot", "install") if ctx.records.load(name).get("xxh3") != xxh3 else ()
+    outdated: tuple[str, ...] = (
+        ("boot", "install", "check", "reproducible") if ctx.records.load(name).get("xxh3") != xxh3 else ())
     ctx.records.update(name, clear=outdated, host=artifact.host, format=artifact.format.value,
                        system=artifact.system.value, drvPath=drv, outPath=str(out), file=rel, size=size,
                        sha256=sha256, xxh3=xxh3,
@@ -315,6 +339,15 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
     name = artifact.name
     path = Path(image["path"])
     host = ctx.domain.hosts[artifact.host]
+    spec_digest = boot_fingerprint(ctx, artifact)
+    log_dest = ctx.artifact_dir(name) / "boot.log"
+    kept = ctx.passes.find("boot", image["xxh3"], spec_digest, ("boot.log",))
+    if kept:
+        reused = kept.restore({"boot.log": log_dest})
+        ctx.records.update(name, boot=reused)
+        say(name, f"these bytes passed this boot test before ({kept.path.name}): result and console log "
+                  f"re-published from {kept.path}, no VM")
+        return {"image_xxh3": image["xxh3"], "seconds": reused.get("seconds", 0.0), "reused": True}
     checks = boot_probes(ctx, artifact)
     forwards = {port: free_port() for port in probes.guest_ports(checks)}
     workdir = ctx.vm_dir(name)
@@ -322,7 +355,6 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
     accel, why = choose_accel(spec, ctx.root / ".cim")
     spec = dataclasses.replace(spec, accel=accel)
     say(name, f"booting {path.name} in {spec.system.qemu_binary} ({accel}: {why})")
-    log_dest = spec.shown_log
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {"result": "fail", "accel": accel, "log": f"{name}/boot.log",
@@ -347,6 +379,7 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
         publish_log(spec.console_log, log_dest)
         ctx.records.update(name, boot=outcome)
     shutil.rmtree(workdir, ignore_errors=True)
+    ctx.passes.keep("boot", image["xxh3"], spec_digest, outcome, {"boot.log": log_dest})
     say(name, f"boot test passed in {outcome['seconds']} s; console log {log_dest}")
     return {"image_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
 
@@ -359,7 +392,39 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot_fingerprint(ctx, artifact))],
+                         config_changed(boot_fingerprint(ctx, artifact)),
+                         published(ctx.artifact_dir(artifact.name) / "boot.log")],
+            "verbosity": 2,
+        }
+
+
+# -- check (reproducibility) ------------------------------------------------------------------------------------------
+
+@user_errors
+def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
+    name = artifact.name
+    plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
+    say(f"check:{name}", f"rebuilding {image['drvPath']} and what it is made from ({plan.describe()})")
+    result = reproduce.check(image["drvPath"], options=plan.options,
+                             progress=lambda line: say(f"check:{name}", line))
+    ctx.records.update(name, reproducible=result.reproducible, check=result.record(image["sha256"]))
+    if not result.reproducible:
+        return TaskFailed(f"{name} is not reproducible: {result.derivation} gave other bytes when rebuilt; first "
+                          f"difference: {result.differs}. Find what the builder takes from the clock, the build "
+                          "machine or chance (configs/demo/builders) and fix it.")
+    say(f"check:{name}", f"reproducible: {len(result.derivations)} derivation(s) rebuilt bit for bit in "
+                         f"{result.seconds} s; image sha256 {image['sha256']}")
+    return {"drvPath": image["drvPath"], "sha256": image["sha256"], "derivations": result.derivations}
+
+
+def task_check(ctx: Context) -> Iterator[dict[str, Any]]:
+    for artifact in ctx.domain.artifacts():
+        yield {
+            "name": artifact.name,
+            "doc": f"rebuild {artifact.name} and the derivations it is made from; fail unless bit for bit the same",
+            "actions": [(check_action, [ctx, artifact])],
+            "getargs": {"image": (f"build:{artifact.name}", None)},
+            "uptodate": [value_dep(f"build:{artifact.name}", "drvPath")],
             "verbosity": 2,
         }
 
@@ -413,5 +478,5 @@ def task_release(ctx: Context) -> dict[str, Any]:
     }
 
 
-__all__ = ["Context", "System", "make_context", "task_boot", "task_build", "task_eval", "task_release",
+__all__ = ["Context", "System", "make_context", "task_boot", "task_build", "task_check", "task_eval", "task_release",
            "task_validate"]
