@@ -9,6 +9,7 @@ the first differing byte.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -114,6 +115,9 @@ def check(drv_path: str, *, options: Sequence[str] = (), limit: int = 8,
             differs = None
             if rebuilt.differing and Path(rebuilt.differing).exists():
                 differs = first_difference(Path(rebuilt.output), Path(rebuilt.differing))
+                # Not a valid store path, just Nix's copy for us to compare: gone once compared (GC removes it
+                # where this user may not).
+                shutil.rmtree(rebuilt.differing, ignore_errors=True)
             result.differs = differs or f"output {rebuilt.output} differs (nix kept no copy to compare)"
             break
     result.seconds = round(time.monotonic() - started, 1)

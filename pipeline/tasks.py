@@ -404,7 +404,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
     name = artifact.name
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
-    say(f"check:{name}", f"rebuilding {image['drvPath']} and what it is made from ({plan.describe()})")
+    say(f"check:{name}", f"checking {image['drvPath']} and what it is made from ({plan.describe()})")
     result = reproduce.check(image["drvPath"], options=plan.options,
                              progress=lambda line: say(f"check:{name}", line))
     ctx.records.update(name, reproducible=result.reproducible, check=result.record(image["sha256"]))
