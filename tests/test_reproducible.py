@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import DEMO, DoitRunner, executed, needs_demo
+from cimtest.demo import DEMO, DoitRunner, executed, needs_demo
 
 from pipeline import nix, reproduce
 from pipeline.process import run
