@@ -179,3 +179,30 @@ def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(demo_domain:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(proc.stdout.splitlines()) == sorted(f"{r['file']}: OK" for r in after.values())
     assert os.path.getsize(artifacts_dir / after["vhost-pi-sd"]["file"]) == after["vhost-pi-sd"]["size"]
+
+
+# -- set-up -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.nix
+@needs_demo
+def test_setup_writes_a_nix_conf_that_keeps_the_sandbox_on(tmp_path: Path) -> None:
+    """setup.sh's nix.conf, written to CIM_NIX_CONF (never /etc/nix here): no `sandbox = false`, and Nix reading it
+    sandboxes builds; a second run leaves it alone."""
+    conf = tmp_path / "etc-nix" / "nix.conf"
+    env = {**os.environ, "CIM_SKIP_APT": "1", "CIM_NIX_CONF": str(conf)}
+    setup = [str(DEMO.parent.parent / "scripts" / "setup.sh")]
+    first = run(setup, timeout=900, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"wrote {conf}" in first.stdout
+    text = conf.read_text()
+    assert "sandbox" not in text, text
+    assert "substituters =\n" in text and "experimental-features = nix-command flakes\n" in text
+    shown = run(["nix", "show-config", "--json"], timeout=60, env={**os.environ, "NIX_CONF_DIR": str(conf.parent)})
+    config = json.loads(shown.stdout)
+    assert config["sandbox"]["value"] is True
+    assert config["substituters"]["value"] == []
+
+    again = run(setup, timeout=900, env=env)
+    assert again.returncode == 0 and "wrote" not in again.stdout, again.stdout
+    assert conf.read_text() == text
