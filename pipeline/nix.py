@@ -178,12 +178,17 @@ def _read_drv(drv_path: str) -> tuple[bool, list[str]]:
     return fixed, sorted(set(_DRV_INPUTS.findall(text[outputs_end:text.find("],[", outputs_end + 3)])))
 
 
+# What an image is assembled from (NixOS's names), checked before the packages it contains.
+_SYSTEM_PARTS = re.compile(r"-(nixos-system|initrd|closure-info|squashfs|ext4-fs|efi|boot|etc|system-path|image)")
+
+
 def built_from(drv_path: str, limit: int = 8) -> list[str]:
     """The derivation and those it is made from that a rebuild can check, nearest first, at most `limit`.
 
     Fixed-output derivations (fetched sources, the demo's imported Debian inputs) are left out: their content is
     pinned by hash already and their builders fetch rather than build.  For a nixpkgs system the closure has
-    thousands of derivations; the nearest `limit` (the image, its system, initrd, closure info…) are checked.
+    thousands of derivations; the nearest `limit` are checked, the system's own parts (toplevel, initrd, closure
+    info, squashfs…) before the packages at the same depth.
     """
     queue, seen, found = [drv_path], {drv_path}, list[str]()
     while queue and len(found) < limit:
@@ -192,7 +197,7 @@ def built_from(drv_path: str, limit: int = 8) -> list[str]:
         if fixed:
             continue
         found.append(current)
-        for dep in inputs:
+        for dep in sorted(inputs, key=lambda d: _SYSTEM_PARTS.search(Path(d).name[32:]) is None):
             if dep not in seen:
                 seen.add(dep)
                 queue.append(dep)

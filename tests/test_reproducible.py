@@ -65,6 +65,14 @@ def test_built_from_walks_inputs_nearest_first_and_skips_fixed_outputs(tmp_path:
     assert nix.built_from(image) == [image, system, initrd]
     assert nix.built_from(image, limit=2) == [image, system]
 
+    # At one depth the system's own parts come before the packages: what the image is assembled from first.
+    package = write_drv(tmp_path / "0000000000000000000000000000000a-bash-5.2.drv", [("out", "/nix/store/b", "", "")],
+                        [])
+    toplevel = write_drv(tmp_path / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-nixos-system-vhost-dev.drv",
+                         [("out", "/nix/store/t", "", "")], [])
+    iso = write_drv(tmp_path / "iso.drv", [("out", "/nix/store/o", "", "")], [package, toplevel])
+    assert nix.built_from(iso, limit=2) == [iso, toplevel]
+
 
 def test_pass_store_keeps_passes_with_their_logs(tmp_path: Path) -> None:
     store = PassStore(tmp_path / "results")
