@@ -44,8 +44,9 @@ INSTALLER_PACKAGES = ["fdisk", "libfdisk1", "libsmartcols1", "libreadline8", "li
 # The tools the demo's image builders run inside the Nix sandbox, for each builder system (name in the build: path in
 # the Debian packages), and the packages that hold them and every library they link.  They run through the input's
 # own ld.so (the sandbox has no /lib64), so the closure is checked with that loader.
-IMAGE_TOOLS = {"xorriso": "usr/bin/xorriso", "mcopy": "usr/bin/mtools", "mkfs.vfat": "sbin/mkfs.fat",
-               "mkfs.ext4": "sbin/mke2fs", "debugfs": "sbin/debugfs", "sfdisk": "sbin/sfdisk"}
+IMAGE_TOOLS = {"xorriso": "usr/bin/xorriso", "mcopy": "usr/bin/mtools", "mmd": "usr/bin/mtools",
+               "mkfs.vfat": "sbin/mkfs.fat", "mkfs.ext4": "sbin/mke2fs", "debugfs": "sbin/debugfs",
+               "sfdisk": "sbin/sfdisk"}
 IMAGE_PACKAGES = [*INSTALLER_PACKAGES, "xorriso", "libisoburn1", "libburn4", "libisofs6", "libjte2", "libacl1",
                   "zlib1g", "libbz2-1.0", "mtools", "libss2"]
 

@@ -32,6 +32,13 @@ cpio_of() {
     (cd "$1" && find . | sort | cpio -o -H newc -R 0:0 --renumber-inodes --ignore-devno 2>/dev/null)
 }
 
+# Copy the tree DIR into the FAT image IMG: directories, then files, each in sorted order and with their mtimes
+# (`mcopy -s` would follow readdir order, which differs between file systems, e.g. ext4 and tmpfs).
+fat_copy() {
+    (cd "$2" && find . -mindepth 1 -type d | sort) | while read -r dir; do mmd -i "$1" "::/${dir#./}"; done
+    (cd "$2" && find . -type f | sort) | while read -r file; do mcopy -m -i "$1" "$2/${file#./}" "::/${file#./}"; done
+}
+
 # The KiB the files under DIR take, from their sizes alone (du depends on the build machine's file system).
 size_kib() {
     files=$(find "$1" -type f -exec stat -c %s {} + | awk '{ kib += int(($1 + 4095) / 4096) * 4 } END { print kib + 0 }')

@@ -44,7 +44,7 @@ printf 'title cim %s\nlinux /cim/bzImage\ninitrd /cim/initrd\ninitrd /cim/instal
 kib=$(size_kib "$efi")
 fix_mtimes "$efi"
 mkfs.vfat --invariant -i "$efiVolumeId" -C -n EFIBOOT "$tree/boot/efi.img" $((kib + kib / 10 + 1024)) >/dev/null
-mcopy -s -m -i "$tree/boot/efi.img" "$efi"/* ::/
+fat_copy "$tree/boot/efi.img" "$efi"
 
 # xorriso takes its volume dates, file dates and GPT GUIDs from SOURCE_DATE_EPOCH; -r gives every file owner root
 # and normalised permissions (the sandbox's build user is not root).
