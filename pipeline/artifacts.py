@@ -141,6 +141,7 @@ class BootResult(Record):
     # What, besides the image, decided this boot (VM, probes): a pass with the same image and fingerprint is reused
     # (its inventory report re-reconciled) without a VM.
     fingerprint: str = ""
+    reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
 
 
 class InventoryDifference(Record):
@@ -190,6 +191,18 @@ class InstallResult(Record):
     checks: list[str] = Field(default_factory=list)
     error: str | None = None
     at: str | None = None  # when it ended (UTC, ISO 8601)
+    reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
+
+
+class ReproducibilityCheck(Record):
+    """`check:<artifact>`: the image's derivation and those it is made from, rebuilt and compared."""
+
+    reproducible: bool
+    sha256: str  # the image digest the check confirmed (or failed to)
+    derivations: list[str] = Field(default_factory=list)  # rebuilt, nearest first
+    seconds: float = 0.0
+    derivation: str | None = None  # the first one that gave other bytes
+    differs: str | None = None  # its first differing file, in words
 
 
 class ArtifactRecord(Record):
@@ -208,6 +221,8 @@ class ArtifactRecord(Record):
     boot: BootResult | None = None
     inventory: InventoryResult | None = None
     install: InstallResult | None = None
+    reproducible: bool | None = None  # set by check:<artifact>; details in `check`
+    check: ReproducibilityCheck | None = None
 
 
 class Manifest(Record):
@@ -257,7 +272,8 @@ class Records:
             old = self.load(artifact)
             if old is not None and old.xxh3 == record.xxh3:
                 record = record.model_copy(update={"boot": old.boot, "inventory": old.inventory,
-                                                   "install": old.install})
+                                                   "install": old.install, "reproducible": old.reproducible,
+                                                   "check": old.check})
             self._write(artifact, record)
 
     def save_boot(self, artifact: str, result: BootResult) -> None:
@@ -268,6 +284,14 @@ class Records:
 
     def save_install(self, artifact: str, result: InstallResult) -> None:
         self._save_result(artifact, install=result)
+
+    def save_check(self, artifact: str, result: ReproducibilityCheck) -> None:
+        with _locked(self.state_dir):
+            record = self.load(artifact)
+            if record is None:
+                raise ArtifactError(f"{artifact} has no build record in {self.dir}, so its check cannot be kept.",
+                                    hint="Run `doit` again: the build re-publishes the image and its record.")
+            self._write(artifact, record.model_copy(update={"reproducible": result.reproducible, "check": result}))
 
     def _save_result(self, artifact: str, **results: Record) -> None:
         with _locked(self.state_dir):
