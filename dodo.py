@@ -1,7 +1,9 @@
 """doit entry point: `doit domain=DIR [artifacts=DIR] [wait=no|SECONDS] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS /
 CIM_WAIT); the default domain is configs/cim, the default artifacts directory artifacts/.
 
-Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default).
+Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default);
+check:<host>-<format> (rebuild and compare, not in the default run).  CIM_RESULTS moves the kept passes
+(default .cim/results).
 
 A run that executes tasks holds the artifacts directory's lock (pipeline.runlock) from here until it ends; another run
 of the same domain waits for it (or, with wait=no, refuses).  SIGINT, SIGTERM and SIGHUP stop every VM and nix
@@ -26,6 +28,7 @@ try:
         ROOT,
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
+        Path(os.environ["CIM_RESULTS"]) if os.environ.get("CIM_RESULTS") else None,
     )
     if tasks.doit_command(sys.argv[1:]) not in tasks.READ_ONLY_COMMANDS:
         RUN_LOCK = tasks.begin_run(CTX, runlock.parse_wait(get_var("wait", os.environ.get("CIM_WAIT"))))
@@ -37,7 +40,7 @@ except CimError as exc:
 DOIT_CONFIG = {
     "default_tasks": ["release"],
     "backend": "sqlite3",
-    "dep_file": str(CTX.state_dir / "doit.sqlite3"),
+    "dep_file": str(CTX.dep_file),
     "check_file_uptodate": XXH3Checker,
     "par_type": "thread",  # tasks wait on nix and QEMU processes; threads are enough and share the DB handle
     "verbosity": 2,
@@ -63,6 +66,10 @@ def task_boot():
 
 def task_install():
     yield from tasks.task_install(CTX)
+
+
+def task_check():
+    yield from tasks.task_check(CTX)
 
 
 def task_release():

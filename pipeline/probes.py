@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pipeline import process
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import GuestKind, Host, Probe, ProbeKind
+from pipeline.log import progress
 from pipeline.qemu import Vm, VmError
 
 
@@ -33,6 +34,15 @@ def default_probes(host_name: str, host: Host) -> list[Probe]:
     if any(g.kind is GuestKind.nats for g in host.guests):
         probes.append(Probe(kind=ProbeKind.nats, port=4222))
     return probes
+
+
+def label(probe: Probe) -> str:
+    """A probe's name in records and junit.xml: its kind, and its port or DNS name when there may be several."""
+    if probe.kind is ProbeKind.tcp:
+        return f"tcp {probe.port}"
+    if probe.kind is ProbeKind.dns:
+        return f"dns {probe.name}"
+    return probe.kind.value
 
 
 def guest_ports(probes: list[Probe]) -> set[int]:
@@ -93,6 +103,36 @@ def nats_round_trip(port: int, subject: str) -> str:
     return asyncio.run(go())
 
 
+def inventory_subject(host: str) -> str:
+    """Where a host publishes its hardware report (DESIGN: `cim.<host>.inventory`); the ack subject adds `.ack`."""
+    return f"cim.{host}.inventory"
+
+
+def receive_inventory(port: int, host: str, wait: float) -> bytes:
+    """Wait up to `wait` s for the host's hardware report on NATS, then acknowledge it so the host stops re-publishing.
+
+    Core NATS keeps nothing: the host re-publishes every few seconds until this acknowledgement arrives.
+    """
+    import nats  # nats-py
+
+    async def quiet(_exc: Exception) -> None:
+        """Connection errors are retried by `retry`."""
+
+    async def go() -> bytes:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0,
+                                allow_reconnect=False, error_cb=quiet)
+        try:
+            sub = await nc.subscribe(inventory_subject(host))
+            msg = await sub.next_msg(timeout=wait)
+            await nc.publish(f"{inventory_subject(host)}.ack", b"received")
+            await nc.flush(timeout=3)
+            return bytes(msg.data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
 def dns_query(port: int, name: str) -> str:
     """One A query over UDP; the answer's first address."""
     query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
@@ -112,18 +152,24 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
     started = time.monotonic()
     if probe.kind is ProbeKind.console:
         assert probe.pattern is not None
-        match = vm.wait_for_console(probe.pattern, probe.timeout_s)
+        match = vm.wait_for_console(probe.pattern, probe.timeout_s, f"console /{probe.pattern}/")  # with progress
         detail = f"console: {match.group(0)!r}"
-    elif probe.kind is ProbeKind.tcp:
-        assert probe.port is not None
-        detail = retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
-                       probe.timeout_s)
-    elif probe.kind is ProbeKind.nats:
-        port = forwards[probe.port or 4222]
-        detail = retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
-                       probe.timeout_s)
     else:
-        assert probe.name is not None
-        port = forwards[probe.port or 53]
-        detail = retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)
-    return ProbeResult(probe=probe.kind.value, ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
+        with progress(vm.spec.name, f"probe {probe.kind.value}", probe.timeout_s, vm.last_console_line):
+            detail = _network_probe(vm, probe, forwards)
+    return ProbeResult(probe=label(probe), ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
+
+
+def _network_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> str:
+    """A TCP, NATS or DNS probe through its port forward, retried until its deadline; the detail it found."""
+    if probe.kind is ProbeKind.tcp:
+        assert probe.port is not None
+        return retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
+                     probe.timeout_s)
+    if probe.kind is ProbeKind.nats:
+        port = forwards[probe.port or 4222]
+        return retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
+                     probe.timeout_s)
+    assert probe.name is not None
+    port = forwards[probe.port or 53]
+    return retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)

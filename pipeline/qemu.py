@@ -28,6 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from pipeline import process
 from pipeline.domain import System
 from pipeline.errors import CimError
+from pipeline.log import printable, progress
 from pipeline.process import kill_group
 
 log = logging.getLogger("cim.qemu")
@@ -78,6 +79,7 @@ class Drive:
     media: str = "disk"  # "disk" or "cdrom"
     snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
     serial: str = ""
+    bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1) or sata (sdX, on an AHCI controller)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class VmSpec:
     drives: tuple[Drive, ...] = ()
     boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
     port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
+    displays: tuple[str, ...] = ()  # display adapters: "std" (QEMU's VGA, 1234:1111) or "virtio" (virtio-gpu)
     extra: tuple[str, ...] = field(default=())
     published_log: Path | None = None  # where the console log is kept for the user, if not console_log itself
     # Unix sockets (QMP, console) live here; a socket path must stay under ~107 bytes (sun_path), which a deep
@@ -142,6 +145,7 @@ class VmSpec:
                              f"logfile={self.console_log},logappend=on",
                  "-serial", "chardev:console",
                  "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        sata_ports = 0
         for index, drive in enumerate(self.drives):
             drive_id = f"drive{index}"
             opts = f"if=none,id={drive_id},file={drive.path},format={drive.format}"
@@ -150,11 +154,21 @@ class VmSpec:
             if drive.snapshot:
                 opts += ",snapshot=on"
             argv += ["-drive", opts]
+            serial = f",serial={drive.serial}" if drive.serial else ""
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
                 argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
+            elif drive.bus == "nvme":
+                argv += ["-device", f"nvme,drive={drive_id},serial={drive.serial or drive_id}"]
+            elif drive.bus == "sata":
+                if sata_ports == 0:
+                    argv += ["-device", "ahci,id=ahci0"]
+                argv += ["-device", f"ide-hd,drive={drive_id},bus=ahci0.{sata_ports}{serial}"]
+                sata_ports += 1
             else:
-                serial = f",serial={drive.serial}" if drive.serial else ""
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
+        for display in self.displays:
+            std = "VGA" if self.system is System.x86_64_linux else "bochs-display"  # same PCI id, 1234:1111
+            argv += ["-device", std if display == "std" else "virtio-gpu-pci"]
         if self.boot_order and self.system is System.x86_64_linux:
             argv += ["-boot", f"order={self.boot_order}"]
         netdev = "user,id=net0"
@@ -266,8 +280,23 @@ class Vm:
     def _tail(self, lines: int = 15) -> str:
         return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
 
+    def last_console_line(self) -> str:
+        """The guest's last non-empty console line, read from the log's end (safe from the progress thread)."""
+        try:
+            with self.spec.console_log.open("rb") as f:
+                f.seek(max(0, self.spec.console_log.stat().st_size - 2048))
+                tail = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        lines = [line for line in tail.replace("\r", "\n").splitlines() if printable(line)]
+        return lines[-1] if lines else ""
+
     def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
         """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""
+        with progress(self.spec.name, f"waiting for {what or repr(pattern)}", timeout, self.last_console_line):
+            return self._wait_for_console(pattern, timeout, what)
+
+    def _wait_for_console(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
         regex = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         searched_from = 0
@@ -310,7 +339,8 @@ class Vm:
         """Wait for the guest to power off (QEMU exits); VmTimeout past the deadline."""
         assert self.proc is not None
         try:
-            code = self.proc.wait(timeout=timeout)
+            with progress(self.spec.name, f"waiting for {what}", timeout, self.last_console_line):
+                code = self.proc.wait(timeout=timeout)
             process.check_interrupted()
         except subprocess.TimeoutExpired:
             raise VmTimeout(
@@ -336,7 +366,7 @@ def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool,
                                  workdir=spec.workdir / "kvm-canary", console_log=spec.workdir / "kvm-canary.log")
     canary.console_log.unlink(missing_ok=True)
     started = time.monotonic()
-    with Vm(canary) as vm:
+    with Vm(canary) as vm, progress(canary.name, "KVM canary boot", timeout, vm.last_console_line):
         stderr = canary.workdir / "qemu.stderr"
         while vm.elapsed() < timeout:
             errors = stderr.read_text(errors="replace") if stderr.exists() else ""

@@ -7,11 +7,15 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
   build:<artifact>   its drvPath (from eval), or the published file no longer matching its digest
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
+  check:<artifact>   its drvPath (not in the default run: it rebuilds the image to prove it reproducible)
+A boot or install that passed is kept in .cim/results by image digest and spec (pipeline.results): when its
+published log is gone the task runs, finds the pass and re-publishes it without a VM.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 import traceback
@@ -22,24 +26,29 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
-from doit.tools import config_changed
 
-from pipeline import boot, install, nix, process
+from pipeline import boot, install, nix, process, reproduce
 from pipeline.artifacts import (
+    JUNIT,
     MANIFEST,
     SUMS,
     ArtifactError,
     ArtifactRecord,
+    BootResult,
     BuildInfo,
+    InstallResult,
     Records,
+    ReproducibilityCheck,
     atomic_write_text,
     publish_file,
     sweep_temps,
+    utc_now,
 )
-from pipeline.domain import Artifact, Domain
+from pipeline.domain import Artifact, Domain, Host
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_text
-from pipeline.log import say, step
+from pipeline.log import progress, say, step
+from pipeline.results import PassStore
 from pipeline.runlock import RunLock
 from pipeline.validate import flake_files, load_checked, validate
 
@@ -53,6 +62,7 @@ class Context:
     domain: Domain
     artifacts_dir: Path
     state_dir: Path
+    results_dir: Path
 
     @functools.cached_property
     def records(self) -> Records:
@@ -60,9 +70,19 @@ class Context:
                        {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)})
 
     @functools.cached_property
+    def passes(self) -> PassStore:
+        """Boots and installs that passed, by image digest and spec: shared by every domain of this checkout."""
+        return PassStore(self.results_dir)
+
+    @functools.cached_property
     def files(self) -> list[str]:
         """The domain's flake files, walked once per run (validate and every eval depend on them)."""
         return flake_files(self.domain_dir)
+
+    @property
+    def dep_file(self) -> Path:
+        """doit's dependency DB (sqlite3) for this domain."""
+        return self.state_dir / "doit.sqlite3"
 
     @property
     def machine_state(self) -> Path:
@@ -102,18 +122,21 @@ def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
     return state_dir_for(root, domain_dir) / "artifacts" / key
 
 
-def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
+def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None,
+                 results_dir: Path | None = None) -> Context:
     """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
     State (the doit DB, records, VM work dirs) lives in `run_state_dir`: keyed by the domain's path and the artifacts
     directory, so two domains, two copies of one, or one domain into two directories never share cached facts.
-    `artifacts_dir` defaults to <root>/artifacts.
+    `artifacts_dir` defaults to <root>/artifacts.  Passed boots and installs are content-addressed, so they are
+    shared: `results_dir` defaults to <root>/.cim/results.
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
     artifacts = (root / (artifacts_dir or "artifacts")).resolve()
     return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=artifacts,
-                   state_dir=run_state_dir(root, domain_dir, artifacts))
+                   state_dir=run_state_dir(root, domain_dir, artifacts),
+                   results_dir=root / (results_dir or Path(".cim") / "results"))
 
 
 # doit commands that only read the graph or its state: they take no run lock and never wait.
@@ -202,7 +225,23 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
-def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
+class spec_dep:
+    """Up to date while a spec (what decides a test besides its image) is the one of our last success.
+
+    Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
+    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.digest = xxh3_text(json.dumps(spec, sort_keys=True))
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
+        return bool(values.get("spec_digest") == self.digest)
+
+
+class outputs_intact:
     """Up to date while every file the task published under *this run's* artifacts directory is still there with the
     digest it was published with: a task whose output was replaced or removed runs again.
 
@@ -211,10 +250,13 @@ def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
     nothing a later task's `getargs` compares (doit re-runs a task whose getargs source returned something else).
     """
 
-    def saved_stamps(task: Any) -> dict[str, Any]:
+    def __init__(self, artifacts_dir: Path) -> None:
+        self.artifacts_dir = artifacts_dir
+
+    def _stamps(self, task: Any) -> dict[str, Any]:
         stamps = {}
         for rel in task.values.get("outputs") or []:
-            path = ctx.artifacts_dir / rel
+            path = self.artifacts_dir / rel
             try:
                 stat = path.stat()
                 stamps[rel] = [stat.st_mtime, stat.st_size, xxh3_file(path)]
@@ -222,26 +264,31 @@ def outputs_intact(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
                 continue  # gone already: the next check finds it missing
         return {"stamps": stamps}
 
-    def check(task: Any, values: dict[str, Any]) -> bool:
-        task.value_savers.append(lambda: saved_stamps(task))
+    def problems(self, values: dict[str, Any]) -> list[str]:
+        """Why the outputs are not intact, in words (none when they are)."""
         stamps = values.get("stamps")
-        if not isinstance(stamps, dict) or not stamps or set(stamps) != set(values.get("outputs") or []):
-            return False
+        outputs = values.get("outputs") or []
+        if not isinstance(stamps, dict) or not stamps:
+            return ["no published file is recorded for it"]
+        found = [f"the published {rel} was not stamped at its last run" for rel in outputs if rel not in stamps]
         checker = XXH3Checker()
         for rel, (mtime, size, digest) in stamps.items():
-            path = ctx.artifacts_dir / rel
+            path = self.artifacts_dir / rel
             try:
                 stat = os.stat(path)
             except OSError:
-                return False
+                found.append(f"the published {rel} is missing")
+                continue
             if checker.check_modified(str(path), stat, (mtime, size, digest)):
-                return False
-        return True
+                found.append(f"the published {rel} no longer has the digest it was published with")
+        return found
 
-    return check
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: self._stamps(task))
+        return not self.problems(values)
 
 
-def published(ctx: Context, *paths: Path) -> list[str]:
+def relative_outputs(ctx: Context, *paths: Path) -> list[str]:
     """The value "outputs" of a task: the files it published, relative to the artifacts directory."""
     return [str(p.relative_to(ctx.artifacts_dir)) for p in paths]
 
@@ -272,7 +319,7 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
-    with step(f"eval:{host}", "evaluated", announce=False):
+    with step(f"eval:{host}", "evaluated", announce=False), progress(f"eval:{host}", "nix eval", nix.EVAL_TIMEOUT):
         drvs = nix.eval_host(ctx.domain_dir, host)
         for attr, drv in sorted(drvs.items()):
             say(f"eval:{host}", f"{attr} = {drv}")
@@ -307,7 +354,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
-    with step(name, "built", announce=False) as built:
+    with step(name, "built", announce=False) as built, progress(name, "nix build", nix.BUILD_TIMEOUT):
         result = nix.build(drv, options=plan.options)
     out = Path(result.outputs["out"])
     product = nix.hydra_product(out, artifact.format.product_type)
@@ -327,10 +374,11 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         host=artifact.host, format=artifact.format.value, system=artifact.system.value, drvPath=drv,
         outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
         build=BuildInfo(strategy=plan.strategy.value, reason=plan.reason, seconds=built.seconds,
-                        log=f"{name}/build.log")))
+                        log=f"{name}/build.log", at=utc_now())))
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
-            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value, "outputs": published(ctx, dest, build_log)}
+            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value,
+            "outputs": relative_outputs(ctx, dest, build_log)}
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -340,22 +388,56 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
             "doc": f"nix build the {artifact.format.value} image of {artifact.host} ({artifact.system.value})",
             "actions": [(build_action, [ctx, artifact])],
             "getargs": {"drvs": (f"eval:{artifact.host}", None)},
-            "uptodate": [value_dep(f"eval:{artifact.host}", artifact.format.attribute), outputs_intact(ctx)],
+            "uptodate": [value_dep(f"eval:{artifact.host}", artifact.format.attribute),
+                         outputs_intact(ctx.artifacts_dir)],
             "verbosity": 2,
         }
 
 
 # -- boot -------------------------------------------------------------------------------------------------------------
 
+def boot_outputs(ctx: Context, artifact: str, host: Host) -> list[Path]:
+    """What a boot publishes: the console log, and the hardware report where the host sends one."""
+    outputs = [ctx.artifact_dir(artifact) / "boot.log"]
+    if boot.reports_inventory(host):
+        outputs.append(ctx.artifact_dir(artifact) / "inventory.json")
+    return outputs
+
+
 @user_errors
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
-    log = ctx.artifact_dir(name) / "boot.log"
-    outcome = boot.boot_test(
-        artifact, ctx.domain.hosts[artifact.host], ctx.artifacts_dir / image["file"], image["xxh3"],
-        workdir=ctx.vm_dir(name), log_dest=log, log_name=f"{name}/boot.log",
-        machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
-    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": published(ctx, log)}
+    host = ctx.domain.hosts[artifact.host]
+    fingerprint = boot.fingerprint(artifact, host)
+    log_dest = ctx.artifact_dir(name) / "boot.log"
+    report = ctx.state_dir / "inventory" / f"{name}.json"  # the hardware report this boot received
+    kept_files = {"boot.log": log_dest, **({"inventory.json": report} if boot.reports_inventory(host) else {})}
+    kept = ctx.passes.find("boot", image["xxh3"], fingerprint, tuple(kept_files))
+    if kept:
+        # These bytes passed this VM before (only the policy or the declared hardware may have changed): the
+        # result, its console log and its hardware report come back from the pass store, no VM boots.
+        outcome = BootResult.model_validate(kept.restore(kept_files))
+        ctx.records.save_boot(name, outcome)
+        say(name, f"these bytes passed this boot test before: result, console log and hardware report "
+                  f"re-published from {kept.path}, no VM")
+    else:
+        report.unlink(missing_ok=True)
+        outcome = boot.boot_test(
+            artifact, host, ctx.artifacts_dir / image["file"], image["xxh3"],
+            workdir=ctx.vm_dir(name), log_dest=log_dest, log_name=f"{name}/boot.log",
+            machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name),
+            report_keep=report)
+        if outcome.result == "pass":
+            ctx.passes.keep("boot", image["xxh3"], fingerprint, outcome.model_dump(mode="json"),
+                            {n: f for n, f in kept_files.items() if f.exists()})
+    if boot.reports_inventory(host):
+        boot.reconcile_inventory(
+            artifact, host, ctx.domain.inventory, report=report, published=ctx.artifact_dir(name) / "inventory.json",
+            report_name=f"{name}/inventory.json", image_xxh3=image["xxh3"], accel=outcome.accel, log_dest=log_dest,
+            log_name=f"{name}/boot.log",
+            record=functools.partial(ctx.records.save_inventory, name))
+    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds,
+            "outputs": relative_outputs(ctx, *boot_outputs(ctx, artifact.name, host))}
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -363,11 +445,14 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
         host = ctx.domain.hosts[artifact.host]
         yield {
             "name": artifact.name,
-            "doc": f"boot {artifact.name} in QEMU and run its probes",
+            "doc": f"boot {artifact.name} in QEMU, run its probes and reconcile its hardware report",
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
+            # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
+            # which a change of them re-runs from the kept report without a VM (boot_action).
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host)), outputs_intact(ctx)],
+                         spec_dep(boot.spec(artifact, host, ctx.domain.inventory)),
+                         outputs_intact(ctx.artifacts_dir)],
             "verbosity": 2,
         }
 
@@ -377,19 +462,27 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
     artifact = f"{host_name}-iso"
-    log = ctx.artifact_dir(artifact) / "install.log"
-    outcome = install.verify(
-        host_name, ctx.domain.hosts[host_name], ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
-        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log,
-        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
-    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": published(ctx, log)}
-
-
-def install_fingerprint(ctx: Context, host_name: str) -> str:
-    """What, besides the ISO and the disk-config file, decides an install test."""
     host = ctx.domain.hosts[host_name]
-    assert host.install is not None
-    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
+    log_dest = ctx.artifact_dir(artifact) / "install.log"
+    # A pass is kept by the ISO's bytes and everything else that decides the install: the plan the installer is
+    # handed (from disk-config.nix and the disk size), the disk it installs onto, the VM's memory.
+    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
+    kept = ctx.passes.find("install", image["xxh3"], spec, ("install.log",))
+    if kept:
+        reused = InstallResult.model_validate(kept.restore({"install.log": log_dest}))
+        ctx.records.save_install(artifact, reused)
+        say(f"install:{host_name}", f"this ISO passed this install before: result and log re-published from "
+                                    f"{kept.path}, no VM")
+        return {"iso_xxh3": image["xxh3"], "seconds": reused.seconds, "reused": True,
+                "outputs": relative_outputs(ctx, log_dest)}
+    outcome = install.verify(
+        host_name, host, ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log_dest,
+        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
+    if outcome.result == "pass":
+        ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
+    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
 
 
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -403,7 +496,40 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name)), outputs_intact(ctx)],
+                         spec_dep(install.spec(host_name, host)),
+                         outputs_intact(ctx.artifacts_dir)],
+            "verbosity": 2,
+        }
+
+
+# -- check (reproducibility) ------------------------------------------------------------------------------------------
+
+@user_errors
+def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
+    name, task = artifact.name, f"check:{artifact.name}"
+    plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
+    say(task, f"checking {image['drvPath']} and what it is made from ({plan.describe()})")
+    result = reproduce.check(image["drvPath"], options=plan.options, progress=lambda line: say(task, line))
+    ctx.records.save_check(name, ReproducibilityCheck(
+        reproducible=result.reproducible, sha256=image["sha256"], derivations=result.derivations,
+        seconds=result.seconds, derivation=result.derivation or None, differs=result.differs or None))
+    if not result.reproducible:
+        return TaskFailed(f"{name} is not reproducible: {result.derivation} gave other bytes when rebuilt; first "
+                          f"difference: {result.differs}. Find what its builder takes from the clock, the build "
+                          "machine or chance, and fix it.")
+    say(task, f"reproducible: {len(result.derivations)} derivation(s) rebuilt bit for bit in {result.seconds} s; "
+              f"image sha256 {image['sha256']}")
+    return {"drvPath": image["drvPath"], "sha256": image["sha256"], "derivations": result.derivations}
+
+
+def task_check(ctx: Context) -> Iterator[dict[str, Any]]:
+    for artifact in ctx.domain.artifacts():
+        yield {
+            "name": artifact.name,
+            "doc": f"rebuild {artifact.name} and the derivations it is made from; fail unless bit for bit the same",
+            "actions": [(check_action, [ctx, artifact])],
+            "getargs": {"image": (f"build:{artifact.name}", None)},
+            "uptodate": [value_dep(f"build:{artifact.name}", "drvPath")],
             "verbosity": 2,
         }
 
@@ -415,19 +541,21 @@ def release_action(ctx: Context) -> dict[str, Any]:
     manifest = ctx.records.rebuild()
     problems = []
     for name, record in manifest.artifacts.items():
-        # Content was checked by each build:<artifact> this run (published_intact); here only that it is there.
+        # Content was checked by each build:<artifact> this run (outputs_intact); here only that it is there.
         path = ctx.artifacts_dir / record.file
         if not path.is_file() or path.stat().st_size != record.size:
             problems.append(f"{name}: {path} does not match its build record")
         if record.boot is None or record.boot.result != "pass":
             problems.append(f"{name}: boot test has not passed")
+        if record.inventory is not None and record.inventory.result != "pass":
+            problems.append(f"{name}: hardware inventory differs under policy 'enforce' ({record.inventory.summary})")
     if problems:
         raise ArtifactError("release refused: " + "; ".join(problems) + ".",
                             hint="Run `doit` again to rebuild and re-test them.")
     say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / MANIFEST}, "
                    f"checksums in {ctx.artifacts_dir / SUMS}")
     return {"artifacts": sorted(manifest.artifacts),
-            "outputs": published(ctx, ctx.artifacts_dir / MANIFEST, ctx.artifacts_dir / SUMS)}
+            "outputs": relative_outputs(ctx, *(ctx.artifacts_dir / name for name in (MANIFEST, SUMS, JUNIT)))}
 
 
 def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
@@ -450,6 +578,18 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
         "task_dep": deps,
-        "uptodate": [records_unchanged(ctx), outputs_intact(ctx)],
+        "uptodate": [records_unchanged(ctx), outputs_intact(ctx.artifacts_dir)],
         "verbosity": 2,
+    }
+
+
+def creators(ctx: Context) -> dict[str, Callable[[], Any]]:
+    """The task creators of `ctx`'s graph by name, as doit loads them from dodo.py (and `cim status` from here)."""
+    return {
+        "task_validate": lambda: task_validate(ctx),
+        "task_eval": lambda: task_eval(ctx),
+        "task_build": lambda: task_build(ctx),
+        "task_boot": lambda: task_boot(ctx),
+        "task_install": lambda: task_install(ctx),
+        "task_release": lambda: task_release(ctx),
     }

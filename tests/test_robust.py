@@ -29,11 +29,16 @@ from pipeline.tasks import run_state_dir, state_dir_for
 pytestmark = [pytest.mark.nix, needs_demo]
 
 
+def env_for(artifacts: Path) -> dict[str, str]:
+    """The test's own kept passes (beside its artifacts directory), so a test that means to boot a VM boots one."""
+    return {**os.environ, "CIM_RESULTS": str(artifacts.parent / "results")}
+
+
 def run_doit(domain: Path, artifacts: Path, *args: str, timeout: float = 900,
              check: bool = False) -> subprocess.CompletedProcess[str]:
     """`doit domain=… artifacts=… ARGS…` from the repository root, to completion."""
     proc = process.run([sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args],
-                       cwd=ROOT, timeout=timeout)
+                       cwd=ROOT, timeout=timeout, env=env_for(artifacts))
     if check and proc.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -44,7 +49,7 @@ def background_doit(domain: Path, artifacts: Path, log: Path, *args: str) -> Ite
     """doit in its own process group, output (stdout and stderr) in `log`; its group is killed on the way out."""
     with log.open("wb") as out, process.spawn(
             [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args],
-            stdout=out, cwd=ROOT) as proc:
+            stdout=out, cwd=ROOT, env=env_for(artifacts)) as proc:
         yield proc
 
 
@@ -242,7 +247,8 @@ def test_shared_and_new_artifacts_directories(demo_domain: Path, artifacts_dir: 
     # The same domain into a new directory: everything is published there and the run completes.
     new = tmp_path / "new-artifacts"
     try:
-        run_doit(demo_domain, new, check=True)
+        moved = run_doit(demo_domain, new, check=True)
+        assert "booting " not in moved.stdout and "phase installer" not in moved.stdout, "passes come from .cim"
         fresh = manifest(new)
         assert sorted(fresh["artifacts"]) == ["vhost-dev-iso", "vhost-pi-sd"]
         for name, record in fresh["artifacts"].items():
