@@ -10,8 +10,8 @@ from pathlib import Path
 
 from doit import get_var
 
-from pipeline import install, tasks
-from pipeline.domain import DomainError
+from pipeline import tasks
+from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker
 
 ROOT = Path(__file__).resolve().parent
@@ -21,9 +21,9 @@ try:
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
     )
-except DomainError as exc:
+except CimError as exc:
     # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
-    sys.stderr.write(f"error: {exc}\n")
+    sys.stderr.write(f"error: {exc.report()}\n")
     sys.exit(2)
 
 DOIT_CONFIG = {
@@ -54,7 +54,7 @@ def task_boot():
 
 
 def task_install():
-    yield from install.task_install(CTX)
+    yield from tasks.task_install(CTX)
 
 
 def task_release():

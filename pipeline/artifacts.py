@@ -1,8 +1,10 @@
-"""Published artifacts: atomic writes, per-artifact records, `manifest.json` and `SHA256SUMS`.
+"""Published artifacts: atomic writes, typed per-artifact records, `manifest.json` and `SHA256SUMS`.
 
 Every file under artifacts/ is written to a temporary name in the same directory and renamed into place, so an
-interrupted run leaves the previous file or none — never half of one.  Tasks record what they learned in
-`<state>/records/<artifact>.json`; the manifest is rebuilt from those records under a lock, since tasks run in parallel.
+interrupted run leaves the previous file or none — never half of one.  What the tasks learn about an artifact is an
+`ArtifactRecord` (its image, then its build, boot and install results), kept in `<state>/records/<artifact>.json`;
+`Records` is their one writer and one reader, and rebuilds the manifest from them under a lock, since tasks run in
+parallel.  `manifest.json` is a `Manifest`; `cim schema manifest` prints its JSON Schema.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import xxhash
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import CimError
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 
 
-class ArtifactError(Exception):
+class ArtifactError(CimError):
     """An artifact could not be published or does not match its record."""
 
 
@@ -82,8 +87,99 @@ def _locked(state_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# -- the records ------------------------------------------------------------------------------------------------------
+
+class Record(BaseModel):
+    """Base of every record: fields unknown to this version (an older or newer record) are ignored when read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+Outcome = Literal["pass", "fail"]
+
+
+class BuildInfo(Record):
+    """How the image was built."""
+
+    strategy: str  # native, emulation or remote (pipeline.nix.Strategy)
+    reason: str
+    seconds: float
+    log: str  # relative to the artifacts directory
+
+
+class ProbeResult(Record):
+    """One probe against a booted image."""
+
+    probe: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+class BootResult(Record):
+    """A boot test of the image whose xxh3 is `image_xxh3`."""
+
+    result: Outcome
+    accel: str
+    log: str
+    image_xxh3: str
+    seconds: float = 0.0
+    probes: list[ProbeResult] = Field(default_factory=list)
+    error: str | None = None
+
+
+class InstallResult(Record):
+    """An install verification from the ISO whose xxh3 is `image_xxh3`."""
+
+    result: Outcome
+    log: str
+    image_xxh3: str
+    disk_mib: int
+    plan: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+    phases: dict[str, float] = Field(default_factory=dict)
+    checks: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ArtifactRecord(Record):
+    """One image and what was learned about it; its boot and install results belong to its bytes (`xxh3`)."""
+
+    host: str
+    format: str
+    system: str
+    drvPath: str
+    outPath: str
+    file: str  # relative to the artifacts directory
+    size: int
+    sha256: str
+    xxh3: str
+    build: BuildInfo
+    boot: BootResult | None = None
+    install: InstallResult | None = None
+
+
+class Manifest(Record):
+    """artifacts/manifest.json."""
+
+    domain: str
+    fqdn: str
+    domain_dir: str
+    generated: str  # UTC, ISO 8601
+    artifacts: dict[str, ArtifactRecord]
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest.json."""
+    return Manifest.model_json_schema()
+
+
+def _dump(model: BaseModel) -> str:
+    return json.dumps(model.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True) + "\n"
+
+
 class Records:
-    """What the tasks learned about each artifact, and the manifest built from it."""
+    """What the tasks learned about each artifact, and the manifest built from it: the one writer and reader."""
 
     def __init__(self, state_dir: Path, artifacts_dir: Path, domain_meta: dict[str, str]) -> None:
         self.dir = state_dir / "records"
@@ -91,28 +187,44 @@ class Records:
         self.artifacts_dir = artifacts_dir
         self.domain_meta = domain_meta
 
-    def load(self, artifact: str) -> dict[str, Any]:
-        path = self.dir / f"{artifact}.json"
+    def load(self, artifact: str) -> ArtifactRecord | None:
+        """The artifact's record, or None when it has none (or an unreadable one: the tasks make it again)."""
         try:
-            data = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            return ArtifactRecord.model_validate_json((self.dir / f"{artifact}.json").read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
 
-    def all(self) -> dict[str, dict[str, Any]]:
+    def all(self) -> dict[str, ArtifactRecord]:
         if not self.dir.is_dir():
             return {}
-        return {p.stem: self.load(p.stem) for p in sorted(self.dir.glob("*.json"))}
+        records = {p.stem: self.load(p.stem) for p in sorted(self.dir.glob("*.json"))}
+        return {name: record for name, record in records.items() if record is not None}
 
-    def update(self, artifact: str, clear: tuple[str, ...] = (), **fields: Any) -> None:
-        """Merge `fields` into the artifact's record (dropping the `clear` ones) and rebuild the manifest and sums."""
+    def save_build(self, artifact: str, record: ArtifactRecord) -> None:
+        """A newly published image; the old boot and install results stay only if the bytes are the same."""
+        with _locked(self.state_dir):
+            old = self.load(artifact)
+            if old is not None and old.xxh3 == record.xxh3:
+                record = record.model_copy(update={"boot": old.boot, "install": old.install})
+            self._write(artifact, record)
+
+    def save_boot(self, artifact: str, result: BootResult) -> None:
+        self._save_result(artifact, boot=result)
+
+    def save_install(self, artifact: str, result: InstallResult) -> None:
+        self._save_result(artifact, install=result)
+
+    def _save_result(self, artifact: str, **results: Record) -> None:
         with _locked(self.state_dir):
             record = self.load(artifact)
-            for name in clear:
-                record.pop(name, None)
-            record.update(fields)
-            atomic_write_text(self.dir / f"{artifact}.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-            self._write_manifest()
+            if record is None:
+                raise ArtifactError(f"{artifact} has no build record in {self.dir}, so its results cannot be kept.",
+                                    hint="Run `doit` again: the build re-publishes the image and its record.")
+            self._write(artifact, record.model_copy(update=results))
+
+    def _write(self, artifact: str, record: ArtifactRecord) -> None:
+        atomic_write_text(self.dir / f"{artifact}.json", _dump(record))
+        self._write_manifest()
 
     def drop(self, keep: set[str]) -> None:
         """Forget records of artifacts the domain no longer has."""
@@ -122,19 +234,27 @@ class Records:
                     path.unlink()
             self._write_manifest()
 
-    def _write_manifest(self) -> None:
-        records = self.all()
-        manifest = {**self.domain_meta, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "artifacts": records}
-        atomic_write_text(self.artifacts_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        lines = []
-        for record in records.values():
-            if record.get("file") and record.get("sha256"):
-                lines.append(f"{record['sha256']}  {record['file']}\n")
-        atomic_write_text(self.artifacts_dir / SUMS, "".join(sorted(lines, key=lambda ln: ln.split()[1])))
+    def digest_source(self) -> str:
+        """Every record as one text: what the release's up-to-date check compares."""
+        return json.dumps({name: r.model_dump(mode="json") for name, r in self.all().items()}, sort_keys=True)
 
-    def rebuild(self) -> dict[str, Any]:
-        with _locked(self.state_dir):
-            self._write_manifest()
-        manifest: dict[str, Any] = json.loads((self.artifacts_dir / MANIFEST).read_text())
+    def _write_manifest(self) -> Manifest:
+        records = self.all()
+        manifest = Manifest(**self.domain_meta, generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            artifacts=records)
+        atomic_write_text(self.artifacts_dir / MANIFEST, _dump(manifest))
+        lines = sorted(f"{record.sha256}  {record.file}\n" for record in records.values())
+        atomic_write_text(self.artifacts_dir / SUMS, "".join(sorted(lines, key=lambda ln: ln.split()[1])))
         return manifest
+
+    def rebuild(self) -> Manifest:
+        """Write manifest.json and SHA256SUMS from the records now; the manifest written."""
+        with _locked(self.state_dir):
+            return self._write_manifest()
+
+    def read_manifest(self) -> Manifest | None:
+        """The published manifest.json, or None when there is none (or it is unreadable)."""
+        try:
+            return Manifest.model_validate_json((self.artifacts_dir / MANIFEST).read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None

@@ -1,70 +1,84 @@
-"""`cim`: thin commands over the library.  The task graph itself runs with `doit` (see dodo.py)."""
+"""`cim`: thin commands over the library.  The task graph itself runs with `doit` (see dodo.py).
+
+Library errors (`CimError`) are caught in one place, `main()`, and printed as `error: <message>` plus the hint.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from pipeline.diskplan import DiskPlanError
-from pipeline.domain import DomainError, json_schema, load_domain
-from pipeline.nix import NixError
+from pipeline.artifacts import manifest_schema
+from pipeline.domain import DomainError, json_schema
+from pipeline.errors import CimError
+from pipeline.install import plan_for
+from pipeline.validate import load_checked, validate
 
 DEFAULT_DOMAIN = "configs/cim"
 
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+# What `cim schema NAME` prints: the JSON Schema of each document the pipeline reads or writes.
+SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {"domain": json_schema, "manifest": manifest_schema}
 
 
 @click.group()
-def main() -> None:
+def cli() -> None:
     """cim-pipeline: build, boot-test and install-test the images of a NixOS domain (tasks run with `doit`)."""
 
 
-@main.command()
-def schema() -> None:
-    """Print the JSON Schema of domain.json."""
-    click.echo(json.dumps(json_schema(), indent=2))
+@cli.command()
+@click.argument("name", type=click.Choice(sorted(SCHEMAS)), default="domain")
+def schema(name: str) -> None:
+    """Print the JSON Schema of domain.json (default) or of manifest.json."""
+    click.echo(json.dumps(SCHEMAS[name](), indent=2))
 
 
-@main.command()
+@cli.command("validate")
 @click.argument("domain_dir", type=click.Path(path_type=Path), default=DEFAULT_DOMAIN)
-def validate(domain_dir: Path) -> None:
-    """Validate DOMAIN_DIR/domain.json and list its hosts and images."""
-    try:
-        domain = load_domain(domain_dir)
-    except DomainError as exc:
-        _fail(exc)
-        return
-    click.echo(f"{domain.name} ({domain.fqdn}): {len(domain.hosts)} host(s)")
+def validate_cmd(domain_dir: Path) -> None:
+    """Check DOMAIN_DIR as `doit validate` does (domain.json, flake.nix, named files, .nix syntax); list it."""
+    checked = validate(domain_dir)
+    domain = checked.domain
+    click.echo(f"{domain.name} ({domain.fqdn}): {len(domain.hosts)} host(s), {len(checked.nix_files)} .nix file(s) "
+               "parse")
     for name, host in domain.hosts.items():
         images = ", ".join(f"{name}-{fmt.value}" for fmt in host.images) or "no images"
         guests = ", ".join(g.name for g in host.guests) or "no guests"
         click.echo(f"  {name:12} {host.system.value:14} {images:24} guests: {guests}")
 
 
-@main.command("disk-plan")
+@cli.command("disk-plan")
 @click.argument("host")
 @click.option("--domain", "domain_dir", type=click.Path(path_type=Path), default=DEFAULT_DOMAIN, show_default=True)
 def disk_plan(host: str, domain_dir: Path) -> None:
     """Show how HOST's disk-config.nix would be installed (partitions, sizes, file systems)."""
-    from pipeline.install import plan_for
-
-    try:
-        domain = load_domain(domain_dir)
-        if host not in domain.hosts:
-            raise DomainError(f"{domain_dir / 'domain.json'}: no host {host!r} (hosts: {', '.join(domain.hosts)})")
-        plan = plan_for(domain_dir, host, domain.hosts[host])
-    except (DomainError, DiskPlanError, NixError) as exc:
-        _fail(exc)
-        return
+    domain = load_checked(domain_dir)
+    if host not in domain.hosts:
+        raise DomainError(f"{domain_dir / 'domain.json'}: no host {host!r}.",
+                          hint=f"Name one of its hosts: {', '.join(domain.hosts)}.")
+    plan = plan_for(domain_dir, host, domain.hosts[host])
     click.echo(f"disk {plan.disk} ({plan.disk_mib} MiB):")
     for line in plan.describe():
         click.echo(f"  {line}")
+
+
+def main() -> None:
+    """The `cim` entry point: a library error is the user's message and hint, exit code 2, no traceback."""
+    try:
+        cli(standalone_mode=False)
+    except CimError as exc:
+        click.echo(f"error: {exc.report()}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import nix
+from pipeline.errors import CimError
 
 FORMATS = {"vfat", "ext4"}
 # GPT type codes (sgdisk's short form) → partition type GUIDs, as disko writes them.
@@ -27,7 +28,7 @@ ALIGN_MIB = 1  # first partition at 1 MiB, as sgdisk/disko align
 GPT_BACKUP_MIB = 1  # room for the backup GPT at the end of the disk
 
 
-class DiskPlanError(Exception):
+class DiskPlanError(CimError):
     """The disk-config cannot be installed; the message names the attribute."""
 
 
@@ -197,7 +198,8 @@ def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
     try:
         devices = nix.eval_file_json(disk_config, apply=_APPLY)
     except nix.NixError as exc:
-        raise DiskPlanError(f"{disk_config}: cannot be evaluated as a disko config. {exc}") from None
+        raise DiskPlanError(f"{disk_config}: cannot be evaluated as a disko config. {exc}", exc.hint,
+                            exc.detail) from None
     if not isinstance(devices, dict):
         raise DiskPlanError(f"{disk_config}: disko.devices is not an attribute set.")
     return plan_from_devices(devices, disk, disk_mib, str(disk_config))

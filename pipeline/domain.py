@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.errors import CimError
+
 DOMAIN_FILE = "domain.json"
 
 _SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+")
@@ -31,7 +33,7 @@ _SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@o
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class DomainError(Exception):
+class DomainError(CimError):
     """A domain that cannot be used; `str()` is the one-paragraph message the user reads."""
 
 
@@ -364,28 +366,25 @@ def parse_domain(data: Any, source: str) -> Domain:
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors()[:5])
         more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
-        raise DomainError(f"{source}: {problems}{more}. Fix the field(s) named and run again.") from None
+        raise DomainError(f"{source}: {problems}{more}.", hint="Fix the field(s) named and run again.") from None
 
 
 def load_domain(directory: Path) -> Domain:
     """Read and validate `<directory>/domain.json`."""
     path = directory / DOMAIN_FILE
     if not directory.is_dir():
-        raise DomainError(
-            f"{directory}: no such domain directory. Pass an existing one with `doit domain=DIR` or CIM_DOMAIN=DIR "
-            "(the demo is configs/demo)."
-        )
+        raise DomainError(f"{directory}: no such domain directory.",
+                          hint="Pass an existing one with `doit domain=DIR` or CIM_DOMAIN=DIR (the demo is "
+                               "configs/demo).")
     if not path.is_file():
-        raise DomainError(f"{path}: file not found. A domain directory holds domain.json beside its flake.nix.")
+        raise DomainError(f"{path}: file not found.", hint="A domain directory holds domain.json beside its flake.nix.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DomainError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. Fix the syntax there "
-            "(`python3 -m json.tool` shows it too)."
-        ) from None
+        raise DomainError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.",
+                          hint="Fix the syntax there (`python3 -m json.tool` shows it too).") from None
     except UnicodeDecodeError as exc:
-        raise DomainError(f"{path}: not UTF-8 text ({exc.reason}). Save it as UTF-8.") from None
+        raise DomainError(f"{path}: not UTF-8 text ({exc.reason}).", hint="Save it as UTF-8.") from None
     return parse_domain(data, str(path))
 
 

@@ -14,33 +14,28 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from doit.tools import config_changed
 
 from pipeline import probes
-from pipeline.artifacts import atomic_write_text
+from pipeline.artifacts import InstallResult, atomic_write_text
 from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
-from pipeline.domain import Format, Host, System
-from pipeline.hashing import xxh3_text
+from pipeline.domain import Domain, Format, Host, System
+from pipeline.errors import CimError
+from pipeline.log import say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
-
-if TYPE_CHECKING:
-    from pipeline.tasks import Context
 
 
 class InstallError(VmError):
     """The install did not produce a disk that boots as declared; the message names the phase and the log."""
 
 
-def installable_hosts(ctx: Context) -> list[str]:
+def installable_hosts(domain: Domain) -> list[str]:
     """Hosts with an install section and an ISO to install from (each has an install:<host> task)."""
-    return [name for name, host in ctx.domain.hosts.items() if host.install and Format.iso in host.images]
+    return [name for name, host in domain.hosts.items() if host.install and Format.iso in host.images]
 
 
 def disk_mib(host: Host) -> int:
@@ -117,19 +112,20 @@ def _phase_error(exc: VmError, phase: str) -> InstallError:
     return InstallError(f"install phase '{phase}' {kind}: {exc}")
 
 
-def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.tasks import say
+def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
+           log_dest: Path, log_name: str, record: Callable[[InstallResult], None]) -> InstallResult:
+    """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it.
 
-    host = ctx.domain.hosts[host_name]
+    `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
+    work is refused (DiskPlanError) before any VM.
+    """
     assert host.install is not None
-    artifact = f"{host_name}-iso"
     task = f"install:{host_name}"
-    plan = plan_for(ctx.domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
+    plan = plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
-    workdir = ctx.vm_dir(f"{host_name}-install")
-    log_dest = ctx.artifact_dir(artifact) / "install.log"
+    workdir.mkdir(parents=True, exist_ok=True)
     plan_file = workdir / "install-plan.txt"
     plan_file.write_text(plan.installer_text())
     disk = workdir / "disk.qcow2"
@@ -142,7 +138,7 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
         name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
         console_log=workdir / "installer.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
         firmware=Firmware.bios, boot_order="d", published_log=log_dest,
-        drives=(Drive(Path(image["path"]), media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
+        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
         extra=("-fw_cfg", f"name=opt/cim/install-plan,file={plan_file}"),
     )
     disk_boot = VmSpec(
@@ -151,13 +147,12 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
         firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),), published_log=log_dest,
     )
     started = time.monotonic()
-    outcome: dict[str, Any] = {"result": "fail", "log": f"{artifact}/install.log", "disk_mib": plan.disk_mib,
-                               "plan": plan.describe(), "image_xxh3": image["xxh3"]}
     phases: dict[str, float] = {}
+    checks: list[str] = []
+    error: str | None = None
     try:
-        phase_started = time.monotonic()
-        say(task, f"phase installer: booting {Path(image['path']).name} (BIOS, TCG) beside the blank disk")
-        with Vm(installer) as vm:
+        with step(task, f"phase installer: {image.name} (BIOS) beside the blank disk") as phase, \
+                Vm(installer) as vm:
             try:
                 vm.wait_for_console(r"boot:", timeout, "the isolinux boot: prompt")
                 vm.type_console("install\r")
@@ -168,42 +163,42 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
                         f"install phase 'installer' failed: the ISO booted its live system instead of the "
                         f"installer (the 'install' typed at the isolinux prompt was missed); log {log_dest}")
                 say(task, "installer started; partitioning, formatting, copying, installing systemd-boot")
-                remaining = max(1.0, timeout - (time.monotonic() - phase_started))
+                remaining = max(1.0, timeout - phase.seconds)
                 vm.wait_for_exit(remaining, "clean power-off after the install")
+            except InstallError:
+                raise
             except VmError as exc:
                 raise _phase_error(exc, "installer") from None
             console = vm.console
-        failed = re.search(r"^cim-install: FAILED: .*$", console, re.M)
-        if failed or "cim-install: done" not in console:
-            raise InstallError(f"install phase 'installer' failed: {failed.group(0) if failed else 'no done line'}; "
-                               f"log {log_dest}")
-        phases["installer"] = round(time.monotonic() - phase_started, 1)
-        say(task, f"installer powered off cleanly after {phases['installer']} s")
+            failed = re.search(r"^cim-install: FAILED: .*$", console, re.M)
+            if failed or "cim-install: done" not in console:
+                raise InstallError(f"install phase 'installer' failed: "
+                                   f"{failed.group(0) if failed else 'no done line'}; log {log_dest}")
+        phases["installer"] = phase.seconds
 
-        phase_started = time.monotonic()
-        say(task, "phase disk-boot: booting the disk alone (UEFI/OVMF → systemd-boot)")
-        with Vm(disk_boot) as vm:
+        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → systemd-boot)") as phase, Vm(disk_boot) as vm:
             try:
                 vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
             except VmError as exc:
                 raise _phase_error(exc, "disk-boot") from None
             console = vm.console
-        phases["disk-boot"] = round(time.monotonic() - phase_started, 1)
+        phases["disk-boot"] = phase.seconds
         checks = check_installed(plan, console)
         for line in checks:
             say(task, f"check: {line}")
-        outcome.update(result="pass", checks=checks)
-    except (VmError, DiskPlanError) as exc:
-        outcome["error"] = str(exc).splitlines()[0]
+    except CimError as exc:
+        error = str(exc).splitlines()[0]
         raise
     finally:
-        outcome["seconds"] = round(time.monotonic() - started, 1)
-        outcome["phases"] = phases
+        outcome = InstallResult(result="fail" if error is not None or not checks else "pass", log=log_name,
+                                image_xxh3=image_xxh3, disk_mib=plan.disk_mib, plan=plan.describe(),
+                                seconds=round(time.monotonic() - started, 1), phases=phases, checks=checks,
+                                error=error)
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
-        ctx.records.update(artifact, install=outcome)
+        record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)
-    say(task, f"install verified in {outcome['seconds']} s; log {log_dest}")
-    return {"iso_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
+    say(task, f"install verified in {outcome.seconds} s; log {log_dest}")
+    return outcome
 
 
 def _publish_install_log(installer_log: Path, disk_log: Path, dest: Path) -> None:
@@ -213,27 +208,3 @@ def _publish_install_log(installer_log: Path, disk_log: Path, dest: Path) -> Non
         parts.append("\n=== phase disk-boot: second boot, from the installed disk alone (UEFI) ===\n")
         parts.append(disk_log.read_text(errors="replace"))
     atomic_write_text(dest, "".join(parts))
-
-
-def install_fingerprint(ctx: Context, host_name: str) -> str:
-    host = ctx.domain.hosts[host_name]
-    assert host.install is not None
-    return xxh3_text(host.install.disk, str(disk_mib(host)), str(host.boot.memory_mib))
-
-
-def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
-    from pipeline.tasks import user_errors, value_dep
-
-    for host_name in installable_hosts(ctx):
-        host = ctx.domain.hosts[host_name]
-        assert host.install is not None
-        yield {
-            "name": host_name,
-            "doc": f"install {host_name} from its ISO onto a blank disk, then boot the disk alone",
-            "actions": [(user_errors(install_action), [ctx, host_name])],
-            "getargs": {"image": (f"build:{host_name}-iso", None)},
-            "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
-            "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name))],
-            "verbosity": 2,
-        }

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.domain import Builder, System
+from pipeline.errors import CimError
 from pipeline.process import ProcessTimeout, run
 
 FEATURES = ["--extra-experimental-features", "nix-command flakes"]
@@ -26,17 +27,12 @@ BUILD_TIMEOUT = 3 * 3600.0
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 
 
-class NixError(Exception):
+class NixError(CimError):
     """A nix command failed; the message names what was asked and ends with the tail of nix's own words."""
 
     def __init__(self, what: str, stderr: str = "", hint: str = "") -> None:
-        tail = "\n".join(line for line in stderr.strip().splitlines()[-15:])
-        message = what
-        if hint:
-            message += f" {hint}"
-        if tail:
-            message += f"\nnix said:\n{tail}"
-        super().__init__(message)
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        super().__init__(what, hint, f"nix said:\n{tail}" if tail else "")
         self.stderr = stderr
 
 
@@ -134,6 +130,17 @@ def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_
     proc = _run_nix(args, f"nix build {drv_path}", timeout, options, hint)
     (entry,) = json.loads(proc.stdout)
     return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
+
+
+def parse_error(path: Path) -> str | None:
+    """`nix-instantiate --parse PATH`: None when the file parses, else nix's words about where it does not."""
+    try:
+        proc = run(["nix-instantiate", "--parse", str(path)], timeout=60)
+    except FileNotFoundError:
+        raise NixError("nix-instantiate is not installed.", hint="Run scripts/setup.sh and try again.") from None
+    except ProcessTimeout as exc:
+        raise NixError(f"nix-instantiate --parse {path} did not finish within 60 s.", exc.output) from None
+    return None if proc.returncode == 0 else proc.stderr.strip()
 
 
 def show_config(options: Sequence[str] = ()) -> dict[str, Any]:

@@ -11,22 +11,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from pipeline.artifacts import ProbeResult
 from pipeline.domain import GuestKind, Host, Probe, ProbeKind
 from pipeline.qemu import Vm, VmError
 
 
 class ProbeFailed(VmError):
     pass
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    probe: str
-    ok: bool
-    seconds: float
-    detail: str
 
 
 def boot_complete_pattern(host: str) -> str:
@@ -132,4 +124,4 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
         assert probe.name is not None
         port = forwards[probe.port or 53]
         detail = retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)
-    return ProbeResult(probe.kind.value, True, round(time.monotonic() - started, 2), detail)
+    return ProbeResult(probe=probe.kind.value, ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)

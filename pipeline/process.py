@@ -10,8 +10,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from pipeline.errors import CimError
 
-class ProcessTimeout(Exception):
+
+class ProcessTimeout(CimError):
     """A program ran past its deadline and was killed with its process group."""
 
     def __init__(self, argv: Sequence[str], timeout: float, output: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pipeline.domain import System
+from pipeline.errors import CimError
 from pipeline.process import kill_group
 
 log = logging.getLogger("cim.qemu")
@@ -38,7 +39,7 @@ KVM_CANARY_SECONDS = 20.0
 KERNEL_STARTED = re.compile(r"Linux version|cim stage 1")
 
 
-class VmError(Exception):
+class VmError(CimError):
     """A VM did not do what was asked; the message says which VM, what it waited for, and where its log is."""
 
 

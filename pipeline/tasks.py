@@ -1,5 +1,5 @@
 """The doit task graph of a domain: validate → eval:<host> → build:<artifact> → boot:<artifact> / install:<host> →
-release.
+release.  Every `task_*` generator lives here; the stages' work lives in the library (nix, boot, install, artifacts).
 
 Loading the graph runs no subprocess.  Each stage hands the next a small content-addressed fact through doit's saved
 values: eval's derivation paths, build's image digest.  A stage re-runs only when the fact it consumes changed:
@@ -11,12 +11,8 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
-import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -28,17 +24,13 @@ from doit.exceptions import TaskFailed
 from doit.task import UptodateCalculator
 from doit.tools import config_changed
 
-from pipeline import nix, probes
-from pipeline.artifacts import ArtifactError, Records, publish_file, publish_log
-from pipeline.diskplan import DiskPlanError
-from pipeline.domain import Artifact, Domain, DomainError, Format, ProbeKind, System, load_domain
+from pipeline import boot, install, nix
+from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
+from pipeline.domain import Artifact, Domain
+from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_text
-from pipeline.process import ProcessTimeout, run
-from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
-
-# Errors whose message is for the user: a task that hits one fails with that message and no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (DomainError, nix.NixError, VmError, ArtifactError, ProcessTimeout,
-                                            DiskPlanError)
+from pipeline.log import say, step
+from pipeline.validate import flake_files, load_checked, validate
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,12 @@ class Context:
     @functools.cached_property
     def files(self) -> list[str]:
         """The domain's flake files, walked once per run (validate and every eval depend on them)."""
-        return domain_files(self.domain_dir)
+        return flake_files(self.domain_dir)
+
+    @property
+    def machine_state(self) -> Path:
+        """State shared by every domain of this checkout (the KVM verdict)."""
+        return self.root / ".cim"
 
     def artifact_dir(self, artifact: str) -> Path:
         return self.artifacts_dir / artifact
@@ -78,57 +75,26 @@ def state_dir_for(root: Path, domain_dir: Path) -> Path:
 
 
 def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
-    """Load and validate the domain; raises DomainError with the user's message.
+    """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
     State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
     two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
-    domain = load_domain(domain_dir)
-    if not (domain_dir / "flake.nix").is_file():
-        raise DomainError(
-            f"{domain_dir / 'flake.nix'}: file not found. A domain directory needs a flake.nix exposing "
-            "nixosConfigurations.<host> for every host in domain.json (see configs/demo/flake.nix)."
-        )
-    for name, host in domain.hosts.items():
-        if host.install and not (domain_dir / host.install.disk_config).is_file():
-            raise DomainError(
-                f"{domain_dir / 'domain.json'}: field 'hosts.{name}.install.disk_config' names "
-                f"{host.install.disk_config}, which does not exist in {domain_dir}. Add the disko file or fix the name."
-            )
+    domain = load_checked(domain_dir)
     return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=root / (artifacts_dir or "artifacts"),
                    state_dir=state_dir_for(root, domain_dir))
 
 
-def domain_files(domain_dir: Path) -> list[str]:
-    """The files that make up the flake: what the flake-input digest covers (flake.lock included)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(domain_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or name.startswith("result") or path.is_symlink():
-                continue
-            files.append(str(path))
-    return files
-
-
-def say(task: str, message: str) -> None:
-    """A line in the run's log, prefixed by the task (the machine, for VMs)."""
-    # One write per line: under `doit -n 2` another task's output must not land inside it.
-    sys.stdout.write(f"[{task}] {message}\n")
-    sys.stdout.flush()
-
-
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's typed errors into a doit failure carrying just their message."""
+    """Turn the library's errors (CimError) into a doit failure carrying just their message and hint."""
 
     @functools.wraps(action)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return action(*args, **kwargs)
-        except USER_ERRORS as exc:
-            return TaskFailed(str(exc))
+        except CimError as exc:
+            return TaskFailed(exc.report())
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -178,18 +144,11 @@ def published_intact(task: Any, values: dict[str, Any]) -> bool:
 
 @user_errors
 def validate_action(ctx: Context) -> dict[str, Any]:
-    nix_files = sorted(Path(f) for f in ctx.files if f.endswith(".nix"))
-    for path in nix_files:
-        try:
-            proc = run(["nix-instantiate", "--parse", str(path)], timeout=60)
-        except FileNotFoundError:
-            raise nix.NixError("nix-instantiate is not installed.", hint="Run scripts/setup.sh.") from None
-        if proc.returncode != 0:
-            raise DomainError(f"{path}: Nix syntax error. Fix it and run again.\n{proc.stderr.strip()}")
-    say("validate", f"{ctx.domain_dir / 'domain.json'}: {len(ctx.domain.hosts)} host(s), "
-                    f"{len(ctx.domain.artifacts())} image(s); {len(nix_files)} .nix file(s) parse")
+    checked = validate(ctx.domain_dir, ctx.files)
+    say("validate", f"{ctx.domain_dir / 'domain.json'}: {len(checked.domain.hosts)} host(s), "
+                    f"{len(checked.domain.artifacts())} image(s); {len(checked.nix_files)} .nix file(s) parse")
     ctx.records.drop({a.name for a in ctx.domain.artifacts()})
-    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(nix_files)}
+    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files)}
 
 
 def task_validate(ctx: Context) -> dict[str, Any]:
@@ -205,11 +164,10 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
-    started = time.monotonic()
-    drvs = nix.eval_host(ctx.domain_dir, host)
-    for attr, drv in sorted(drvs.items()):
-        say(f"eval:{host}", f"{attr} = {drv}")
-    say(f"eval:{host}", f"evaluated in {time.monotonic() - started:.1f} s")
+    with step(f"eval:{host}", "evaluated", announce=False):
+        drvs = nix.eval_host(ctx.domain_dir, host)
+        for attr, drv in sorted(drvs.items()):
+            say(f"eval:{host}", f"{attr} = {drv}")
     return drvs
 
 
@@ -235,15 +193,14 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         raise nix.NixError(
             f"nixosConfigurations.{artifact.host}.config.system.build.{artifact.format.attribute} does not exist in "
             f"{ctx.domain_dir / 'flake.nix'}, but domain.json asks for a {artifact.format.value} image of "
-            f"{artifact.host}. Add it to the flake or remove '{artifact.format.value}' from "
-            f"hosts.{artifact.host}.images."
+            f"{artifact.host}.",
+            hint=f"Add it to the flake or remove '{artifact.format.value}' from hosts.{artifact.host}.images.",
         )
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
-    started = time.monotonic()
-    result = nix.build(drv, options=plan.options)
-    seconds = round(time.monotonic() - started, 1)
+    with step(name, "built", announce=False) as built:
+        result = nix.build(drv, options=plan.options)
     out = Path(result.outputs["out"])
     product = nix.hydra_product(out, artifact.format.product_type)
     dest_dir = ctx.artifact_dir(name)
@@ -255,14 +212,13 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     (dest_dir / "build.log").write_text(result.log)
     stat = dest.stat()
     rel = str(dest.relative_to(ctx.artifacts_dir))
-    # Boot and install results belong to the bytes they tested: a new image starts without them.
-    outdated: tuple[str, ...] = ("boot", "install") if ctx.records.load(name).get("xxh3") != xxh3 else ()
-    ctx.records.update(name, clear=outdated, host=artifact.host, format=artifact.format.value,
-                       system=artifact.system.value, drvPath=drv, outPath=str(out), file=rel, size=size,
-                       sha256=sha256, xxh3=xxh3,
-                       build={"strategy": plan.strategy.value, "reason": plan.reason, "seconds": seconds,
-                              "log": f"{name}/build.log"})
-    say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…) in {seconds} s")
+    # Boot and install results belong to the bytes they tested: save_build drops them for new bytes.
+    ctx.records.save_build(name, ArtifactRecord(
+        host=artifact.host, format=artifact.format.value, system=artifact.system.value, drvPath=drv,
+        outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
+        build=BuildInfo(strategy=plan.strategy.value, reason=plan.reason, seconds=built.seconds,
+                        log=f"{name}/build.log")))
+    say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
             "mtime": stat.st_mtime, "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value}
 
@@ -281,85 +237,61 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 
 # -- boot -------------------------------------------------------------------------------------------------------------
 
-def boot_spec(ctx: Context, artifact: Artifact, image: Path, workdir: Path, forwards: dict[int, int]) -> VmSpec:
-    """The boot test's VM; its console log is published as artifacts/<artifact>/boot.log."""
-    host = ctx.domain.hosts[artifact.host]
-    if artifact.format is Format.iso:
-        drives: tuple[Drive, ...] = (Drive(image, media="cdrom"),)
-        firmware, order = Firmware.bios, "d"
-    else:
-        drives = (Drive(image, snapshot=True),)  # the guest writes to its root fs; the artifact stays as built
-        firmware, order = Firmware.uboot, ""
-    return VmSpec(name=f"{artifact.name}-boot", system=artifact.system, workdir=workdir,
-                  console_log=workdir / "console.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
-                  published_log=ctx.artifact_dir(artifact.name) / "boot.log",
-                  firmware=firmware, drives=drives, boot_order=order,
-                  port_forwards=tuple(sorted((hp, gp) for gp, hp in forwards.items())))
-
-
-def boot_probes(ctx: Context, artifact: Artifact) -> list[Any]:
-    host = ctx.domain.hosts[artifact.host]
-    return list(host.boot.probes) or probes.default_probes(artifact.host, host)
-
-
-def boot_fingerprint(ctx: Context, artifact: Artifact) -> str:
-    """What, besides the image, decides a boot test: VM size, firmware, probes."""
-    host = ctx.domain.hosts[artifact.host]
-    spec = {"memory": host.boot.memory_mib, "cpus": host.boot.cpus, "format": artifact.format.value,
-            "probes": [p.model_dump(mode="json") for p in boot_probes(ctx, artifact)]}
-    return xxh3_text(json.dumps(spec, sort_keys=True))
-
-
 @user_errors
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
-    path = Path(image["path"])
-    host = ctx.domain.hosts[artifact.host]
-    checks = boot_probes(ctx, artifact)
-    forwards = {port: free_port() for port in probes.guest_ports(checks)}
-    workdir = ctx.vm_dir(name)
-    spec = boot_spec(ctx, artifact, path, workdir, forwards)
-    accel, why = choose_accel(spec, ctx.root / ".cim")
-    spec = dataclasses.replace(spec, accel=accel)
-    say(name, f"booting {path.name} in {spec.system.qemu_binary} ({accel}: {why})")
-    log_dest = spec.shown_log
-    started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    outcome: dict[str, Any] = {"result": "fail", "accel": accel, "log": f"{name}/boot.log",
-                               "image_xxh3": image["xxh3"]}
-    try:
-        with Vm(spec) as vm:
-            deadline = started + host.boot.timeout_s
-            for probe in checks:
-                # The boot-complete line may take the whole boot budget; service probes their own, within it.
-                remaining = max(1.0, deadline - time.monotonic())
-                timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
-                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), forwards)
-                results.append(result.__dict__)
-                say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
-        outcome["result"] = "pass"
-    except VmError as exc:
-        outcome["error"] = str(exc).splitlines()[0]
-        raise
-    finally:
-        outcome["seconds"] = round(time.monotonic() - started, 1)
-        outcome["probes"] = results
-        publish_log(spec.console_log, log_dest)
-        ctx.records.update(name, boot=outcome)
-    shutil.rmtree(workdir, ignore_errors=True)
-    say(name, f"boot test passed in {outcome['seconds']} s; console log {log_dest}")
-    return {"image_xxh3": image["xxh3"], "seconds": outcome["seconds"]}
+    outcome = boot.boot_test(
+        artifact, ctx.domain.hosts[artifact.host], Path(image["path"]), image["xxh3"],
+        workdir=ctx.vm_dir(name), log_dest=ctx.artifact_dir(name) / "boot.log", log_name=f"{name}/boot.log",
+        machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
+    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
     for artifact in ctx.domain.artifacts():
+        host = ctx.domain.hosts[artifact.host]
         yield {
             "name": artifact.name,
             "doc": f"boot {artifact.name} in QEMU and run its probes",
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot_fingerprint(ctx, artifact))],
+                         config_changed(boot.fingerprint(artifact, host))],
+            "verbosity": 2,
+        }
+
+
+# -- install ----------------------------------------------------------------------------------------------------------
+
+@user_errors
+def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
+    artifact = f"{host_name}-iso"
+    outcome = install.verify(
+        host_name, ctx.domain.hosts[host_name], ctx.domain_dir, Path(image["path"]), image["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=ctx.artifact_dir(artifact) / "install.log",
+        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
+    return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
+
+
+def install_fingerprint(ctx: Context, host_name: str) -> str:
+    """What, besides the ISO and the disk-config file, decides an install test."""
+    host = ctx.domain.hosts[host_name]
+    assert host.install is not None
+    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
+
+
+def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
+    for host_name in install.installable_hosts(ctx.domain):
+        host = ctx.domain.hosts[host_name]
+        assert host.install is not None
+        yield {
+            "name": host_name,
+            "doc": f"install {host_name} from its ISO onto a blank disk, then boot the disk alone",
+            "actions": [(install_action, [ctx, host_name])],
+            "getargs": {"image": (f"build:{host_name}-iso", None)},
+            "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
+            "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
+                         config_changed(install_fingerprint(ctx, host_name))],
             "verbosity": 2,
         }
 
@@ -370,26 +302,26 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 def release_action(ctx: Context) -> dict[str, Any]:
     manifest = ctx.records.rebuild()
     problems = []
-    for name, record in manifest["artifacts"].items():
+    for name, record in manifest.artifacts.items():
         # Content was checked by each build:<artifact> this run (published_intact); here only that it is there.
-        path = ctx.artifacts_dir / record.get("file", "")
-        if not path.is_file() or path.stat().st_size != record.get("size"):
+        path = ctx.artifacts_dir / record.file
+        if not path.is_file() or path.stat().st_size != record.size:
             problems.append(f"{name}: {path} does not match its build record")
-        if record.get("boot", {}).get("result") != "pass":
+        if record.boot is None or record.boot.result != "pass":
             problems.append(f"{name}: boot test has not passed")
     if problems:
-        raise ArtifactError("release refused: " + "; ".join(problems) + ". Run `doit` again to rebuild them.")
-    say("release", f"{len(manifest['artifacts'])} artifact(s) in {ctx.artifacts_dir / 'manifest.json'}, "
+        raise ArtifactError("release refused: " + "; ".join(problems) + ".",
+                            hint="Run `doit` again to rebuild and re-test them.")
+    say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / 'manifest.json'}, "
                    f"checksums in {ctx.artifacts_dir / 'SHA256SUMS'}")
-    return {"artifacts": sorted(manifest["artifacts"])}
+    return {"artifacts": sorted(manifest.artifacts)}
 
 
 def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
     """Up to date while every artifact record (digests, boot and install results) is what the last release saw."""
 
     def digest() -> str:
-        records = ctx.records.all()
-        return xxh3_text(json.dumps(records, sort_keys=True))
+        return xxh3_text(ctx.records.digest_source())
 
     def check(task: Any, values: dict[str, Any]) -> bool:
         task.value_savers.append(lambda: {"records": digest()})
@@ -400,10 +332,8 @@ def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
 
 
 def task_release(ctx: Context) -> dict[str, Any]:
-    from pipeline import install
-
     deps = [f"boot:{a.name}" for a in ctx.domain.artifacts()]
-    deps += [f"install:{h}" for h in install.installable_hosts(ctx)]
+    deps += [f"install:{h}" for h in install.installable_hosts(ctx.domain)]
     return {
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
@@ -411,7 +341,3 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "uptodate": [records_unchanged(ctx)],
         "verbosity": 2,
     }
-
-
-__all__ = ["Context", "System", "make_context", "task_boot", "task_build", "task_eval", "task_release",
-           "task_validate"]

@@ -18,18 +18,14 @@ import os
 import re
 import shlex
 import shutil
-import socket
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DoitRunner, needs_demo
+from cimtest.demo import DoitRunner, needs_demo
+from cimtest.sshd import SSHD, checked, keygen
 
-from pipeline.process import run, spawn
-
-SSHD = "/usr/sbin/sshd"  # sshd re-executes itself and insists on an absolute path
 PI_DRV = r"/nix/store/[a-z0-9]{32}-nixos-sd-image-vhost-pi-aarch64-linux\.drv"
 
 pytestmark = [
@@ -38,17 +34,6 @@ pytestmark = [
     pytest.mark.skipif(not Path(SSHD).is_file() or not shutil.which("unshare") or not shutil.which("ssh-keygen")
                        or not shutil.which("ssh"), reason="needs openssh-server, openssh-client and unshare"),
 ]
-
-
-def checked(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> str:
-    proc = run(argv, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{argv} failed ({proc.returncode}):\n{proc.stderr}"
-    return proc.stdout
-
-
-def keygen(path: Path, comment: str) -> Path:
-    checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
-    return path
 
 
 def builder_root(root: Path) -> Path:
@@ -76,52 +61,16 @@ def machines_host_key(public_key: Path) -> str:
     return base64.b64encode(f"{kind} {key}".encode()).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def sshd(workdir: Path, host_key: Path, client_pub: Path, login: Path, deadline: float = 15.0) -> Iterator[int]:
-    """sshd on a free 127.0.0.1 port, admitting `client_pub` as root and forcing `login`; yields the port.
-
-    It runs as PID 1 of its own PID namespace, so stopping it ends every session it started as well (sshd puts each
-    session in a new session of its own, out of reach of a process-group kill).
-    """
-    (workdir / "authorized_keys").write_text(f"restrict {client_pub.read_text().strip()}\n")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # Debian's privilege-separation directory
-    log = workdir / "sshd.log"
-    for _attempt in range(5):  # the port is free when chosen; another process may take it before sshd binds
-        port = _free_port()
-        config = workdir / "sshd_config"
-        config.write_text(
-            f"ListenAddress 127.0.0.1:{port}\nHostKey {host_key}\nAuthorizedKeysFile {workdir / 'authorized_keys'}\n"
-            f"ForceCommand {login}\nPidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
-        with log.open("wb") as out, spawn(["unshare", "--pid", "--fork", "--kill-child", SSHD, "-D", "-e",
-                                           "-f", str(config)], stdout=out) as proc:
-            until = time.monotonic() + deadline
-            while proc.poll() is None and time.monotonic() < until:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-                time.sleep(0.1)
-            else:
-                if proc.poll() is None:
-                    raise AssertionError(f"sshd did not listen on {port} within {deadline} s:\n{log.read_text()}")
-                continue  # sshd exited (port taken): try another port
-            yield port
-            return
-    raise AssertionError(f"sshd would not start:\n{log.read_text()}")
-
-
 def local_nix_config(env: dict[str, str]) -> dict[str, object]:
     return {k: v["value"] for k, v in json.loads(checked(["nix", "show-config", "--json"], env)).items()}
 
 
+SshdFactory = Callable[..., contextlib.AbstractContextManager[int]]
+
+
 @pytest.mark.parametrize("scheme", ["ssh", "ssh-ng"])
 def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_domain: Path, artifacts_dir: Path,
-                                           doit: DoitRunner) -> None:
+                                           doit: DoitRunner, sshd: SshdFactory) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     host_key = keygen(keys / "host", "builder-host")
@@ -153,9 +102,7 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
         local = local_nix_config({**os.environ, **env})
         assert local["extra-platforms"] == [] and local["system"] == "x86_64-linux", local
 
-        started = time.monotonic()
         proc = doit(demo_domain, "build:vhost-pi-sd", env=env, timeout=900)
-        seconds = time.monotonic() - started
 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
@@ -184,4 +131,4 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
             assert not any(ln in text for ln in secret), f"{path} holds the builder's private key"
     assert not any(ln in output for ln in secret)
     shutil.rmtree(builder / "nix")  # the builder's store (inputs + image, ~200 MiB); kept only when the test fails
-    print(f"{scheme}: remote build of vhost-pi-sd in {record['build']['seconds']} s (doit run {seconds:.1f} s)")
+    print(f"{scheme}: remote build of vhost-pi-sd in {record['build']['seconds']} s")
