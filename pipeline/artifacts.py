@@ -112,8 +112,10 @@ class ProbeResult(Record):
 
     probe: str
     ok: bool
-    seconds: float
-    detail: str
+    seconds: float  # the probe's latency: from its start to its answer (or to its deadline)
+    detail: str  # what it saw; on failure the message naming the probe, the guest and the forwarded port
+    guest: str | None = None  # the guest it talked to (None: the console, or the host itself)
+    port: int | None = None  # the port on 127.0.0.1 forwarded to that guest
 
 
 class BootResult(Record):

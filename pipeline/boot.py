@@ -13,19 +13,24 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline import probes
 from pipeline.artifacts import BootResult, ProbeResult, publish_log
-from pipeline.domain import Artifact, Format, Host, Probe, ProbeKind
+from pipeline.domain import Artifact, Domain, Format, Host, Probe, ProbeKind
 from pipeline.hashing import xxh3_text
 from pipeline.log import say
-from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
+from pipeline.qemu import Drive, Firmware, Forward, Vm, VmError, VmSpec, choose_accel
 
 
-def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: dict[int, int],
+class BootFailed(VmError):
+    """The image booted (or not) but some probes failed; the record lists every probe's result."""
+
+
+def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: tuple[Forward, ...],
               published_log: Path) -> VmSpec:
-    """The boot test's VM; `forwards` maps guest ports to host ports on 127.0.0.1."""
+    """The boot test's VM; `forwards` reach the probes' guests from 127.0.0.1 (QEMU picks the ports)."""
     if artifact.format is Format.iso:
         drives: tuple[Drive, ...] = (Drive(image, media="cdrom"),)
         firmware, order = Firmware.bios, "d"
@@ -35,46 +40,69 @@ def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwar
     return VmSpec(name=f"{artifact.name}-boot", system=artifact.system, workdir=workdir,
                   console_log=workdir / "console.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
                   published_log=published_log, firmware=firmware, drives=drives, boot_order=order,
-                  port_forwards=tuple(sorted((hp, gp) for gp, hp in forwards.items())))
+                  port_forwards=forwards)
 
 
-def boot_probes(host_name: str, host: Host) -> list[Probe]:
+def boot_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Probe]:
     """The host's declared probes, else the defaults its guests imply."""
-    return list(host.boot.probes) or probes.default_probes(host_name, host)
+    return list(domain.hosts[host_name].boot.probes) or probes.default_probes(domain, host_name, domain_dir)
 
 
-def fingerprint(artifact: Artifact, host: Host) -> str:
-    """What, besides the image, decides a boot test: VM size, format, probes."""
+def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
+    """What, besides the image, decides a boot test: VM size, format, probes and the names they check."""
+    host = domain.hosts[artifact.host]
     spec = {"memory": host.boot.memory_mib, "cpus": host.boot.cpus, "format": artifact.format.value,
-            "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]}
+            "probes": [p.model_dump(mode="json") for p in boot_probes(domain, artifact.host, domain_dir)],
+            "records": {name: str(address) for name, address in domain.records().items()}}
     return xxh3_text(json.dumps(spec, sort_keys=True))
 
 
-def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, workdir: Path, log_dest: Path,
-              log_name: str, machine_state: Path, record: Callable[[BootResult], None]) -> BootResult:
-    """Boot `image`, run the probes; `record` gets the result (pass or fail) before this returns or raises."""
+def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
+              log_dest: Path, log_name: str, machine_state: Path,
+              record: Callable[[BootResult], None]) -> BootResult:
+    """Boot `image`, run the probes; `record` gets the result (pass or fail) before this returns or raises.
+
+    The console probe (boot complete) comes first and may use the whole boot budget; then the service probes run
+    side by side, each within its own deadline, so one failing guest never hides another's result.
+    """
     name = artifact.name
-    checks = boot_probes(artifact.host, host)
-    forwards = {port: free_port() for port in probes.guest_ports(checks)}
-    spec = boot_spec(artifact, host, image, workdir, forwards, log_dest)
+    host = domain.hosts[artifact.host]
+    checks = boot_probes(domain, artifact.host, domain_dir)
+    spec = boot_spec(artifact, host, image, workdir, probes.forwards_for(checks, host), log_dest)
     accel, why = choose_accel(spec, machine_state)
     spec = dataclasses.replace(spec, accel=accel)
     say(name, f"booting {image.name} in {spec.system.qemu_binary} ({accel}: {why})")
     started = time.monotonic()
     results: list[ProbeResult] = []
     error: str | None = None
+    tail = ""
     try:
         with Vm(spec) as vm:
+            ctx = probes.ProbeContext(domain=domain, host_name=artifact.host, domain_dir=domain_dir,
+                                      ports=vm.forwarded_ports())
             deadline = started + host.boot.timeout_s
-            for probe in checks:
-                # The boot-complete line may take the whole boot budget; service probes their own, within it.
+
+            def run(probe: Probe) -> ProbeResult:
                 remaining = max(1.0, deadline - time.monotonic())
                 timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
-                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), forwards)
-                results.append(result)
-                say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
+                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), ctx)
+                say(name, f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — "
+                          f"{result.detail}")
+                return result
+
+            consoles = [p for p in checks if p.kind is ProbeKind.console]
+            services = [p for p in checks if p.kind is not ProbeKind.console]
+            results += [run(p) for p in consoles]
+            with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
+                results += list(pool.map(run, services))
+            tail = vm.tail()
+        failed = [r for r in results if not r.ok]
+        if failed:
+            error = f"{name}: {len(failed)} of {len(results)} probe(s) failed: " + "; ".join(r.detail for r in failed)
+            raise BootFailed(f"{error}. Console log {log_dest}; its last lines:\n{tail}",
+                             hint="Each probe's result is in the artifact's record (cim status / manifest.json).")
     except VmError as exc:
-        error = str(exc).splitlines()[0]
+        error = error or str(exc).splitlines()[0]
         raise
     finally:
         outcome = BootResult(result="fail" if error is not None or len(results) < len(checks) else "pass",

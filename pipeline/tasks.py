@@ -241,7 +241,7 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
     outcome = boot.boot_test(
-        artifact, ctx.domain.hosts[artifact.host], Path(image["path"]), image["xxh3"],
+        artifact, ctx.domain, ctx.domain_dir, Path(image["path"]), image["xxh3"],
         workdir=ctx.vm_dir(name), log_dest=ctx.artifact_dir(name) / "boot.log", log_name=f"{name}/boot.log",
         machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
     return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds}
@@ -249,14 +249,13 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
     for artifact in ctx.domain.artifacts():
-        host = ctx.domain.hosts[artifact.host]
         yield {
             "name": artifact.name,
             "doc": f"boot {artifact.name} in QEMU and run its probes",
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host))],
+                         config_changed(boot.fingerprint(artifact, ctx.domain, ctx.domain_dir))],
             "verbosity": 2,
         }
 
