@@ -42,6 +42,10 @@ class ProbeFailed(CimError):
     """One probe did not succeed within its deadline."""
 
 
+class StatsRejected(ProbeFailed):
+    """A statistics message arrived but is not what it must be (schema, host, guests)."""
+
+
 def boot_complete_pattern(host: str) -> str:
     """The line every image of ours prints when it has booted (demo rcS, cim's cim-boot-complete unit)."""
     return rf"cim: {re.escape(host)} boot complete"
@@ -212,7 +216,7 @@ def stats_check(port: int, host_name: str, guests: list[str], timeout: float) ->
     message = receive_stats(port, subject, timeout)
     problems = stats_problems(message, host_name, guests)
     if problems:
-        raise ProbeFailed(f"the message on {subject} {'; '.join(problems)}")
+        raise StatsRejected(f"the message on {subject} {'; '.join(problems)}")
     running = ", ".join(f"{g['name']} (pid {g['pid']}, {g.get('pid_namespace', '?')}, hostname "
                         f"{g.get('hostname', '?')})" for g in message["guests"])
     return f"{subject}: valid, guests running: {running or 'none declared'}"
@@ -308,8 +312,22 @@ def _check(vm: Vm, probe: Probe, ctx: ProbeContext, port: int) -> str:
     if probe.kind is ProbeKind.stats:
         deadline = time.monotonic() + probe.timeout_s
         guests = [g.name for g in host.guests]
-        return retry(lambda: stats_check(port, ctx.host_name, guests, max(1.0, deadline - time.monotonic())),
-                     probe.timeout_s)
+        rejected: list[str] = []
+
+        def attempt() -> str:
+            try:
+                return stats_check(port, ctx.host_name, guests, max(1.0, deadline - time.monotonic()))
+            except StatsRejected as exc:
+                rejected.append(str(exc))
+                raise
+
+        try:
+            return retry(attempt, probe.timeout_s)
+        except ProbeFailed:
+            if not rejected:
+                raise
+            # A message that came but was wrong says more than the last wait that saw none.
+            raise ProbeFailed(f"no good message within {probe.timeout_s:g} s; the last: {rejected[-1]}") from None
     assert probe.kind is ProbeKind.ssh and probe.account and probe.key
     key = ctx.domain_dir / probe.key
     if not key.is_file():
