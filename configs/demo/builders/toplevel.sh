@@ -6,8 +6,9 @@ mkdir -p "$root"
 cd "$root"
 mkdir -p bin sbin usr/bin usr/sbin etc/cim etc/init.d proc sys dev run tmp mnt sysroot var/log root lib/modules boot
 
-# Busybox as the whole userland, every applet a link to /bin/busybox.
-cp "$busybox/bin/busybox" bin/busybox
+# Busybox as the whole userland, every applet a link to /bin/busybox, itself a link to the store path the guests
+# share (below): one copy in the image.
+ln -s "$busybox/bin/busybox" bin/busybox
 for applet in $("$busybox/bin/busybox" --list-full); do
     [ "$applet" = bin/busybox ] || ln -s /bin/busybox "$applet"
 done
