@@ -7,22 +7,29 @@ case "$system" in
     x86_64-linux) triplet=x86_64-linux-gnu ;;
     aarch64-linux) triplet=aarch64-linux-gnu ;;
 esac
-r="$out/root"
-mkdir -p "$r"/etc/cim "$r"/proc "$r"/dev "$r"/run "$r"/tmp "$r"/var/log "$r"/root "$r"/home "$r"/nix/store \
-    "$r/lib/$triplet" "$r"/bin "$r"/sbin "$r"/usr/bin "$r"/usr/sbin
-
-# The userland: every busybox applet, a link into the store (shared with every guest, as NixOS containers share it).
+# The read-only part (the userland) stays in the store; the root links to it, so making a guest's root copies a
+# handful of entries, not hundreds of applet links.
+u="$out/system"
+mkdir -p "$u"/bin "$u"/sbin "$u"/usr/bin "$u"/usr/sbin "$u/lib/$triplet"
+# Every busybox applet, a link into the store (shared with every guest, as NixOS containers share the host's store).
 for applet in $("$busybox/bin/busybox" --list-full); do
-    ln -s "$busybox/bin/busybox" "$r/$applet"
+    ln -s "$busybox/bin/busybox" "$u/$applet"
 done
-# glibc (with nats-server's input) and the guest tools' libraries, at the FHS paths the ELF headers name.
-for lib in "$services/lib/$triplet"/* "$guestTools/lib/$triplet"/*; do
-    ln -s "$lib" "$r/lib/$triplet/${lib##*/}"
+# glibc (with nats-server's input) and, for the guests that run them, the guest tools' libraries, at the FHS paths
+# the ELF headers name.
+libs="$services/lib/$triplet/*"
+case "$kind" in dns|dev) libs="$libs $guestTools/lib/$triplet/*" ;; esac
+for lib in $libs; do
+    ln -s "$lib" "$u/lib/$triplet/${lib##*/}"
 done
-case "$system" in
-    x86_64-linux) ln -s lib/x86_64-linux-gnu "$r/lib64" ;;
-    aarch64-linux) ln -s aarch64-linux-gnu/ld-linux-aarch64.so.1 "$r/lib/ld-linux-aarch64.so.1" ;;
-esac
+[ "$system" = aarch64-linux ] && ln -s aarch64-linux-gnu/ld-linux-aarch64.so.1 "$u/lib/ld-linux-aarch64.so.1"
+
+r="$out/root"
+mkdir -p "$r"/etc/cim "$r"/proc "$r"/dev "$r"/run "$r"/tmp "$r"/var/log "$r"/root "$r"/home "$r"/nix/store
+for dir in bin sbin usr lib; do
+    ln -s "$u/$dir" "$r/$dir"
+done
+[ "$system" = x86_64-linux ] && ln -s "$u/lib/x86_64-linux-gnu" "$r/lib64"
 
 echo "$guestName" > "$r/etc/hostname"
 printf '127.0.0.1 localhost\n%s %s.%s.%s %s\n' "$address" "$guestName" "$hostName" "$fqdn" "$guestName" \
@@ -44,18 +51,18 @@ echo "cim: guest $guestName: pid \$\$ of its own namespace \$(readlink /proc/sel
 HEAD
 case "$kind" in
     nats)
-        ln -s "$services/bin/nats-server" "$r/usr/sbin/nats-server"
+        ln -s "$services/bin/nats-server" "$u/usr/sbin/nats-server"
         echo "exec nats-server --addr 0.0.0.0 --port 4222 --name $hostName-$guestName >> /var/log/nats-server.log 2>&1" \
             >> "$start" ;;
     dns)
-        ln -s "$guestTools/bin/dnsmasq" "$r/usr/sbin/dnsmasq"
+        ln -s "$guestTools/bin/dnsmasq" "$u/usr/sbin/dnsmasq"
         printf '%b' "$dnsHosts" > "$r/etc/cim/dns-hosts"
         # Only the domain's names: no upstream, and NXDOMAIN (not REFUSED) for every name it does not hold.
         echo "exec dnsmasq --keep-in-foreground --no-resolv --no-hosts --addn-hosts=/etc/cim/dns-hosts --local=/#/" \
              "--pid-file= --log-facility=- --user=nobody --group=nogroup >> /var/log/dnsmasq.log 2>&1" >> "$start" ;;
     dev)
-        ln -s "$guestTools/bin/dropbear" "$r/usr/sbin/dropbear"
-        ln -s "$guestTools/bin/dropbearkey" "$r/usr/bin/dropbearkey"
+        ln -s "$guestTools/bin/dropbear" "$u/usr/sbin/dropbear"
+        ln -s "$guestTools/bin/dropbearkey" "$u/usr/bin/dropbearkey"
         printf '%s' "$accountLines" | while read -r name rest; do
             case "$name" in
                 "") ;;

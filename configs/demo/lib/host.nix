@@ -71,7 +71,12 @@ let
     # Each guest's supervisor line: name, store path, address, memory (MiB); the store paths the image carries.
     supervisorLines = builtins.concatStringsSep ""
       (map (g: "${g.name} ${g.store} ${g.address} ${toString (g.memory_mib or 256)}\n") guestSystems);
-    storePaths = [ own.busybox own.services own.guest-tools ] ++ map (g: g.store) guestSystems;
+    # What the guests run: busybox always (the host's own userland links to it), nats-server and glibc for any
+    # guest, dnsmasq and dropbear only where a dns or dev guest runs them.
+    storePaths = [ own.busybox ]
+      ++ (if guests != [ ] then [ own.services ] else [ ])
+      ++ (if builtins.any (g: g.kind == "dns" || g.kind == "dev") guests then [ own.guest-tools ] else [ ])
+      ++ map (g: g.store) guestSystems;
     inherit gateway;
     natsAddress = let n = builtins.filter (g: g.kind == "nats") guests; in if n == [ ] then "" else (builtins.head n).address;
     statsInterval = toString (host.stats_interval_s or 5);
