@@ -9,17 +9,16 @@ The whole serial console is kept (published as artifacts/<artifact>/boot.log) wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pipeline import probes
-from pipeline.artifacts import BootResult, ProbeResult, publish_log
+from pipeline.artifacts import BootResult, ProbeResult, publish_log, utc_now
 from pipeline.domain import Artifact, Domain, Format, Host, Probe, ProbeKind
-from pipeline.hashing import xxh3_text
 from pipeline.log import say
 from pipeline.qemu import Drive, Firmware, Forward, Vm, VmError, VmSpec, choose_accel
 
@@ -48,13 +47,19 @@ def boot_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Probe]
     return list(domain.hosts[host_name].boot.probes) or probes.default_probes(domain, host_name, domain_dir)
 
 
-def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
-    """What, besides the image, decides a boot test: VM size, format, probes and the names they check."""
+def spec(artifact: Artifact, domain: Domain, domain_dir: Path) -> dict[str, Any]:
+    """What, besides the image, decides a boot test (VM size, probes, and the addresses the dns probe checks), keyed
+    as in domain.json so that a change can be named: `hosts.vhost-dev.boot.memory_mib`.  The probes are the
+    effective ones (declared, else the defaults)."""
     host = domain.hosts[artifact.host]
-    spec = {"memory": host.boot.memory_mib, "cpus": host.boot.cpus, "format": artifact.format.value,
-            "probes": [p.model_dump(mode="json") for p in boot_probes(domain, artifact.host, domain_dir)],
-            "records": {name: str(address) for name, address in domain.records().items()}}
-    return xxh3_text(json.dumps(spec, sort_keys=True))
+    hosts: dict[str, dict[str, Any]] = {
+        name: {"address": str(other.address),
+               "guests": [{"name": g.name, "address": str(g.address)} for g in other.guests]}
+        for name, other in domain.hosts.items()}
+    hosts[artifact.host]["boot"] = {
+        "memory_mib": host.boot.memory_mib, "cpus": host.boot.cpus,
+        "probes": [p.model_dump(mode="json") for p in boot_probes(domain, artifact.host, domain_dir)]}
+    return {"hosts": hosts, "format": artifact.format.value}
 
 
 def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
@@ -67,7 +72,10 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
     """
     name = artifact.name
     host = domain.hosts[artifact.host]
-    checks = boot_probes(domain, artifact.host, domain_dir)
+    declared = boot_probes(domain, artifact.host, domain_dir)
+    consoles = [p for p in declared if p.kind is ProbeKind.console]
+    services = [p for p in declared if p.kind is not ProbeKind.console]
+    checks = consoles + services  # the order they run and are recorded in
     spec = boot_spec(artifact, host, image, workdir, probes.forwards_for(checks, host), log_dest)
     accel, why = choose_accel(spec, machine_state)
     spec = dataclasses.replace(spec, accel=accel)
@@ -90,8 +98,6 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
                           f"{result.detail}")
                 return result
 
-            consoles = [p for p in checks if p.kind is ProbeKind.console]
-            services = [p for p in checks if p.kind is not ProbeKind.console]
             results += [run(p) for p in consoles]
             with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
                 results += list(pool.map(run, services))
@@ -107,7 +113,8 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
     finally:
         outcome = BootResult(result="fail" if error is not None or len(results) < len(checks) else "pass",
                              accel=accel, log=log_name, image_xxh3=image_xxh3,
-                             seconds=round(time.monotonic() - started, 1), probes=results, error=error)
+                             seconds=round(time.monotonic() - started, 1), probes=results,
+                             planned=[probes.label(p) for p in checks], error=error, at=utc_now())
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import Domain, GuestKind, Host, Probe, ProbeKind
 from pipeline.errors import CimError
+from pipeline.log import progress
 from pipeline.qemu import Forward, Vm
 
 OUTSIDE_NAME = "cim-probe.example.com"  # a name no domain of ours holds: its dns guest must say NXDOMAIN
@@ -92,6 +93,15 @@ def default_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Pro
     if GuestKind.dev in kinds and key is not None:
         probes.append(Probe(kind=ProbeKind.ssh, guest=kinds[GuestKind.dev], account=key[0], key=key[1]))
     return probes
+
+
+def label(probe: Probe) -> str:
+    """A probe's name in records and junit.xml: its kind, and its port or DNS name when there may be several."""
+    if probe.kind is ProbeKind.tcp:
+        return f"tcp {probe.port}"
+    if probe.kind is ProbeKind.dns and probe.name:
+        return f"dns {probe.name}"
+    return probe.kind.value
 
 
 def probe_guest(probe: Probe, host: Host) -> str | None:
@@ -299,7 +309,7 @@ def _check(vm: Vm, probe: Probe, ctx: ProbeContext, port: int) -> str:
     guest = probe_guest(probe, host)
     if probe.kind is ProbeKind.console:
         assert probe.pattern is not None
-        match = vm.wait_for_console(probe.pattern, probe.timeout_s)
+        match = vm.wait_for_console(probe.pattern, probe.timeout_s, f"console /{probe.pattern}/")
         return f"console: {match.group(0)!r}"
     if probe.kind is ProbeKind.tcp:
         return retry(lambda: tcp_connect(port), probe.timeout_s)
@@ -345,12 +355,16 @@ def run_probe(vm: Vm, probe: Probe, ctx: ProbeContext) -> ProbeResult:
     try:
         if forward is not None and port is None:
             raise ProbeFailed(f"no port was forwarded to {forward.address or 'the VM'}:{forward.guest_port}")
-        detail, ok = _check(vm, probe, ctx, port or 0), True
+        if probe.kind is ProbeKind.console:
+            detail, ok = _check(vm, probe, ctx, port or 0), True  # wait_for_console shows its own progress
+        else:
+            with progress(vm.spec.name, f"probe {label(probe)}", probe.timeout_s, vm.last_console_line):
+                detail, ok = _check(vm, probe, ctx, port or 0), True
     except CimError as exc:  # ProbeFailed, or the VM's own errors (QEMU gone, console timeout)
         where = f"guest {guest}" if guest else f"host {ctx.host_name}"
         via = (f" at {forward.address or 'the VM'}:{forward.guest_port}/{forward.proto}, forwarded from "
                f"127.0.0.1:{port}" if forward is not None else "")
         first = str(exc).split("\n")[0]
         detail, ok = f"probe {probe.kind.value} ({where}{via}) failed: {first}", False
-    return ProbeResult(probe=probe.kind.value, ok=ok, seconds=round(time.monotonic() - started, 2), detail=detail,
+    return ProbeResult(probe=label(probe), ok=ok, seconds=round(time.monotonic() - started, 2), detail=detail,
                        guest=guest, port=port)
