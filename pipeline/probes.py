@@ -365,6 +365,6 @@ def run_probe(vm: Vm, probe: Probe, ctx: ProbeContext) -> ProbeResult:
         via = (f" at {forward.address or 'the VM'}:{forward.guest_port}/{forward.proto}, forwarded from "
                f"127.0.0.1:{port}" if forward is not None else "")
         first = str(exc).split("\n")[0]
-        detail, ok = f"probe {probe.kind.value} ({where}{via}) failed: {first}", False
+        detail, ok = f"probe {label(probe)} ({where}{via}) failed: {first}", False
     return ProbeResult(probe=label(probe), ok=ok, seconds=round(time.monotonic() - started, 2), detail=detail,
                        guest=guest, port=port)
