@@ -132,6 +132,7 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
     services = [p for p in declared if p.kind is not ProbeKind.console]
     checks = consoles + services  # the order they run and are recorded in
     report_forward = inventory_forward(host)
+    report_guest = next((g.name for g in host.guests if g.kind is GuestKind.nats), None)
     inventory_planned = report_keep is not None and reports_inventory(host) and report_forward is not None
     forwards = probes.forwards_for(checks, host)
     if inventory_planned and report_forward not in forwards:
@@ -167,9 +168,10 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
                 assert report_keep is not None and report_forward is not None
                 received = time.monotonic()
                 try:
-                    results.append(_receive_report(vm, artifact.host, ports[report_forward], deadline, report_keep))
+                    report = _receive_report(vm, artifact.host, ports[report_forward], deadline, report_keep)
+                    results.append(report.model_copy(update={"guest": report_guest, "port": ports[report_forward]}))
                 except probes.ProbeFailed as exc:
-                    results.append(ProbeResult(probe="inventory", ok=False, guest=report_forward.address,
+                    results.append(ProbeResult(probe="inventory", ok=False, guest=report_guest,
                                                port=ports[report_forward], detail=f"probe inventory failed: {exc}",
                                                seconds=round(time.monotonic() - received, 2)))
                 say(name, f"probe inventory: {'ok' if results[-1].ok else 'FAILED'} in {results[-1].seconds} s — "

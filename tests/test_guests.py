@@ -23,7 +23,7 @@ from cimtest.demo import DEMO, ROOT, DoitRunner, needs_demo
 from click.testing import CliRunner
 
 from pipeline import probes
-from pipeline.boot import boot_probes, boot_spec
+from pipeline.boot import boot_probes, boot_spec, make_blank_disks
 from pipeline.cli import cli
 from pipeline.domain import Artifact, DomainError, Format, ProbeKind, System, load_domain, parse_domain
 from pipeline.qemu import Vm
@@ -145,8 +145,9 @@ def guest_lines(console: str) -> dict[str, tuple[str, str]]:
 @pytest.mark.vm
 @needs_demo
 @pytest.mark.parametrize(("artifact", "expect"), [
-    ("vhost-dev-iso", {"console": None, "dns": "dns", "nats": "nats", "stats": "nats", "ssh": "dev"}),
-    ("vhost-pi-sd", {"console": None, "nats": "nats", "stats": "nats"}),
+    ("vhost-dev-iso", {"console": None, "dns": "dns", "nats": "nats", "stats": "nats", "ssh": "dev",
+                       "inventory": "nats"}),
+    ("vhost-pi-sd", {"console": None, "nats": "nats", "stats": "nats", "inventory": "nats"}),
 ])
 def test_every_probe_green_with_its_latency(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
                                             artifact: str, expect: dict[str, str | None]) -> None:
@@ -206,6 +207,7 @@ def test_stats_on_the_wire_show_isolated_guests(demo_domain: Path, artifacts_dir
     assert forward is not None
     spec = boot_spec(Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux), host, image,
                      tmp_path / "vm", (forward,), tmp_path / "boot.log")
+    make_blank_disks(host, tmp_path / "vm")  # the declared disks the boot VM carries beside the ISO
     with Vm(spec) as vm:
         port = vm.forwarded_ports()[forward]
         vm.wait_for_console(probes.boot_complete_pattern("vhost-dev"), 240)
@@ -246,7 +248,7 @@ def test_a_broken_guest_fails_exactly_its_probes(demo_domain: Path, artifacts_di
     record = boot_record(artifacts_dir, "vhost-dev-iso")
     assert record["result"] == "fail"
     results = {p["probe"]: p for p in record["probes"]}
-    assert set(results) == {"console", "dns", "nats", "stats", "ssh"}, "every probe reports"
+    assert set(results) == {"console", "dns", "nats", "stats", "ssh", "inventory"}, "every probe reports"
     assert {name for name, r in results.items() if not r["ok"]} == {"dns", "stats"}
     dns = results["dns"]
     assert dns["guest"] == "dns" and "guest dns" in dns["detail"] and "10.23.0.11:53/udp" in dns["detail"]
