@@ -18,17 +18,18 @@ whatever happens).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline import process
 from pipeline.artifacts import ProbeResult
@@ -37,6 +38,7 @@ from pipeline.errors import CimError
 from pipeline.log import progress
 from pipeline.qemu import Forward, Vm
 
+T = TypeVar("T")
 OUTSIDE_NAME = "cim-probe.example.com"  # a name no domain of ours holds: its dns guest must say NXDOMAIN
 
 
@@ -158,6 +160,31 @@ async def _quiet(_exc: Exception) -> None:
     """Connection errors are retried, and the last one reported; nats-py would log each."""
 
 
+ATTEMPT_SLACK = 10.0  # seconds one NATS attempt may take beyond its own wait (connect, subscribe, close)
+
+
+def _bounded(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
+    """Run one NATS attempt with a deadline of its own (TimeoutError past it), stopped at once when the run is
+    interrupted (process.Interrupted): nats-py's connect to a port nobody answers (a VM that was stopped) does not
+    return by itself, and `retry` can only give up between attempts."""
+
+    async def watched() -> T:
+        task = asyncio.ensure_future(coroutine)
+        deadline = time.monotonic() + seconds
+        while True:
+            done, _pending = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if process.stopping() is not None or time.monotonic() > deadline:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                process.check_interrupted()
+                raise TimeoutError(f"no answer within {seconds:g} s")
+
+    return asyncio.run(watched())
+
+
 async def _nats_connect(port: int) -> Any:
     import nats  # nats-py
 
@@ -178,7 +205,7 @@ def nats_round_trip(port: int, subject: str) -> str:
         finally:
             await nc.close()
 
-    return asyncio.run(go())
+    return _bounded(go(), ATTEMPT_SLACK)
 
 
 def stats_problems(message: Any, host_name: str, guests: list[str]) -> list[str]:
@@ -228,7 +255,7 @@ def receive_inventory(port: int, host: str, wait: float) -> bytes:
         finally:
             await nc.close()
 
-    return asyncio.run(go())
+    return _bounded(go(), wait + ATTEMPT_SLACK)
 
 
 def receive_stats(port: int, subject: str, timeout: float) -> Any:
@@ -247,7 +274,7 @@ def receive_stats(port: int, subject: str, timeout: float) -> Any:
             raise ProbeFailed(f"a message on {subject} is not JSON: {exc}: {msg.data[:200]!r}") from None
 
     try:
-        return asyncio.run(go())
+        return _bounded(go(), timeout + ATTEMPT_SLACK)
     except TimeoutError:
         raise ProbeFailed(f"no message on {subject} within {timeout:g} s") from None
 

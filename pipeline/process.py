@@ -32,6 +32,7 @@ from pipeline.errors import CimError
 SETPRIV = "setpriv"  # util-linux; present wherever Debian's or Ubuntu's base system is
 STOP_GRACE = 5.0  # seconds a stopped process group gets between SIGTERM and SIGKILL
 CLEANUP_GRACE = 15.0  # seconds the threads of an interrupted run get to keep their logs and records
+EXIT_GRACE = 5.0  # seconds doit gets after that to save its state before the process ends regardless
 
 _lock = threading.RLock()  # re-entrant: the signal handler runs in the main thread, which may hold it
 _children: dict[int, subprocess.Popen[Any]] = {}
@@ -246,9 +247,20 @@ def _on_signal(signum: int, _frame: object) -> None:
     sys.stderr.write(f"[cim] {name}: stopped {count} process group(s); console logs are kept, nothing "
                      "half-published. Run again to continue.\n")
     sys.stderr.flush()
+    # A thread still blocked in a network wait (a probe of a VM that is gone) must not hold the exit: once doit has
+    # had EXIT_GRACE seconds to save its state, the process ends with the signal's code whatever else still waits.
+    threading.Thread(target=_exit_soon, args=(128 + signum,), daemon=True).start()
     # SystemExit unwinds the main thread (a task running there cleans up in its `finally` blocks, doit saves what
     # completed) and ends the process with the shell's code for that signal, without a traceback.
     raise SystemExit(128 + signum)
+
+
+def _exit_soon(code: int) -> None:
+    time.sleep(EXIT_GRACE)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def stop_on_signals() -> None:
