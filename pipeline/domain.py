@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.contract import DiskKind
 from pipeline.errors import CimError
 
 DOMAIN_FILE = "domain.json"
@@ -122,10 +123,27 @@ class Gpu(Model):
 
 
 class Disk(Model):
+    """A disk of the host.  `kind` is how it is attached (nvme, virtio, sata, sd); the install VM attaches its target
+    the same way, so the installer finds it where the real host has it.  Left out, the device's name says
+    (/dev/nvme0n1: nvme)."""
+
     name: Label
     device: str
     size_gib: float = Field(gt=0)
-    kind: str = "ssd"
+    kind: DiskKind | None = None
+
+    @model_validator(mode="after")
+    def _kind_fits_device(self) -> Disk:
+        named = DiskKind.of_device(self.device)
+        if self.kind is not None and named is not None and named is not self.kind:
+            raise ValueError(f"disk {self.name!r}: kind {self.kind.value!r} attaches as {self.kind.device}, but "
+                             f"device is {self.device!r} (a {named.value} name); make them agree")
+        return self
+
+    @property
+    def bus(self) -> DiskKind | None:
+        """How the disk is attached: its kind, else what its device name says."""
+        return self.kind or DiskKind.of_device(self.device)
 
 
 class Hardware(Model):

@@ -6,12 +6,12 @@ Each probe has a deadline and retries until it; the last failure is what the err
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import struct
 import time
 from collections.abc import Callable
 
+from pipeline import contract
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import GuestKind, Host, Probe, ProbeKind
 from pipeline.qemu import Vm, VmError
@@ -21,16 +21,19 @@ class ProbeFailed(VmError):
     pass
 
 
+PORTS = contract.CONTRACT.ports
+
+
 def boot_complete_pattern(host: str) -> str:
-    """The line every image of ours prints when it has booted (demo rcS, cim's cim-boot-complete unit)."""
-    return rf"cim: {re.escape(host)} boot complete"
+    """The line every image prints when it has booted (the contract's boot_complete)."""
+    return contract.boot_complete_pattern(host)
 
 
 def default_probes(host_name: str, host: Host) -> list[Probe]:
     """The boot-complete line, then the host's guests that answer on the network."""
     probes = [Probe(kind=ProbeKind.console, pattern=boot_complete_pattern(host_name))]
     if any(g.kind is GuestKind.nats for g in host.guests):
-        probes.append(Probe(kind=ProbeKind.nats, port=4222))
+        probes.append(Probe(kind=ProbeKind.nats, port=PORTS.nats))
     return probes
 
 
@@ -41,9 +44,9 @@ def guest_ports(probes: list[Probe]) -> set[int]:
         if probe.kind is ProbeKind.tcp and probe.port:
             ports.add(probe.port)
         elif probe.kind is ProbeKind.nats:
-            ports.add(probe.port or 4222)
+            ports.add(probe.port or PORTS.nats)
         elif probe.kind is ProbeKind.dns:
-            ports.add(probe.port or 53)
+            ports.add(probe.port or PORTS.dns)
     return ports
 
 
@@ -117,11 +120,11 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
         detail = retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
                        probe.timeout_s)
     elif probe.kind is ProbeKind.nats:
-        port = forwards[probe.port or 4222]
+        port = forwards[probe.port or PORTS.nats]
         detail = retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
                        probe.timeout_s)
     else:
         assert probe.name is not None
-        port = forwards[probe.port or 53]
+        port = forwards[probe.port or PORTS.dns]
         detail = retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)
     return ProbeResult(probe=probe.kind.value, ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)

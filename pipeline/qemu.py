@@ -1,7 +1,7 @@
 """QEMU: a VM spec becomes an argument list (pure); `Vm` runs it, keeps the whole serial console, waits with deadlines.
 
 The serial console is a unix socket chardev with a `logfile`, so every byte the guest prints lands in the log even when
-nobody is connected, and the pipeline can still type into it (the installer's boot prompt).  QMP (through QEMU's own
+nobody is connected.  QMP (through QEMU's own
 `qemu.qmp` client) asks the guest to power off, then quits QEMU.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from pipeline.contract import DiskKind
 from pipeline.domain import System
 from pipeline.errors import CimError
 from pipeline.process import kill_group
@@ -77,6 +78,18 @@ class Drive:
     media: str = "disk"  # "disk" or "cdrom"
     snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
     serial: str = ""
+    kind: DiskKind = DiskKind.virtio  # how a disk is attached: the guest sees it as kind.device
+
+    def devices(self, drive_id: str) -> list[str]:
+        """The -device arguments that attach this disk as its kind (a CD-ROM is handled by the VM spec)."""
+        serial = f",serial={self.serial or drive_id}"
+        if self.kind is DiskKind.nvme:  # an NVMe controller with one namespace: /dev/nvme0n1
+            return ["-device", f"nvme,drive={drive_id}{serial}"]
+        if self.kind is DiskKind.sata:  # an AHCI controller, the disk on its first port: /dev/sda
+            return ["-device", f"ahci,id={drive_id}-ahci", "-device", f"ide-hd,drive={drive_id},bus={drive_id}-ahci.0"]
+        if self.kind is DiskKind.sd:  # an SD host controller with a card: /dev/mmcblk0
+            return ["-device", f"sdhci-pci,id={drive_id}-sdhci", "-device", f"sd-card,drive={drive_id}"]
+        return ["-device", f"virtio-blk-pci,drive={drive_id}{serial if self.serial else ''}"]
 
 
 @dataclass(frozen=True)
@@ -152,8 +165,7 @@ class VmSpec:
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
                 argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
             else:
-                serial = f",serial={drive.serial}" if drive.serial else ""
-                argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
+                argv += drive.devices(drive_id)
         if self.boot_order and self.system is System.x86_64_linux:
             argv += ["-boot", f"order={self.boot_order}"]
         netdev = "user,id=net0"
@@ -168,7 +180,7 @@ class VmSpec:
 class Vm:
     """A running VM.  Use as a context manager: on the way out it is powered off, then its process group is killed.
 
-    `wait_for_console(pattern, timeout)` waits for the guest to print a line; `type_console(text)` types into it.
+    `wait_for_console(pattern, timeout)` waits for the guest to print a line.
     """
 
     def __init__(self, spec: VmSpec) -> None:
@@ -293,14 +305,6 @@ class Vm:
                     f"{self.spec.name}: the console did not show {what or pattern!r} within {timeout:g} s; the VM "
                     f"was stopped, its console log is {self.spec.shown_log}. Last console lines:\n{self._tail()}"
                 )
-            time.sleep(0.2)
-
-    def type_console(self, text: str) -> None:
-        """Type `text` on the serial console."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.spec.console_socket))
-            sock.sendall(text.encode())
             time.sleep(0.2)
 
     def wait_for_exit(self, timeout: float, what: str = "exit") -> int:

@@ -277,7 +277,9 @@ def install_fingerprint(ctx: Context, host_name: str) -> str:
     """What, besides the ISO and the disk-config file, decides an install test."""
     host = ctx.domain.hosts[host_name]
     assert host.install is not None
-    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
+    disk = next((d for d in host.hardware.disks if d.name == host.install.disk), None)
+    bus = disk.bus.value if disk is not None and disk.bus is not None else ""
+    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib), bus)
 
 
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:

@@ -10,8 +10,11 @@
   outputs = { self }:
     let
       domain = builtins.fromJSON (builtins.readFile ./domain.json);
+      # The image contract (the pipeline's pipeline/contract.json, copied here: a path: flake reads only its own
+      # directory; `validate` refuses a copy that drifted): the names the images print and read.
+      contract = builtins.fromJSON (builtins.readFile ./contract.json);
       inputs = import ./lib/inputs.nix;
-      mkHost = hostName: host: import ./lib/host.nix { inherit domain hostName host inputs; };
+      mkHost = hostName: host: import ./lib/host.nix { inherit contract domain hostName host inputs; };
     in
     {
       nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;

@@ -32,6 +32,7 @@ chmod -R u+w .
 echo "$hostName" > etc/hostname
 printf '%s\n' "$hostJson" > etc/cim/host.json
 printf '%s\n' "$system" > etc/cim/system
+printf '%s' "$contractEnv" > etc/cim/contract.sh  # the image contract's names (lib/host.nix)
 printf '%s' "$guestLines" > etc/cim/guests
 printf '%s' "$consoleTty" > etc/cim/console
 printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
