@@ -1,6 +1,6 @@
 """The boot test of one image: QEMU boots it as its format boots on real hardware, then the probes run against it.
 
-  ISO   SeaBIOS → isolinux → kernel, the ISO as a CD-ROM
+  ISO   SeaBIOS → the ISO's El Torito boot loader → kernel, the ISO as a CD-ROM
   SD    U-Boot (`-M virt`) → extlinux.conf → kernel, the image as a disk whose writes go to a throw-away overlay
 The whole serial console is kept (published as artifacts/<artifact>/boot.log) whatever the outcome.  No doit here:
 `pipeline.tasks` wraps `boot_test` into the `boot:<artifact>` task and keeps its result in the artifact's record.

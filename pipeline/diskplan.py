@@ -74,8 +74,8 @@ class DiskPlan:
         return "\n".join(lines) + "\n"
 
     def installer_text(self) -> str:
-        """The plan as text: target device, sfdisk script, one line per file system.  An image may carry it (the
-        demo's builder writes the same text from Nix at build time; a test holds the two equal)."""
+        """The plan as text: target device, sfdisk script, one line per file system.  An image may carry it (a
+        domain's builder can write the same text from Nix at build time; a test holds configs' copy equal)."""
         out = [f"# cim install plan for disko disk '{self.disk}'", f"target {self.device}"]
         out += [f"sfdisk {line}" for line in self.sfdisk_script().splitlines()]
         for part in self.partitions:

@@ -101,7 +101,7 @@ in
       natsUrl = lib.mkOption {
         type = lib.types.nullOr lib.types.str;
         default = null;
-        example = "nats://10.23.0.12:4222";
+        example = "nats://10.23.0.12:${toString contract.ports.nats}";
         description = "The NATS server the host's statistics are published to, on subject `cim.<host>.stats`; null: none.";
       };
       guests = lib.mkOption {

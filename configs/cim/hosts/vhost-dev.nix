@@ -10,6 +10,8 @@
 }:
 let
   host = domain.hosts.${hostName};
+  # The ports the pipeline's probes use (the image contract, ../contract.json): NATS clients and DNS.
+  inherit (lib.importJSON ../contract.json) ports;
   inherit (domain) fqdn;
 
   # The guest network. The host routes and NATs it to the LAN, and forwards the services the LAN uses (DNS, NATS and
@@ -32,7 +34,7 @@ let
   forwards = [
     {
       proto = "tcp";
-      port = 4222; # NATS clients
+      port = ports.nats; # NATS clients
       kind = "nats";
     }
     {
@@ -42,12 +44,12 @@ let
     }
     {
       proto = "udp";
-      port = 53;
+      port = ports.dns;
       kind = "dns";
     }
     {
       proto = "tcp";
-      port = 53;
+      port = ports.dns;
       kind = "dns";
     }
   ];
@@ -123,12 +125,12 @@ let
         enable = true;
         serverName = "${hostName}-${guest.name}";
         host = "0.0.0.0";
-        port = 4222;
+        port = ports.nats;
         jetstream = true;
         settings.leafnodes.port = 7422;
       };
       networking.firewall.allowedTCPPorts = [
-        4222
+        ports.nats
         7422
       ];
     };
@@ -155,8 +157,8 @@ let
           local-data = lib.mapAttrsToList (name: address: ''"${name}.${fqdn}. IN A ${address}"'') records;
         };
       };
-      networking.firewall.allowedTCPPorts = [ 53 ];
-      networking.firewall.allowedUDPPorts = [ 53 ];
+      networking.firewall.allowedTCPPorts = [ ports.dns ];
+      networking.firewall.allowedUDPPorts = [ ports.dns ];
     };
 
     dev =
@@ -257,7 +259,7 @@ in
       );
 
       cim.stats = {
-        natsUrl = "nats://${addressOfKind "nats"}:4222";
+        natsUrl = "nats://${addressOfKind "nats"}:${toString ports.nats}";
         guests = lib.listToAttrs (
           map (guest: lib.nameValuePair guest.name "container@${guest.name}.service") host.guests
         );

@@ -39,6 +39,7 @@ in
     enable = true;
     serverName = hostName;
     host = "0.0.0.0"; # devices on the edge LAN publish here
+    port = (lib.importJSON ../contract.json).ports.nats; # where the pipeline's NATS probe looks
     settings.leafnodes.remotes = lib.optional (hub != null) {
       url = "nats-leaf://${config.cim.addresses.${hub}}:7422";
     };
