@@ -75,7 +75,7 @@ CONTRACT = _load()
 
 
 def for_host(template: str, host: str) -> str:
-    """A contract line with the host's name in it: for_host("cim: {host} boot complete", "h") → "cim: h boot complete"."""
+    """A contract line with the host's name in it: for_host("cim: {host} boot complete", "h") is "cim: h boot …"."""
     return template.replace("{host}", host)
 
 

@@ -32,7 +32,6 @@ from pipeline.log import say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
 
-
 # An image that booted its live system instead of installing gets this long to print the started line (an installer
 # may be ordered after the live system's boot-complete line, as a systemd unit after multi-user.target is).
 LIVE_GRACE_S = 120.0
@@ -221,7 +220,8 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
                                    f"log {log_dest}")
         phases["installer"] = phase.seconds
 
-        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase, Vm(disk_boot) as vm:
+        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase, \
+                Vm(disk_boot) as vm:
             try:
                 vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
             except VmError as exc:

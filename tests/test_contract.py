@@ -16,10 +16,9 @@ from cimtest.demo import needs_demo
 from pipeline import contract
 from pipeline.contract import CONTRACT, CONTRACT_FILE, ContractError, DiskKind
 from pipeline.diskplan import DiskPlanError, evaluate, plan_from_devices
-from pipeline.domain import DomainError, parse_domain
+from pipeline.domain import DomainError, System, parse_domain
 from pipeline.install import target_kind
 from pipeline.qemu import Drive, VmSpec
-from pipeline.domain import System
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = [ROOT / "configs/demo", ROOT / "configs/cim"]
@@ -31,7 +30,7 @@ def templates() -> list[str]:
 
 
 def fragments() -> list[str]:
-    """The distinctive pieces of every string name: templates cut at {host}, pieces shorter than 5 characters left out."""
+    """The distinctive pieces of every string name: templates cut at {host}, pieces under 5 characters left out."""
     return sorted({part.strip() for name in templates() for part in name.split("{host}") if len(part.strip()) >= 5})
 
 
@@ -135,7 +134,8 @@ def contract_keys(value: object = None, prefix: str = "") -> set[str]:
 
 def nix_code(path: Path) -> str:
     """A .nix file without its comments (a name in a comment or in `<host>` form is documentation, not code)."""
-    return "\n".join(line.split(" # ")[0] for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    lines = path.read_text().splitlines()
+    return "\n".join(line.split(" # ")[0] for line in lines if not line.lstrip().startswith("#"))
 
 
 def test_cim_nix_reads_its_names_from_the_contract() -> None:
@@ -228,7 +228,7 @@ def test_install_disk_is_attached_as_its_kind(tmp_path: Path, kind: DiskKind, de
     assert [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-device"][:-1] == devices
 
 
-# -- the demo's plan (Nix, in the image) is the pipeline's plan ---------------------------------------------------------
+# -- the demo's plan (Nix, in the image) is the pipeline's plan ------------------------------------------------------
 
 NVME_CONFIG = """{ disko.devices.disk.os = { type = "disk"; device = "/dev/nvme0n1"; content = { type = "gpt";
   partitions = {
