@@ -37,7 +37,7 @@ efi="$TMPDIR/efi"
 mkdir -p "$efi/EFI/BOOT" "$efi/loader/entries" "$efi/cim"
 cp "$boot/systemd-bootx64.efi" "$efi/EFI/BOOT/BOOTX64.EFI"
 cp "$tree/boot/bzImage" "$tree/boot/initrd" "$tree/boot/installer" "$efi/cim/"
-printf 'timeout 1\ndefault cim.conf\n' > "$efi/loader/loader.conf"
+printf 'timeout 0\ndefault cim.conf\n' > "$efi/loader/loader.conf"
 printf 'title cim %s\nlinux /cim/bzImage\ninitrd /cim/initrd\ninitrd /cim/installer\noptions %s\n' \
     "$hostName" "$params" > "$efi/loader/entries/cim.conf"
 kib=$(du -sk "$efi" | cut -f1)
