@@ -224,3 +224,21 @@ def test_disk_config_elsewhere_than_the_declared_disk_fails_before_any_vm(
     assert proc.returncode != 0
     assert "disko.devices.disk.main.device = '/dev/nvme0n1', but domain.json hosts.vhost-dev.hardware.disks" in output
     assert "Traceback" not in output and "phase installer" not in output
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_failed_installer_reports_its_reason(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    # A real ISO whose installer gives up: the contract's failed line carries the reason, and it powers off.
+    (demo_domain / "rootfs/sbin/cim-install").write_text(
+        "#!/bin/sh\n. /etc/cim/contract.sh\necho \"$CIM_INSTALL_STARTED\"\nsleep 1\n"
+        "echo \"$CIM_INSTALL_FAILED no room on the target (this installer fails on purpose)\"\npoweroff -f\n")
+    proc = doit(demo_domain, "install:vhost-dev")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("install phase 'installer' failed: cim-install: failed vhost-dev: no room on the target (this installer "
+            "fails on purpose)") in output
+    assert "Traceback" not in output and "phase disk-boot" not in output
+    record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
+    assert record["result"] == "fail" and "no room on the target" in record["error"]
