@@ -158,8 +158,9 @@ def test_cim_nix_reads_its_names_from_the_contract() -> None:
 
 
 def spellings(template: str) -> str:
-    """A regex for a contract name written out in Nix: the host as an interpolation (`cim.${hostName}.stats`)."""
-    return r"\$\{[^}]*\}".join(re.escape(part) for part in template.split("{host}"))
+    """A regex for a contract name written out in code, the host as a Nix or shell interpolation:
+    `cim.${hostName}.stats`, `cim: $host boot complete`."""
+    return r"(?:\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*)".join(re.escape(part) for part in template.split("{host}"))
 
 
 def test_cim_nix_spells_no_contract_name_itself() -> None:
@@ -171,6 +172,24 @@ def test_cim_nix_spells_no_contract_name_itself() -> None:
     ports = [f"{path.name}: {port}" for path in CIM_NIX for port in (CONTRACT.ports.nats,)
              if re.search(rf"\b{port}\b", nix_code(path))]
     assert literal + ports == []
+
+
+DEMO_CODE = sorted(p for part in ("rootfs", "builders", "lib") for p in (ROOT / "configs/demo" / part).rglob("*")
+                   if p.is_file())
+
+
+def test_demo_images_take_their_names_from_the_contract() -> None:
+    # The demo's init scripts, installer and builders print and read the contract's names through
+    # /etc/cim/contract.sh, which lib/host.nix writes from contract.json; none spells one itself.
+    names = [spellings(name) for name in templates() if name not in CONTRACT.disks.values()]
+    literal = [f"{path.relative_to(ROOT)}: {match.group(0)!r}" for path in DEMO_CODE for name in names
+               for match in [re.search(name, nix_code(path))] if match]
+    assert literal == []
+    assert re.search(spellings(CONTRACT.boot_complete), 'echo "cim: $host boot complete"')  # the check bites
+    host_nix = (ROOT / "configs/demo/lib/host.nix").read_text()
+    assert {"boot_complete", "install.credential", "install.started", "install.done", "install.failed",
+            "report.fs", "report.part", "report.swap"} <= set(re.findall(r"\bcontract\.((?:[a-z_]+\.)*[a-z_]+)",
+                                                                         host_nix))
 
 
 def test_cim_declares_its_install_disk_as_nvme() -> None:
