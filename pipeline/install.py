@@ -15,6 +15,7 @@ Both consoles go to artifacts/<host>-iso/install.log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shutil
 import time
@@ -32,7 +33,7 @@ from pipeline.domain import Domain, Format, Host, System
 from pipeline.errors import CimError
 from pipeline.log import say, step
 from pipeline.process import run
-from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
+from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout, choose_accel
 
 # An image that booted its live system instead of installing gets this long to print the started line (an installer
 # may be ordered after the live system's boot-complete line, as a systemd unit after multi-user.target is).
@@ -159,11 +160,13 @@ def _phase_error(exc: VmError, phase: str) -> InstallError:
 
 
 def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
-           log_dest: Path, log_name: str, record: Callable[[InstallResult], None]) -> InstallResult:
+           log_dest: Path, log_name: str, record: Callable[[InstallResult], None],
+           machine_state: Path | None = None) -> InstallResult:
     """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it.
 
     `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
-    work is refused (DiskPlanError) before any VM.
+    work is refused (DiskPlanError) before any VM.  With `machine_state`, both VMs use KVM where the machine's canary
+    says it works (a NixOS install under TCG takes hours), else TCG.
     """
     assert host.install is not None
     task = f"install:{host_name}"
@@ -191,6 +194,12 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
         console_log=workdir / "disk-boot.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
         firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2", kind=kind),), published_log=log_dest,
     )
+    if machine_state is not None:
+        # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.
+        accel, why = choose_accel(dataclasses.replace(installer, drives=installer.drives[:1], extra=()), machine_state)
+        installer = dataclasses.replace(installer, accel=accel)
+        disk_boot = dataclasses.replace(disk_boot, accel=accel)
+        say(task, f"both VMs run under {accel}: {why}")
     names = CONTRACT.install
     started_re = contract.line_pattern(names.started, host_name) + ".*$"
     failed_re = contract.line_pattern(names.failed, host_name) + ".*$"

@@ -290,7 +290,8 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     outcome = install.verify(
         host_name, ctx.domain.hosts[host_name], ctx.domain_dir, Path(image["path"]), image["xxh3"],
         workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=ctx.artifact_dir(artifact) / "install.log",
-        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
+        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact),
+        machine_state=ctx.machine_state)
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
