@@ -9,7 +9,6 @@ read outside its directory), which its Nix code reads; `check_domain_copy` refus
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from pathlib import Path
@@ -100,28 +99,6 @@ def stats_subject(host: str) -> str:
 
 def inventory_subject(host: str) -> str:
     return for_host(CONTRACT.subjects.inventory, host)
-
-
-class DiskKind(enum.StrEnum):
-    """How a disk is attached, carrying the device name Linux gives the first disk of that kind (from the contract)."""
-
-    nvme = "nvme"
-    virtio = "virtio"
-    sata = "sata"
-    sd = "sd"
-
-    @property
-    def device(self) -> str:
-        return CONTRACT.disks[self.value]
-
-    @classmethod
-    def of_device(cls, device: str) -> DiskKind | None:
-        """The kind a device path names (/dev/nvme0n1 → nvme), None for others."""
-        prefixes = (("/dev/nvme", cls.nvme), ("/dev/vd", cls.virtio), ("/dev/sd", cls.sata), ("/dev/mmcblk", cls.sd))
-        for prefix, kind in prefixes:
-            if device.startswith(prefix):
-                return kind
-        return None
 
 
 def partition_device(disk: str, number: int) -> str:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.contract import DiskKind
+from pipeline import contract
 from pipeline.errors import CimError
 
 DOMAIN_FILE = "domain.json"
@@ -117,33 +117,78 @@ class Cpu(Model):
 
 class Gpu(Model):
     model: str
+    pci_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")  # PCI vendor:device, e.g. 10de:2206
     passthrough: bool = False
     # Which guests get the GPU when it is passed through (e.g. containers in `dev`).
     passthrough_to: tuple[Label, ...] = ()
 
 
+class DiskBus(enum.StrEnum):
+    """How a VM attaches a disk, and what the guest kernel calls the first one (the image contract's `disks`)."""
+
+    virtio = "virtio"  # /dev/vdX
+    nvme = "nvme"  # /dev/nvmeXnY
+    sata = "sata"  # /dev/sdX
+
+    @property
+    def device(self) -> str:
+        """The device the first disk on this bus is in the guest: /dev/nvme0n1, /dev/vda, /dev/sda."""
+        return contract.CONTRACT.disks[self.value]
+
+    @classmethod
+    def for_device(cls, device: str) -> DiskBus | None:
+        """The bus that gives a guest `device` (None: one QEMU cannot give here, e.g. an SD card's mmcblk)."""
+        name = device.removeprefix("/dev/")
+        for prefix, bus in (("vd", cls.virtio), ("nvme", cls.nvme), ("sd", cls.sata)):
+            if name.startswith(prefix):
+                return bus
+        return None
+
+
 class Disk(Model):
-    """A disk of the host.  `kind` is how it is attached (nvme, virtio, sata, sd); the install VM attaches its target
-    the same way, so the installer finds it where the real host has it.  Left out, the device's name says
-    (/dev/nvme0n1: nvme)."""
+    """A disk of the host.  `kind` says what it is; a bus name there (nvme, virtio, sata) is how it is attached, and
+    the install VM attaches its target the same way, so the installer finds it where the real host has it.  Any other
+    kind (ssd, sd, …) leaves the bus to the device's name (/dev/nvme0n1: nvme)."""
 
     name: Label
     device: str
     size_gib: float = Field(gt=0)
-    kind: DiskKind | None = None
+    kind: str = "ssd"
+    # The disk the image itself is (an SD card written with the sd image): the boot VM boots it, not a blank one.
+    image: bool = False
 
     @model_validator(mode="after")
     def _kind_fits_device(self) -> Disk:
-        named = DiskKind.of_device(self.device)
-        if self.kind is not None and named is not None and named is not self.kind:
-            raise ValueError(f"disk {self.name!r}: kind {self.kind.value!r} attaches as {self.kind.device}, but "
-                             f"device is {self.device!r} (a {named.value} name); make them agree")
+        named = DiskBus.for_device(self.device)
+        if self.kind in DiskBus.__members__ and named is not None and named.value != self.kind:
+            bus = DiskBus(self.kind)
+            raise ValueError(f"disk {self.name!r}: kind {self.kind!r} attaches as {bus.device}, but device is "
+                             f"{self.device!r} (a {named.value} name); make them agree")
         return self
 
     @property
-    def bus(self) -> DiskKind | None:
-        """How the disk is attached: its kind, else what its device name says."""
-        return self.kind or DiskKind.of_device(self.device)
+    def bus(self) -> DiskBus | None:
+        """How the disk is attached: its kind when that is a bus, else what its device name says."""
+        return DiskBus(self.kind) if self.kind in DiskBus.__members__ else DiskBus.for_device(self.device)
+
+
+class Display(enum.StrEnum):
+    """A display adapter QEMU gives a VM, carrying its PCI vendor:device id."""
+
+    std = "std"  # QEMU's standard VGA (bochs)
+    virtio = "virtio"  # virtio-gpu
+
+    @property
+    def pci_id(self) -> str:
+        return {"std": "1234:1111", "virtio": "1af4:1050"}[self.value]
+
+
+class InventoryPolicy(enum.StrEnum):
+    """What a difference between declared and detected hardware does to the boot test."""
+
+    record = "record"  # keep the report and the differences
+    warn = "warn"  # ... and say each one in the log
+    enforce = "enforce"  # the boot test fails: unknown hardware does not pass
 
 
 class Hardware(Model):
@@ -225,11 +270,21 @@ class Probe(Model):
         return self
 
 
-class Boot(Model):
-    """How the image is boot-tested in QEMU."""
+class BootDisk(Model):
+    """A blank (sparse) disk the boot VM gets."""
 
-    memory_mib: int = Field(default=1024, ge=128, le=16384)
-    cpus: int = Field(default=1, ge=1, le=8)
+    size_gib: float = Field(gt=0, le=8192)
+    bus: DiskBus = DiskBus.virtio
+
+
+class Boot(Model):
+    """How the image is boot-tested in QEMU.  Unset VM facts follow the declared hardware where QEMU can give it
+    (`pipeline.inventory.boot_machine`); set, they override it, and the inventory reports the difference."""
+
+    memory_mib: int | None = Field(default=None, ge=128, le=16384)
+    cpus: int | None = Field(default=None, ge=1, le=8)
+    disks: tuple[BootDisk, ...] | None = None
+    displays: tuple[Display, ...] | None = None
     timeout_s: float = Field(default=300, gt=0)
     probes: tuple[Probe, ...] = ()
 
@@ -330,6 +385,7 @@ class Domain(Model):
     description: str = ""
     accounts: tuple[Account, ...] = ()
     builders: tuple[Builder, ...] = ()
+    inventory: InventoryPolicy = InventoryPolicy.record
     hosts: dict[Label, Host]
 
     @field_validator("hosts")

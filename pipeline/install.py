@@ -26,11 +26,12 @@ from typing import Any
 
 from pipeline import contract, probes
 from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
-from pipeline.contract import CONTRACT, DiskKind
+from pipeline.contract import CONTRACT
 from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
-from pipeline.domain import Domain, Format, Host, System
+from pipeline.domain import DiskBus, Domain, Format, Host, System
 from pipeline.errors import CimError
+from pipeline.inventory import boot_machine
 from pipeline.log import say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout, choose_accel
@@ -58,6 +59,12 @@ def disk_mib(host: Host) -> int:
     return int(disk.size_gib * 1024)
 
 
+def vm_size(host: Host) -> tuple[int, int]:
+    """(memory MiB, CPUs) of the install VMs: those of the boot VM."""
+    machine = boot_machine(host)
+    return machine.memory_mib, machine.cpus
+
+
 def spec(host_name: str, host: Host) -> dict[str, Any]:
     """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
     assert host.install is not None
@@ -65,7 +72,7 @@ def spec(host_name: str, host: Host) -> dict[str, Any]:
     attached = {"hardware": {"disks": {declared.name: {"kind": declared.bus.value if declared.bus else None}}}} \
         if declared is not None else {}
     return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
-                                  "boot": {"memory_mib": host.boot.memory_mib}, **attached}}}
+                                  "boot": {"memory_mib": vm_size(host)[0]}, **attached}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -75,17 +82,17 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
     return evaluate_plan(domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
 
 
-def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskKind:
+def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskBus:
     """How the install VM attaches the target: as the host declares its disk, where the disk-config expects it."""
     assert host.install is not None
     config = domain_dir / host.install.disk_config
     where = f"disko.devices.disk.{plan.disk}.device"
     declared = next((d for d in host.hardware.disks if d.name == host.install.disk), None)
-    kind = (declared.bus if declared else None) or DiskKind.of_device(plan.device)
+    kind = (declared.bus if declared else None) or DiskBus.for_device(plan.device)
     if kind is None:
         raise DiskPlanError(
             f"{config}: {where} = {plan.device!r} names no disk kind the install VM can attach "
-            f"({', '.join(f'{k.value} {k.device}' for k in DiskKind)}).",
+            f"({', '.join(f'{k.value} {k.device}' for k in DiskBus)}).",
             hint=f"Give domain.json hosts.{host_name}.hardware.disks '{host.install.disk}' a 'kind' and the "
                  "disk-config the device that kind appears as.")
     if declared is not None and declared.device != plan.device:
@@ -184,15 +191,15 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
 
     installer = VmSpec(
         name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
-        console_log=workdir / "installer.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+        console_log=workdir / "installer.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
         firmware=Firmware.bios, boot_order="d", published_log=log_dest,
-        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", kind=kind)),
+        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
         extra=tuple(contract.install_request()),
     )
     disk_boot = VmSpec(
         name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
-        console_log=workdir / "disk-boot.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
-        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2", kind=kind),), published_log=log_dest,
+        console_log=workdir / "disk-boot.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
+        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2", bus=kind.value),), published_log=log_dest,
     )
     if machine_state is not None:
         # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.

@@ -14,9 +14,9 @@ import pytest
 from cimtest.demo import needs_demo
 
 from pipeline import contract
-from pipeline.contract import CONTRACT, CONTRACT_FILE, ContractError, DiskKind
+from pipeline.contract import CONTRACT, CONTRACT_FILE, ContractError
 from pipeline.diskplan import DiskPlanError, evaluate, plan_from_devices
-from pipeline.domain import DomainError, System, parse_domain
+from pipeline.domain import DiskBus, DomainError, System, parse_domain
 from pipeline.install import target_kind
 from pipeline.qemu import Drive, VmSpec
 
@@ -59,8 +59,8 @@ def test_contract_helpers() -> None:
     assert contract.install_request() == ["-smbios", "type=11,value=io.systemd.credential:cim.install=1"]
     assert contract.stats_subject("vhost-dev") == "cim.vhost-dev.stats"
     assert contract.inventory_subject("vhost-dev") == "cim.vhost-dev.inventory"
-    assert [contract.partition_device(k.device, 3) for k in DiskKind] == [
-        "/dev/nvme0n1p3", "/dev/vda3", "/dev/sda3", "/dev/mmcblk0p3"]
+    assert [contract.partition_device(k.device, 3) for k in DiskBus] == ["/dev/vda3", "/dev/nvme0n1p3", "/dev/sda3"]
+    assert contract.partition_device("/dev/mmcblk0", 2) == "/dev/mmcblk0p2"
 
 
 # -- the README lists every name; the pipeline spells none of them itself ---------------------------------------------
@@ -195,8 +195,8 @@ def test_demo_images_take_their_names_from_the_contract() -> None:
 def test_cim_declares_its_install_disk_as_nvme() -> None:
     domain = parse_domain(json.loads((ROOT / "configs/cim/domain.json").read_text()), "domain.json")
     (disk,) = domain.hosts["vhost-dev"].hardware.disks
-    assert disk.bus is DiskKind.nvme and disk.device == DiskKind.nvme.device
-    assert f'device = "{DiskKind.nvme.device}";' in (ROOT / "configs/cim/disk-config.nix").read_text()
+    assert disk.bus is DiskBus.nvme and disk.device == DiskBus.nvme.device
+    assert f'device = "{DiskBus.nvme.device}";' in (ROOT / "configs/cim/disk-config.nix").read_text()
 
 
 # -- disks as declared ------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def plan_on(device: str) -> object:
 @pytest.mark.parametrize(("device", "kind"), [("/dev/nvme0n1", "nvme"), ("/dev/vda", None), ("/dev/sda", "sata")])
 def test_target_kind_follows_the_declared_disk(device: str, kind: str | None) -> None:
     domain_dir, host = demo_host(device, kind)
-    assert target_kind(domain_dir, "vhost-dev", host, plan_on(device)) is DiskKind.of_device(device)  # type: ignore[arg-type]
+    assert target_kind(domain_dir, "vhost-dev", host, plan_on(device)) is DiskBus.for_device(device)  # type: ignore[arg-type]
 
 
 def test_target_kind_refuses_a_disk_config_elsewhere() -> None:
@@ -236,13 +236,13 @@ def test_target_kind_refuses_a_disk_config_elsewhere() -> None:
 
 
 @pytest.mark.parametrize(("kind", "devices"), [
-    (DiskKind.nvme, ["nvme,drive=drive0,serial=t"]),
-    (DiskKind.virtio, ["virtio-blk-pci,drive=drive0,serial=t"]),
-    (DiskKind.sata, ["ahci,id=drive0-ahci", "ide-hd,drive=drive0,bus=drive0-ahci.0"]),
+    (DiskBus.nvme, ["nvme,drive=drive0,serial=t"]),
+    (DiskBus.virtio, ["virtio-blk-pci,drive=drive0,serial=t"]),
+    (DiskBus.sata, ["ahci,id=ahci0", "ide-hd,drive=drive0,bus=ahci0.0,serial=t"]),
 ])
-def test_install_disk_is_attached_as_its_kind(tmp_path: Path, kind: DiskKind, devices: list[str]) -> None:
+def test_install_disk_is_attached_as_its_kind(tmp_path: Path, kind: DiskBus, devices: list[str]) -> None:
     spec = VmSpec(name="d", system=System.x86_64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  drives=(Drive(tmp_path / "disk.qcow2", format="qcow2", serial="t", kind=kind),))
+                  drives=(Drive(tmp_path / "disk.qcow2", format="qcow2", serial="t", bus=kind.value),))
     argv = spec.argv()
     assert [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-device"][:-1] == devices
 
