@@ -3,7 +3,8 @@ release.  Every `task_*` generator lives here; the stages' work lives in the lib
 
 Loading the graph runs no subprocess.  Each stage hands the next a small content-addressed fact through doit's saved
 values: eval's derivation paths, build's image digest.  A stage re-runs only when the fact it consumes changed:
-  eval:<host>        the digest of the flake's files (file_dep, checked by xxh3)
+  eval:<host>        the digest of the flake's files (validate's saved value `flake`; validate alone has them as
+                     file_dep, checked by xxh3, so a 1,000-host graph checks each file once, not once per host)
   build:<artifact>   its drvPath (from eval), or the published file no longer matching its digest
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
 from doit.task import UptodateCalculator
 from doit.tools import config_changed
 
@@ -28,7 +31,7 @@ from pipeline import boot, install, nix
 from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
-from pipeline.hashing import XXH3Checker, xxh3_text
+from pipeline.hashing import XXH3Checker, xxh3_files, xxh3_text
 from pipeline.log import say, step
 from pipeline.validate import flake_files, load_checked, validate
 
@@ -52,6 +55,10 @@ class Context:
     def files(self) -> list[str]:
         """The domain's flake files, walked once per run (validate and every eval depend on them)."""
         return flake_files(self.domain_dir)
+
+    @functools.cached_property
+    def evaluations(self) -> Evaluations:
+        return Evaluations(self.domain_dir)
 
     @property
     def machine_state(self) -> Path:
@@ -128,6 +135,18 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
+class config_of(config_changed):  # type: ignore[misc]
+    """doit's config_changed, with the config computed when doit checks the task rather than when the graph loads
+    (a 1,000-host graph would otherwise build 1,000 probe lists just to run `doit eval`)."""
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        super().__init__("")
+        self.make = make
+
+    def _calc_digest(self) -> str:
+        return self.make()
+
+
 def published_intact(task: Any, values: dict[str, Any]) -> bool:
     """Up to date while the file a build published still has the digest it was published with."""
     path, digest, size, mtime = (values.get(k) for k in ("path", "xxh3", "size", "mtime"))
@@ -148,7 +167,9 @@ def validate_action(ctx: Context) -> dict[str, Any]:
     say("validate", f"{ctx.domain_dir / 'domain.json'}: {len(checked.domain.hosts)} host(s), "
                     f"{len(checked.domain.artifacts())} image(s); {len(checked.nix_files)} .nix file(s) parse")
     ctx.records.drop({a.name for a in ctx.domain.artifacts()})
-    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files)}
+    # The one fact every eval:<host> consumes: the digest of the flake's inputs.
+    flake = xxh3_files([Path(f) for f in ctx.files], ctx.domain_dir)
+    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files), "flake": flake}
 
 
 def task_validate(ctx: Context) -> dict[str, Any]:
@@ -162,12 +183,100 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 # -- eval -------------------------------------------------------------------------------------------------------------
 
+class Evaluations:
+    """This run's host evaluations: one `nix eval` process for every host the run needs evaluated.
+
+    The first `eval:<host>` action to run evaluates, in one batch, its own host and every host `plan()` named (the
+    hosts whose eval task this run selected and whose flake digest is stale); later ones find their result here.
+    Each `eval:<host>` still saves only its own drvPaths, so a change to one host rebuilds only that host, and a host
+    whose evaluation failed fails only its own task.  doit's thread pool may run several eval actions at once: the lock
+    makes them share the one evaluation.
+    """
+
+    def __init__(self, domain_dir: Path) -> None:
+        self.domain_dir = domain_dir
+        self._lock = threading.Lock()
+        self._wanted: set[str] = set()
+        self._planned = False
+        self._results: dict[str, nix.EvalOutcome] = {}
+        self.selected: set[str] = set()  # hosts whose eval:<host> this run selected (set by the reporter)
+
+    def plan(self, hosts: set[str]) -> None:
+        """The hosts this run will evaluate (called once, before any eval action runs)."""
+        with self._lock:
+            self._wanted |= hosts
+            self._planned = True
+
+    @property
+    def planned(self) -> bool:
+        return self._planned
+
+    def of(self, host: str) -> dict[str, str]:
+        """The drvPaths of `host`, evaluated (with the rest of the batch) on first demand; raises its NixError."""
+        with self._lock:
+            if host not in self._results:
+                todo = sorted((self._wanted - self._results.keys()) | {host})
+                what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
+                with step("eval" if len(todo) > 1 else f"eval:{host}", what, announce=False):
+                    self._results.update(nix.eval_hosts(self.domain_dir, todo))
+            outcome = self._results[host]
+        if isinstance(outcome, CimError):
+            raise CimError(outcome.message, outcome.hint, outcome.detail)
+        return outcome
+
+
+def needed_tasks(tasks: dict[str, Any], selected: list[str]) -> set[str]:
+    """Every task a doit run with these selected tasks reaches through task_dep (getargs and value_dep add theirs)."""
+    seen: set[str] = set()
+    todo = list(selected)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in tasks:
+            continue
+        seen.add(name)
+        todo.extend(tasks[name].task_dep)
+        todo.extend(tasks[name].setup_tasks)
+    return seen
+
+
+def reporter_for(ctx: Context) -> type:
+    """doit's console reporter, which also tells `ctx.evaluations` which eval tasks this run selected."""
+
+    class Reporter(ConsoleReporter):  # type: ignore[misc]
+        def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
+            super().initialize(tasks, selected_tasks)
+            needed = needed_tasks(tasks, selected_tasks)
+            ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
+
+    return Reporter
+
+
+class flake_dep(value_dep):
+    """eval:<host>'s uptodate: the flake digest validate saved.  Its first call plans the run's batch: every selected
+    eval:<host> whose saved digest differs from the current one (what this check says of each of them)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__("validate", "flake")
+        self.ctx = ctx
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        evaluations = self.ctx.evaluations
+        if not evaluations.planned:
+            current = self._current()
+            stale = set()
+            for host in evaluations.selected:
+                saved = self.get_val(f"eval:{host}", "_values_:") or {}
+                if current is None or saved.get(self.saved_as) != current:
+                    stale.add(host)
+            evaluations.plan(stale)
+        return bool(super().__call__(task, values))
+
+
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
-    with step(f"eval:{host}", "evaluated", announce=False):
-        drvs = nix.eval_host(ctx.domain_dir, host)
-        for attr, drv in sorted(drvs.items()):
-            say(f"eval:{host}", f"{attr} = {drv}")
+    drvs = ctx.evaluations.of(host)
+    for attr, drv in sorted(drvs.items()):
+        say(f"eval:{host}", f"{attr} = {drv}")
     return drvs
 
 
@@ -177,8 +286,7 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
             "name": host,
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
-            "file_dep": ctx.files,
-            "task_dep": ["validate"],
+            "uptodate": [flake_dep(ctx)],
             "verbosity": 2,
         }
 
@@ -256,7 +364,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_changed(boot.fingerprint(artifact, host))],
+                         config_of(functools.partial(boot.fingerprint, artifact, host))],
             "verbosity": 2,
         }
 
@@ -291,7 +399,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_changed(install_fingerprint(ctx, host_name))],
+                         config_of(functools.partial(install_fingerprint, ctx, host_name))],
             "verbosity": 2,
         }
 
