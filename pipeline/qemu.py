@@ -155,13 +155,19 @@ class VmSpec:
                 serial = f",serial={drive.serial}" if drive.serial else ""
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
         if self.boot_order and self.system is System.x86_64_linux:
-            argv += ["-boot", f"order={self.boot_order}"]
+            boot = f"order={self.boot_order}"
+            if self.firmware is Firmware.bios:
+                # SeaBIOS: no boot menu and its wait for a key press; only the devices named (no fallback tries).
+                boot += ",menu=off,strict=on"
+            argv += ["-boot", boot]
         netdev = "user,id=net0"
         for host_port, guest_port in self.port_forwards:
             # Both protocols: NATS and SSH speak TCP, a DNS probe asks over UDP.
             for proto in ("tcp", "udp"):
                 netdev += f",hostfwd={proto}:127.0.0.1:{host_port}-:{guest_port}"
-        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+        # romfile= : no iPXE option ROM, which the firmware would otherwise load and initialise on every boot
+        # (nothing here boots from the network).
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
         return argv + list(self.extra)
 
 

@@ -146,7 +146,8 @@ def test_vmspec_argv_iso_bios(tmp_path: Path) -> None:
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert opt(argv, "-drive") == [f"if=none,id=drive0,file={iso},format=raw,media=cdrom,readonly=on"]
     assert "ide-cd,drive=drive0,bus=ide.1" in opt(argv, "-device")
-    assert opt(argv, "-boot") == ["order=d"]
+    assert opt(argv, "-boot") == ["order=d,menu=off,strict=on"], "no SeaBIOS boot menu wait, no fallback devices"
+    assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device"), "no iPXE option ROM to load"
     (chardev,) = opt(argv, "-chardev")
     assert f"path={spec.console_socket}" in chardev and "server=on,wait=off" in chardev
     assert f"logfile={spec.console_log}" in chardev, "the whole console goes to the log"
@@ -211,7 +212,7 @@ def test_vmspec_argv_port_forwards(tmp_path: Path) -> None:
     argv = spec.argv()
     assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40222-:4222,hostfwd=udp:127.0.0.1:40222-:4222,"
                                     "hostfwd=tcp:127.0.0.1:40053-:53,hostfwd=udp:127.0.0.1:40053-:53"]
-    assert "virtio-net-pci,netdev=net0" in opt(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device")
 
 
 def test_vmspec_argv_several_drives_and_extra(tmp_path: Path) -> None:
