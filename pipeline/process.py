@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -23,11 +25,36 @@ class ProcessTimeout(CimError):
         super().__init__(f"{argv[0]} did not finish within {timeout:g} s and was stopped")
 
 
+_live: set[subprocess.Popen[bytes] | subprocess.Popen[str]] = set()
+_live_lock = threading.Lock()
+
+
+def track(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """Remember a started process group until `kill_group` ends it, so that `_kill_leftovers` can end it at exit.
+
+    Tasks run in doit's worker threads (parallel by default), and doit's workers are daemon threads: on ^C only the
+    main thread unwinds, so a worker's `with` block that would stop its QEMU or nix never finishes.  At interpreter
+    exit every group still tracked is killed instead of being left running in its own session.
+    """
+    with _live_lock:
+        _live.add(proc)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    with _live_lock:
+        leftovers = list(_live)
+    for proc in leftovers:
+        kill_group(proc, grace=2.0)
+
+
 def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 5.0) -> None:
     """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL it."""
     if proc.poll() is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers the leader left behind
+        with _live_lock:
+            _live.discard(proc)
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -37,6 +64,8 @@ def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: flo
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
+    with _live_lock:
+        _live.discard(proc)
 
 
 @contextlib.contextmanager
@@ -54,6 +83,7 @@ def spawn(
         list(argv), stdout=stdout, stderr=stderr, stdin=stdin, env=dict(env) if env else None, cwd=cwd,
         start_new_session=True,
     )
+    track(proc)
     try:
         yield proc
     finally:
@@ -74,6 +104,7 @@ def run(
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
         env=dict(env) if env else None, cwd=cwd, start_new_session=True,
     )
+    track(proc)
     try:
         out, err = proc.communicate(input=input_text, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -27,7 +27,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pipeline.domain import System
 from pipeline.errors import CimError
-from pipeline.process import kill_group
+from pipeline.process import kill_group, track
 
 log = logging.getLogger("cim.qemu")
 
@@ -210,6 +210,7 @@ class Vm:
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
                                          start_new_session=True)
+            track(self.proc)
         except FileNotFoundError:
             raise VmError(f"{spec.name}: {argv[0]} is not installed; run scripts/setup.sh") from None
         finally:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,33 @@ def test_publish_log_and_atomic_write_text(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "b" / "x.json", "{}\n")
     assert (tmp_path / "b" / "x.json").read_text() == "{}\n"
     assert leftovers(tmp_path) == []
+
+
+# -- processes --------------------------------------------------------------------------------------------------------
+
+def test_a_program_started_in_a_daemon_thread_dies_with_the_interpreter() -> None:
+    """doit's workers are daemon threads: their `with` blocks never finish on ^C, so exit must end their programs."""
+    script = textwrap.dedent("""
+        import sys, threading, time
+        from pipeline.process import spawn
+
+        def worker():
+            with spawn(["sleep", "300"]) as proc:
+                print(proc.pid, flush=True)
+                time.sleep(300)
+
+        threading.Thread(target=worker, daemon=True).start()
+        time.sleep(1)
+        sys.exit(0)  # the main thread leaves while the worker is inside its with block
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError(f"sleep (pid {pid}) outlived the interpreter that started it")
