@@ -215,7 +215,10 @@ class Evaluations:
         """The drvPaths of `host`, evaluated (with the rest of the batch) on first demand; raises its NixError."""
         with self._lock:
             if host not in self._results:
-                todo = sorted((self._wanted - self._results.keys()) | {host})
+                # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
+                # then every selected host is expected to run.
+                wanted = self._wanted if self._planned and host in self._wanted else self.selected
+                todo = sorted((wanted - self._results.keys()) | {host})
                 what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
                 with step("eval" if len(todo) > 1 else f"eval:{host}", what, announce=False):
                     self._results.update(nix.eval_hosts(self.domain_dir, todo))

@@ -125,6 +125,10 @@ def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(
     assert sorted(executed(proc.stdout)) == ["eval:alpha", "eval:beta", "eval:gamma", "validate"]
     assert "[eval] evaluated 3 hosts in one nix eval" in proc.stdout, proc.stdout
 
+    # `doit -a` runs up-to-date evals too: still one batch.
+    proc = doit(domain, "-a", "eval", check=True)
+    assert "[eval] evaluated 3 hosts in one nix eval" in proc.stdout, proc.stdout
+
     # Targeting one host's eval evaluates only that host, even when the others are stale too.
     (domain / "flake.nix").write_text(FLAKE.replace("nixos-system-", "nixos-sys-"))
     proc = doit(domain, "eval:beta", check=True)
