@@ -29,7 +29,7 @@ except CimError as exc:
 DOIT_CONFIG = {
     "default_tasks": ["release"],
     "backend": "sqlite3",
-    "dep_file": str(CTX.state_dir / "doit.sqlite3"),
+    "dep_file": str(CTX.dep_file),
     "check_file_uptodate": XXH3Checker,
     "par_type": "thread",  # tasks wait on nix and QEMU processes; threads are enough and share the DB handle
     # Parallel by default: one worker per core this process may use (`-n N` overrides it; `-n 0` runs serially).

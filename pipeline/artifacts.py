@@ -14,11 +14,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +30,7 @@ from pipeline.errors import CimError
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
+JUNIT = "junit.xml"
 
 
 class ArtifactError(CimError):
@@ -98,6 +102,11 @@ class Record(BaseModel):
 Outcome = Literal["pass", "fail"]
 
 
+def utc_now() -> str:
+    """The time now, as records and the manifest write it (UTC, ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class BuildInfo(Record):
     """How the image was built."""
 
@@ -105,6 +114,7 @@ class BuildInfo(Record):
     reason: str
     seconds: float
     log: str  # relative to the artifacts directory
+    at: str | None = None  # when it was published (UTC, ISO 8601)
 
 
 class ProbeResult(Record):
@@ -125,7 +135,9 @@ class BootResult(Record):
     image_xxh3: str
     seconds: float = 0.0
     probes: list[ProbeResult] = Field(default_factory=list)
+    planned: list[str] | None = None  # every probe's name, in order: those after a failed one did not run
     error: str | None = None
+    at: str | None = None  # when it ended (UTC, ISO 8601)
 
 
 class InstallResult(Record):
@@ -140,6 +152,7 @@ class InstallResult(Record):
     phases: dict[str, float] = Field(default_factory=dict)
     checks: list[str] = Field(default_factory=list)
     error: str | None = None
+    at: str | None = None  # when it ended (UTC, ISO 8601)
 
 
 class ArtifactRecord(Record):
@@ -240,9 +253,9 @@ class Records:
 
     def _write_manifest(self) -> Manifest:
         records = self.all()
-        manifest = Manifest(**self.domain_meta, generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            artifacts=records)
+        manifest = Manifest(**self.domain_meta, generated=utc_now(), artifacts=records)
         atomic_write_text(self.artifacts_dir / MANIFEST, _dump(manifest))
+        atomic_write_text(self.artifacts_dir / JUNIT, junit_xml(records, self.artifacts_dir, manifest.generated))
         lines = sorted(f"{record.sha256}  {record.file}\n" for record in records.values())
         atomic_write_text(self.artifacts_dir / SUMS, "".join(sorted(lines, key=lambda ln: ln.split()[1])))
         return manifest
@@ -258,3 +271,89 @@ class Records:
             return Manifest.model_validate_json((self.artifacts_dir / MANIFEST).read_bytes())
         except (FileNotFoundError, ValidationError):
             return None
+
+
+# -- junit.xml: the results as CI systems read them --------------------------------------------------------------------
+
+TAIL_LINES = 30  # console lines a failure carries
+# What XML 1.0 cannot carry (and escape sequences, which a console is full of).
+_NOT_XML = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[^\x09\x0a\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def console_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines of a console log, fit for XML; empty when there is no log."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(_xml_text(text).splitlines()[-lines:])
+
+
+class _Checked(Protocol):
+    """A stage's result as junit.xml reports it (install, and inventory once its records carry one)."""
+
+    result: Outcome
+    seconds: float
+    log: str
+    error: str | None
+
+
+def _case(suite: ET.Element, classname: str, name: str, seconds: float) -> ET.Element:
+    return ET.SubElement(suite, "testcase", classname=classname, name=name, time=f"{seconds:.3f}")
+
+
+def _fail(case: ET.Element, message: str, log: Path) -> None:
+    failure = ET.SubElement(case, "failure", message=_xml_text(message))
+    tail = console_tail(log)
+    failure.text = _xml_text(message) + (f"\n\nlast console lines ({log.name}):\n{tail}" if tail else "")
+
+
+def _boot_cases(suite: ET.Element, artifact: str, boot: BootResult, artifacts_dir: Path) -> None:
+    classname = f"{artifact}.boot"
+    planned = boot.planned or [p.probe for p in boot.probes]
+    for index, name in enumerate(planned):
+        if index < len(boot.probes):
+            _case(suite, classname, name, boot.probes[index].seconds)
+        elif index == len(boot.probes) and boot.result == "fail":
+            rest = boot.seconds - sum(p.seconds for p in boot.probes)
+            _fail(_case(suite, classname, name, max(0.0, rest)), boot.error or "failed", artifacts_dir / boot.log)
+        else:
+            skipped = ET.SubElement(_case(suite, classname, name, 0.0), "skipped")
+            skipped.set("message", "not run: an earlier probe failed")
+    if boot.result == "fail" and len(boot.probes) >= len(planned):  # failed after its probes (or with none planned)
+        _fail(_case(suite, classname, "boot", boot.seconds), boot.error or "failed", artifacts_dir / boot.log)
+
+
+def _check_case(suite: ET.Element, artifact: str, stage: str, checked: _Checked, artifacts_dir: Path) -> None:
+    case = _case(suite, f"{artifact}.{stage}", stage, checked.seconds)
+    if checked.result != "pass":
+        _fail(case, checked.error or "failed", artifacts_dir / checked.log)
+
+
+def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp: str) -> str:
+    """The results as JUnit XML, in the shape pytest writes: a testsuite per artifact; a testcase per boot probe,
+    for the install check and for the inventory check; a failure carries its message and the console's last lines.
+    A probe after a failed one is `skipped` (it did not run)."""
+    root = ET.Element("testsuites", name="cim-pipeline")
+    hostname = socket.gethostname()
+    for artifact, record in sorted(records.items()):
+        suite = ET.SubElement(root, "testsuite", name=artifact)
+        if record.boot is not None:
+            _boot_cases(suite, artifact, record.boot, artifacts_dir)
+        for stage in ("install", "inventory"):
+            checked: _Checked | None = getattr(record, stage, None)
+            if checked is not None:
+                _check_case(suite, artifact, stage, checked, artifacts_dir)
+        cases = suite.findall("testcase")
+        counts = {kind: sum(1 for c in cases if c.find(kind) is not None) for kind in ("failure", "skipped")}
+        suite.attrib.update(errors="0", failures=str(counts["failure"]), skipped=str(counts["skipped"]),
+                            tests=str(len(cases)), time=f"{sum(float(c.get('time', 0)) for c in cases):.3f}",
+                            timestamp=timestamp, hostname=hostname)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -9,16 +9,15 @@ The whole serial console is kept (published as artifacts/<artifact>/boot.log) wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline import probes
-from pipeline.artifacts import BootResult, ProbeResult, publish_log
+from pipeline.artifacts import BootResult, ProbeResult, publish_log, utc_now
 from pipeline.domain import Artifact, Format, Host, Probe, ProbeKind
-from pipeline.hashing import xxh3_text
 from pipeline.log import say
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
 
@@ -43,11 +42,13 @@ def boot_probes(host_name: str, host: Host) -> list[Probe]:
     return list(host.boot.probes) or probes.default_probes(host_name, host)
 
 
-def fingerprint(artifact: Artifact, host: Host) -> str:
-    """What, besides the image, decides a boot test: VM size, format, probes."""
-    spec = {"memory": host.boot.memory_mib, "cpus": host.boot.cpus, "format": artifact.format.value,
-            "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]}
-    return xxh3_text(json.dumps(spec, sort_keys=True))
+def spec(artifact: Artifact, host: Host) -> dict[str, Any]:
+    """What, besides the image, decides a boot test (VM size, probes), keyed as in domain.json so that a change can be
+    named: `hosts.vhost-dev.boot.memory_mib`.  The probes are the effective ones (declared, else the defaults)."""
+    return {"hosts": {artifact.host: {"boot": {
+        "memory_mib": host.boot.memory_mib, "cpus": host.boot.cpus,
+        "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]}}},
+        "format": artifact.format.value}
 
 
 def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, workdir: Path, log_dest: Path,
@@ -79,7 +80,8 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
     finally:
         outcome = BootResult(result="fail" if error is not None or len(results) < len(checks) else "pass",
                              accel=accel, log=log_name, image_xxh3=image_xxh3,
-                             seconds=round(time.monotonic() - started, 1), probes=results, error=error)
+                             seconds=round(time.monotonic() - started, 1), probes=results,
+                             planned=[probes.label(p) for p in checks], error=error, at=utc_now())
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

@@ -66,6 +66,56 @@ def disk_plan(host: str, domain_dir: Path) -> None:
         click.echo(f"  {line}")
 
 
+def _context(domain_dir: Path | None, artifacts_dir: Path | None) -> Any:
+    """The run's context as `doit` builds it; paths given are from the current directory, defaults from the
+    checkout `doit` runs in (dodo.py's directory, whose .cim/ holds the state of every domain)."""
+    from pipeline.tasks import make_context
+
+    root = Path(__file__).resolve().parent.parent
+    return make_context(root, (domain_dir or root / DEFAULT_DOMAIN).resolve(),
+                        (artifacts_dir or root / "artifacts").resolve())
+
+
+DOMAIN_OPTION = click.option("--domain", "domain_dir", type=click.Path(path_type=Path), envvar="CIM_DOMAIN",
+                             help=f"the domain directory (or CIM_DOMAIN; default {DEFAULT_DOMAIN})")
+ARTIFACTS_OPTION = click.option("--artifacts", "artifacts_dir", type=click.Path(path_type=Path),
+                                envvar="CIM_ARTIFACTS", help="the artifacts directory (or CIM_ARTIFACTS; default "
+                                                             "artifacts/ of the checkout)")
+
+
+@cli.command()
+@DOMAIN_OPTION
+@ARTIFACTS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="the same data as JSON, for scripts")
+@click.option("--markdown", "as_markdown", is_flag=True, help="a Markdown table, for a CI job summary")
+def status(domain_dir: Path | None, artifacts_dir: Path | None, as_json: bool, as_markdown: bool) -> None:
+    """Each artifact's image, boot and install results, and which tasks are out of date (runs nothing)."""
+    from pipeline import status as st
+
+    data = st.status(_context(domain_dir, artifacts_dir))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif as_markdown:
+        click.echo(st.markdown(data), nl=False)
+    else:
+        from rich.console import Console
+
+        Console().print(st.table(data))
+
+
+@cli.command()
+@click.argument("task")
+@DOMAIN_OPTION
+@ARTIFACTS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="the same as JSON")
+def explain(task: str, domain_dir: Path | None, artifacts_dir: Path | None, as_json: bool) -> None:
+    """Why TASK (e.g. boot:vhost-dev-iso) would run, or why it is up to date (runs nothing)."""
+    from pipeline import status as st
+
+    state = st.explain(_context(domain_dir, artifacts_dir), task)
+    click.echo(json.dumps(state.as_json(), indent=2) if as_json else st.explanation(state), nl=as_json)
+
+
 def main() -> None:
     """The `cim` entry point: a library error is the user's message and hint, exit code 2, no traceback."""
     try:

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import probes
-from pipeline.artifacts import InstallResult, atomic_write_text
+from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
 from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
 from pipeline.domain import Domain, Format, Host, System
@@ -45,6 +46,13 @@ def disk_mib(host: Host) -> int:
         return int(host.install.size_gib * 1024)
     disk = next(d for d in host.hardware.disks if d.name == host.install.disk)
     return int(disk.size_gib * 1024)
+
+
+def spec(host_name: str, host: Host) -> dict[str, Any]:
+    """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
+    assert host.install is not None
+    return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
+                                  "boot": {"memory_mib": host.boot.memory_mib}}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -193,7 +201,7 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
         outcome = InstallResult(result="fail" if error is not None or not checks else "pass", log=log_name,
                                 image_xxh3=image_xxh3, disk_mib=plan.disk_mib, plan=plan.describe(),
                                 seconds=round(time.monotonic() - started, 1), phases=phases, checks=checks,
-                                error=error)
+                                error=error, at=utc_now())
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import GuestKind, Host, Probe, ProbeKind
+from pipeline.log import progress
 from pipeline.qemu import Vm, VmError
 
 
@@ -32,6 +33,15 @@ def default_probes(host_name: str, host: Host) -> list[Probe]:
     if any(g.kind is GuestKind.nats for g in host.guests):
         probes.append(Probe(kind=ProbeKind.nats, port=4222))
     return probes
+
+
+def label(probe: Probe) -> str:
+    """A probe's name in records and junit.xml: its kind, and its port or DNS name when there may be several."""
+    if probe.kind is ProbeKind.tcp:
+        return f"tcp {probe.port}"
+    if probe.kind is ProbeKind.dns:
+        return f"dns {probe.name}"
+    return probe.kind.value
 
 
 def guest_ports(probes: list[Probe]) -> set[int]:
@@ -110,18 +120,24 @@ def run_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> ProbeResult:
     started = time.monotonic()
     if probe.kind is ProbeKind.console:
         assert probe.pattern is not None
-        match = vm.wait_for_console(probe.pattern, probe.timeout_s)
+        match = vm.wait_for_console(probe.pattern, probe.timeout_s, f"console /{probe.pattern}/")  # with progress
         detail = f"console: {match.group(0)!r}"
-    elif probe.kind is ProbeKind.tcp:
-        assert probe.port is not None
-        detail = retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
-                       probe.timeout_s)
-    elif probe.kind is ProbeKind.nats:
-        port = forwards[probe.port or 4222]
-        detail = retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
-                       probe.timeout_s)
     else:
-        assert probe.name is not None
-        port = forwards[probe.port or 53]
-        detail = retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)
-    return ProbeResult(probe=probe.kind.value, ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
+        with progress(vm.spec.name, f"probe {probe.kind.value}", probe.timeout_s, vm.last_console_line):
+            detail = _network_probe(vm, probe, forwards)
+    return ProbeResult(probe=label(probe), ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
+
+
+def _network_probe(vm: Vm, probe: Probe, forwards: dict[int, int]) -> str:
+    """A TCP, NATS or DNS probe through its port forward, retried until its deadline; the detail it found."""
+    if probe.kind is ProbeKind.tcp:
+        assert probe.port is not None
+        return retry(f"{vm.spec.name}: TCP port {probe.port}", lambda: tcp_connect(forwards[probe.port or 0]),
+                     probe.timeout_s)
+    if probe.kind is ProbeKind.nats:
+        port = forwards[probe.port or 4222]
+        return retry(f"{vm.spec.name}: NATS round-trip", lambda: nats_round_trip(port, f"cim.probe.{vm.spec.name}"),
+                     probe.timeout_s)
+    assert probe.name is not None
+    port = forwards[probe.port or 53]
+    return retry(f"{vm.spec.name}: DNS {probe.name}", lambda: dns_query(port, probe.name or ""), probe.timeout_s)

@@ -27,6 +27,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pipeline.domain import System
 from pipeline.errors import CimError
+from pipeline.log import printable, progress
 from pipeline.process import kill_group, track
 
 log = logging.getLogger("cim.qemu")
@@ -271,8 +272,23 @@ class Vm:
     def _tail(self, lines: int = 15) -> str:
         return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])
 
+    def last_console_line(self) -> str:
+        """The guest's last non-empty console line, read from the log's end (safe from the progress thread)."""
+        try:
+            with self.spec.console_log.open("rb") as f:
+                f.seek(max(0, self.spec.console_log.stat().st_size - 2048))
+                tail = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        lines = [line for line in tail.replace("\r", "\n").splitlines() if printable(line)]
+        return lines[-1] if lines else ""
+
     def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
         """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""
+        with progress(self.spec.name, f"waiting for {what or repr(pattern)}", timeout, self.last_console_line):
+            return self._wait_for_console(pattern, timeout, what)
+
+    def _wait_for_console(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
         regex = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         searched_from = 0
@@ -314,7 +330,8 @@ class Vm:
         """Wait for the guest to power off (QEMU exits); VmTimeout past the deadline."""
         assert self.proc is not None
         try:
-            code = self.proc.wait(timeout=timeout)
+            with progress(self.spec.name, f"waiting for {what}", timeout, self.last_console_line):
+                code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise VmTimeout(
                 f"{self.spec.name}: no {what} within {timeout:g} s; the VM was stopped, its console log is "
@@ -339,7 +356,7 @@ def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool,
                                  workdir=spec.workdir / "kvm-canary", console_log=spec.workdir / "kvm-canary.log")
     canary.console_log.unlink(missing_ok=True)
     started = time.monotonic()
-    with Vm(canary) as vm:
+    with Vm(canary) as vm, progress(canary.name, "KVM canary boot", timeout, vm.last_console_line):
         stderr = canary.workdir / "qemu.stderr"
         while vm.elapsed() < timeout:
             errors = stderr.read_text(errors="replace") if stderr.exists() else ""

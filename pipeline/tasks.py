@@ -13,6 +13,7 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
@@ -25,14 +26,13 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.task import UptodateCalculator
-from doit.tools import config_changed
 
 from pipeline import boot, install, nix
-from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file
+from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file, utc_now
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_files, xxh3_text
-from pipeline.log import say, step
+from pipeline.log import progress, say, step
 from pipeline.validate import flake_files, load_checked, validate
 
 
@@ -59,6 +59,11 @@ class Context:
     @functools.cached_property
     def evaluations(self) -> Evaluations:
         return Evaluations(self.domain_dir)
+
+    @property
+    def dep_file(self) -> Path:
+        """doit's dependency DB (sqlite3) for this domain."""
+        return self.state_dir / "doit.sqlite3"
 
     @property
     def machine_state(self) -> Path:
@@ -135,16 +140,29 @@ class value_dep(UptodateCalculator):  # type: ignore[misc]
         return current is not None and values.get(self.saved_as) == current
 
 
-class config_of(config_changed):  # type: ignore[misc]
-    """doit's config_changed, with the config computed when doit checks the task rather than when the graph loads
-    (a 1,000-host graph would otherwise build 1,000 probe lists just to run `doit eval`)."""
+class spec_dep:
+    """Up to date while a spec (what decides a test besides its image) is the one of our last success.
 
-    def __init__(self, make: Callable[[], str]) -> None:
-        super().__init__("")
+    Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
+    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.  The spec is made when doit
+    (or `cim explain`) checks the task, not when the graph loads: a 1,000-host graph would otherwise build 1,000 probe
+    lists just to run `doit eval`.
+    """
+
+    def __init__(self, make: Callable[[], dict[str, Any]]) -> None:
         self.make = make
 
-    def _calc_digest(self) -> str:
+    @functools.cached_property
+    def spec(self) -> dict[str, Any]:
         return self.make()
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return xxh3_text(json.dumps(self.spec, sort_keys=True))
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
+        return bool(values.get("spec_digest") == self.digest)
 
 
 def published_intact(task: Any, values: dict[str, Any]) -> bool:
@@ -220,7 +238,8 @@ class Evaluations:
                 wanted = self._wanted if self._planned and host in self._wanted else self.selected
                 todo = sorted((wanted - self._results.keys()) | {host})
                 what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
-                with step("eval" if len(todo) > 1 else f"eval:{host}", what, announce=False):
+                prefix = "eval" if len(todo) > 1 else f"eval:{host}"
+                with step(prefix, what, announce=False), progress(prefix, "nix eval", nix.EVAL_TIMEOUT):
                     self._results.update(nix.eval_hosts(self.domain_dir, todo))
             outcome = self._results[host]
         if isinstance(outcome, CimError):
@@ -310,7 +329,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
-    with step(name, "built", announce=False) as built:
+    with step(name, "built", announce=False) as built, progress(name, "nix build", nix.BUILD_TIMEOUT):
         result = nix.build(drv, options=plan.options)
     out = Path(result.outputs["out"])
     product = nix.hydra_product(out, artifact.format.product_type)
@@ -328,7 +347,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         host=artifact.host, format=artifact.format.value, system=artifact.system.value, drvPath=drv,
         outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
         build=BuildInfo(strategy=plan.strategy.value, reason=plan.reason, seconds=built.seconds,
-                        log=f"{name}/build.log")))
+                        log=f"{name}/build.log", at=utc_now())))
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
     return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
             "mtime": stat.st_mtime, "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value}
@@ -367,7 +386,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         config_of(functools.partial(boot.fingerprint, artifact, host))],
+                         spec_dep(functools.partial(boot.spec, artifact, host))],
             "verbosity": 2,
         }
 
@@ -384,13 +403,6 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
-def install_fingerprint(ctx: Context, host_name: str) -> str:
-    """What, besides the ISO and the disk-config file, decides an install test."""
-    host = ctx.domain.hosts[host_name]
-    assert host.install is not None
-    return xxh3_text(host.install.disk, str(install.disk_mib(host)), str(host.boot.memory_mib))
-
-
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
     for host_name in install.installable_hosts(ctx.domain):
         host = ctx.domain.hosts[host_name]
@@ -402,7 +414,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         config_of(functools.partial(install_fingerprint, ctx, host_name))],
+                         spec_dep(functools.partial(install.spec, host_name, host))],
             "verbosity": 2,
         }
 
@@ -451,4 +463,16 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "task_dep": deps,
         "uptodate": [records_unchanged(ctx)],
         "verbosity": 2,
+    }
+
+
+def creators(ctx: Context) -> dict[str, Callable[[], Any]]:
+    """The task creators of `ctx`'s graph by name, as doit loads them from dodo.py (and `cim status` from here)."""
+    return {
+        "task_validate": lambda: task_validate(ctx),
+        "task_eval": lambda: task_eval(ctx),
+        "task_build": lambda: task_build(ctx),
+        "task_boot": lambda: task_boot(ctx),
+        "task_install": lambda: task_install(ctx),
+        "task_release": lambda: task_release(ctx),
     }

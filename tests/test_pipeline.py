@@ -171,7 +171,8 @@ def test_build_one_image_runs_only_what_it_needs(demo_domain: Path, artifacts_di
     assert "boot" not in record, "built, not booted"
     assert record["sha256"] == sha256sum(artifacts_dir / record["file"])
     assert record["build"]["strategy"] == "native"
-    assert sorted(p.name for p in artifacts_dir.iterdir()) == ["SHA256SUMS", "manifest.json", "vhost-dev-iso"]
+    assert sorted(p.name for p in artifacts_dir.iterdir()) == ["SHA256SUMS", "junit.xml", "manifest.json",
+                                                               "vhost-dev-iso"]
     sha256sum_check(artifacts_dir)
 
 
