@@ -1,7 +1,9 @@
 """doit entry point: `doit domain=DIR [artifacts=DIR] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS); the default domain is
 configs/cim, the default artifacts directory artifacts/.
 
-Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default).
+Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default);
+check:<host>-<format> (rebuild and compare, not in the default run).  CIM_RESULTS moves the kept passes
+(default .cim/results).
 """
 
 import os
@@ -20,6 +22,7 @@ try:
         ROOT,
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
+        Path(os.environ["CIM_RESULTS"]) if os.environ.get("CIM_RESULTS") else None,
     )
 except CimError as exc:
     # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
@@ -59,6 +62,10 @@ def task_boot():
 
 def task_install():
     yield from tasks.task_install(CTX)
+
+
+def task_check():
+    yield from tasks.task_check(CTX)
 
 
 def task_release():

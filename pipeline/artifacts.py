@@ -138,6 +138,44 @@ class BootResult(Record):
     planned: list[str] | None = None  # every probe's name, in order: those after a failed one did not run
     error: str | None = None
     at: str | None = None  # when it ended (UTC, ISO 8601)
+    # What, besides the image, decided this boot (VM, probes): a pass with the same image and fingerprint is reused
+    # (its inventory report re-reconciled) without a VM.
+    fingerprint: str = ""
+    reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
+
+
+class InventoryDifference(Record):
+    """One fact where the detected hardware is not what domain.json declares."""
+
+    field: str
+    declared: str
+    detected: str
+    kind: Literal["missing", "unexpected", "differs"]
+
+
+class InventoryUnchecked(Record):
+    """A declared fact the boot VM cannot be (e.g. 128 GiB, a passed-through GPU): not compared, never a match."""
+
+    field: str
+    declared: str
+    reason: str
+
+
+class InventoryResult(Record):
+    """The hardware report of a boot test, reconciled with the host's declared hardware under the domain's policy."""
+
+    result: Outcome  # fail only under policy "enforce" with a difference
+    verdict: Literal["match", "differs"]
+    policy: Literal["record", "warn", "enforce"]
+    report: str  # the detected report, relative to the artifacts directory
+    image_xxh3: str
+    summary: str
+    log: str  # the boot log, whose end holds the verdict (relative to the artifacts directory)
+    seconds: float = 0.0
+    error: str | None = None  # the enforce failure, naming each difference
+    at: str | None = None  # when it was reconciled (UTC, ISO 8601)
+    differences: list[InventoryDifference] = Field(default_factory=list)
+    unchecked: list[InventoryUnchecked] = Field(default_factory=list)
 
 
 class InstallResult(Record):
@@ -153,6 +191,18 @@ class InstallResult(Record):
     checks: list[str] = Field(default_factory=list)
     error: str | None = None
     at: str | None = None  # when it ended (UTC, ISO 8601)
+    reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
+
+
+class ReproducibilityCheck(Record):
+    """`check:<artifact>`: the image's derivation and those it is made from, rebuilt and compared."""
+
+    reproducible: bool
+    sha256: str  # the image digest the check confirmed (or failed to)
+    derivations: list[str] = Field(default_factory=list)  # rebuilt, nearest first
+    seconds: float = 0.0
+    derivation: str | None = None  # the first one that gave other bytes
+    differs: str | None = None  # its first differing file, in words
 
 
 class ArtifactRecord(Record):
@@ -169,7 +219,10 @@ class ArtifactRecord(Record):
     xxh3: str
     build: BuildInfo
     boot: BootResult | None = None
+    inventory: InventoryResult | None = None
     install: InstallResult | None = None
+    reproducible: bool | None = None  # set by check:<artifact>; details in `check`
+    check: ReproducibilityCheck | None = None
 
 
 class Manifest(Record):
@@ -218,14 +271,27 @@ class Records:
         with _locked(self.state_dir):
             old = self.load(artifact)
             if old is not None and old.xxh3 == record.xxh3:
-                record = record.model_copy(update={"boot": old.boot, "install": old.install})
+                record = record.model_copy(update={"boot": old.boot, "inventory": old.inventory,
+                                                   "install": old.install, "reproducible": old.reproducible,
+                                                   "check": old.check})
             self._write(artifact, record)
 
     def save_boot(self, artifact: str, result: BootResult) -> None:
         self._save_result(artifact, boot=result)
 
+    def save_inventory(self, artifact: str, result: InventoryResult) -> None:
+        self._save_result(artifact, inventory=result)
+
     def save_install(self, artifact: str, result: InstallResult) -> None:
         self._save_result(artifact, install=result)
+
+    def save_check(self, artifact: str, result: ReproducibilityCheck) -> None:
+        with _locked(self.state_dir):
+            record = self.load(artifact)
+            if record is None:
+                raise ArtifactError(f"{artifact} has no build record in {self.dir}, so its check cannot be kept.",
+                                    hint="Run `doit` again: the build re-publishes the image and its record.")
+            self._write(artifact, record.model_copy(update={"reproducible": result.reproducible, "check": result}))
 
     def _save_result(self, artifact: str, **results: Record) -> None:
         with _locked(self.state_dir):

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
-from pipeline.artifacts import manifest_schema
-from pipeline.domain import DomainError, json_schema
+from pipeline import inventory
+from pipeline.artifacts import atomic_write_text, manifest_schema
+from pipeline.domain import DOMAIN_FILE, DomainError, json_schema, parse_domain
 from pipeline.errors import CimError
 from pipeline.install import plan_for
 from pipeline.validate import load_checked, validate
@@ -114,6 +115,82 @@ def explain(task: str, domain_dir: Path | None, artifacts_dir: Path | None, as_j
 
     state = st.explain(_context(domain_dir, artifacts_dir), task)
     click.echo(json.dumps(state.as_json(), indent=2) if as_json else st.explanation(state), nl=as_json)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise inventory.InventoryError(f"{path}: no such {what}.", hint="Give the path of an existing file.") from None
+    except json.JSONDecodeError as exc:
+        raise inventory.InventoryError(f"{path}: not a JSON {what} ({exc}).",
+                                       hint="Give the file as the tool wrote it.") from None
+    except UnicodeDecodeError as exc:
+        raise inventory.InventoryError(f"{path}: not UTF-8 text ({exc.reason}).",
+                                       hint="Give the file as the tool wrote it.") from None
+
+
+@cli.command("inventory")
+@click.argument("host")
+@DOMAIN_OPTION
+@ARTIFACTS_OPTION
+@click.option("--facter", "facter", type=click.Path(path_type=Path), default=None,
+              help="A facter.json from the real machine (nixos-facter) instead of the last boot test's report.")
+@click.option("--write", is_flag=True, help="Merge the detected facts into domain.json (validated, atomic).")
+def inventory_cmd(host: str, domain_dir: Path | None, artifacts_dir: Path | None, facter: Path | None,
+                  write: bool) -> None:
+    """Show HOST's declared hardware beside what it detected (the last boot's report, or --facter FILE); --write
+    brings domain.json in line."""
+    root = Path(__file__).resolve().parent.parent
+    domain_dir = domain_dir or root / DEFAULT_DOMAIN
+    artifacts_dir = artifacts_dir or root / "artifacts"
+    domain = load_checked(domain_dir)
+    if host not in domain.hosts:
+        raise DomainError(f"{domain_dir / DOMAIN_FILE}: no host {host!r}.",
+                          hint=f"Name one of its hosts: {', '.join(domain.hosts)}.")
+    declared = domain.hosts[host]
+    machine: inventory.BootMachine | None = None
+    if facter is not None:
+        source = facter
+    else:
+        reports = [artifacts_dir / f"{host}-{fmt.value}" / "inventory.json" for fmt in declared.images]
+        found = [p for p in reports if p.is_file()]
+        if not found:
+            raise inventory.InventoryError(
+                f"no hardware report for {host}: none of {', '.join(map(str, reports)) or '(no images)'} exists.",
+                hint=f"Boot it first (`doit domain={domain_dir} boot:{host}-{declared.images[0].value}`) or give "
+                     "--facter FILE." if declared.images else "Give --facter FILE.")
+        source = found[0]
+        machine = inventory.boot_machine(declared)  # a boot VM: what it cannot be stays unchecked
+    detected = inventory.parse_report(_read_json(source, "hardware report"), str(source))
+    result = inventory.verdict(declared.hardware, detected, domain.inventory, machine)
+    click.echo(f"{host}: {domain_dir / DOMAIN_FILE} beside {source}")
+    rows = [("fact", "declared", "detected", "status"), *inventory.side_by_side(declared.hardware, detected, result)]
+    widths = [min(40, max(len(r[i]) for r in rows)) for i in range(3)]
+    for row in rows:
+        click.echo("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    for item in result.unchecked:
+        click.echo(f"  unchecked {item.field}: {item.reason}")
+    click.echo(f"{host}: {result.summary()}")
+    if write:
+        _write_inventory(domain_dir, host, detected, machine)
+
+
+def _write_inventory(domain_dir: Path, host: str, detected: inventory.Detected,
+                     machine: inventory.BootMachine | None) -> None:
+    """Merge `detected` into domain.json: validated first, written atomically, other fields and their order kept."""
+    path = domain_dir / DOMAIN_FILE
+    data = _read_json(path, "domain file")
+    if detected.system and detected.system != data["hosts"][host]["system"]:
+        raise inventory.InventoryError(
+            f"{host} is {data['hosts'][host]['system']} in {path}, but the report is from a {detected.system} machine.",
+            hint="Give the report of this host's machine.")
+    unchecked = machine.unchecked_fields if machine is not None else set()
+    data["hosts"][host]["hardware"] = inventory.merged_hardware(data["hosts"][host]["hardware"], detected, unchecked)
+    merged = parse_domain(data, f"{path} (with the detected hardware merged in)")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    after = inventory.verdict(merged.hosts[host].hardware, detected, merged.inventory, machine)
+    click.echo(f"{host}: wrote {path}; now it {after.summary()}")
 
 
 def main() -> None:

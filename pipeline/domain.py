@@ -116,6 +116,7 @@ class Cpu(Model):
 
 class Gpu(Model):
     model: str
+    pci_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")  # PCI vendor:device, e.g. 10de:2206
     passthrough: bool = False
     # Which guests get the GPU when it is passed through (e.g. containers in `dev`).
     passthrough_to: tuple[Label, ...] = ()
@@ -126,6 +127,44 @@ class Disk(Model):
     device: str
     size_gib: float = Field(gt=0)
     kind: str = "ssd"
+    # The disk the image itself is (an SD card written with the sd image): the boot VM boots it, not a blank one.
+    image: bool = False
+
+
+class DiskBus(enum.StrEnum):
+    """How a boot VM attaches a blank disk, and what the guest kernel calls it."""
+
+    virtio = "virtio"  # /dev/vdX
+    nvme = "nvme"  # /dev/nvmeXnY
+    sata = "sata"  # /dev/sdX
+
+    @classmethod
+    def for_device(cls, device: str) -> DiskBus | None:
+        """The bus that gives a guest `device` (None: one QEMU cannot give here, e.g. an SD card's mmcblk)."""
+        name = device.removeprefix("/dev/")
+        for prefix, bus in (("vd", cls.virtio), ("nvme", cls.nvme), ("sd", cls.sata)):
+            if name.startswith(prefix):
+                return bus
+        return None
+
+
+class Display(enum.StrEnum):
+    """A display adapter QEMU gives a VM, carrying its PCI vendor:device id."""
+
+    std = "std"  # QEMU's standard VGA (bochs)
+    virtio = "virtio"  # virtio-gpu
+
+    @property
+    def pci_id(self) -> str:
+        return {"std": "1234:1111", "virtio": "1af4:1050"}[self.value]
+
+
+class InventoryPolicy(enum.StrEnum):
+    """What a difference between declared and detected hardware does to the boot test."""
+
+    record = "record"  # keep the report and the differences
+    warn = "warn"  # ... and say each one in the log
+    enforce = "enforce"  # the boot test fails: unknown hardware does not pass
 
 
 class Hardware(Model):
@@ -207,11 +246,21 @@ class Probe(Model):
         return self
 
 
-class Boot(Model):
-    """How the image is boot-tested in QEMU."""
+class BootDisk(Model):
+    """A blank (sparse) disk the boot VM gets."""
 
-    memory_mib: int = Field(default=1024, ge=128, le=16384)
-    cpus: int = Field(default=1, ge=1, le=8)
+    size_gib: float = Field(gt=0, le=8192)
+    bus: DiskBus = DiskBus.virtio
+
+
+class Boot(Model):
+    """How the image is boot-tested in QEMU.  Unset VM facts follow the declared hardware where QEMU can give it
+    (`pipeline.inventory.boot_machine`); set, they override it, and the inventory reports the difference."""
+
+    memory_mib: int | None = Field(default=None, ge=128, le=16384)
+    cpus: int | None = Field(default=None, ge=1, le=8)
+    disks: tuple[BootDisk, ...] | None = None
+    displays: tuple[Display, ...] | None = None
     timeout_s: float = Field(default=300, gt=0)
     probes: tuple[Probe, ...] = ()
 
@@ -312,6 +361,7 @@ class Domain(Model):
     description: str = ""
     accounts: tuple[Account, ...] = ()
     builders: tuple[Builder, ...] = ()
+    inventory: InventoryPolicy = InventoryPolicy.record
     hosts: dict[Label, Host]
 
     @field_validator("hosts")

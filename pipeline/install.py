@@ -25,6 +25,7 @@ from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
 from pipeline.domain import Domain, Format, Host, System
 from pipeline.errors import CimError
+from pipeline.inventory import boot_machine
 from pipeline.log import say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
@@ -48,11 +49,17 @@ def disk_mib(host: Host) -> int:
     return int(disk.size_gib * 1024)
 
 
+def vm_size(host: Host) -> tuple[int, int]:
+    """(memory MiB, CPUs) of the install VMs: those of the boot VM."""
+    machine = boot_machine(host)
+    return machine.memory_mib, machine.cpus
+
+
 def spec(host_name: str, host: Host) -> dict[str, Any]:
     """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
     assert host.install is not None
     return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
-                                  "boot": {"memory_mib": host.boot.memory_mib}}}}
+                                  "boot": {"memory_mib": vm_size(host)[0]}}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -144,14 +151,14 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
 
     installer = VmSpec(
         name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
-        console_log=workdir / "installer.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+        console_log=workdir / "installer.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
         firmware=Firmware.bios, boot_order="d", published_log=log_dest,
         drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
         extra=("-fw_cfg", f"name=opt/cim/install-plan,file={plan_file}"),
     )
     disk_boot = VmSpec(
         name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
-        console_log=workdir / "disk-boot.log", memory_mib=host.boot.memory_mib, cpus=host.boot.cpus,
+        console_log=workdir / "disk-boot.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
         firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),), published_log=log_dest,
     )
     started = time.monotonic()

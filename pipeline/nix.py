@@ -22,6 +22,9 @@ from pipeline.errors import CimError
 from pipeline.process import ProcessTimeout, run
 
 FEATURES = ["--extra-experimental-features", "nix-command flakes"]
+# Settings every build needs, passed per invocation so a user's nix.conf is never changed: builds are sandboxed
+# (Nix falls back to no sandbox where the kernel cannot give one, sandbox-fallback being on by default).
+BUILD_SETTINGS = ["--option", "sandbox", "true"]
 EVAL_TIMEOUT = 600.0
 BUILD_TIMEOUT = 3 * 3600.0
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
@@ -204,9 +207,78 @@ class BuildResult:
 def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT, hint: str = "") -> BuildResult:
     """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs)."""
     args = ["build", "--json", "--no-link", "-L", output_installable(drv_path)]
-    proc = _run_nix(args, f"nix build {drv_path}", timeout, options, hint)
+    proc = _run_nix(args, f"nix build {drv_path}", timeout, [*BUILD_SETTINGS, *options], hint)
     (entry,) = json.loads(proc.stdout)
     return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    """`nix build --rebuild` of one derivation: whether the new output matched the one in the store."""
+
+    drv_path: str
+    reproducible: bool
+    output: str = ""  # the output path in the store
+    differing: str = ""  # with --keep-failed, where Nix left the differing build (`<output>.check`)
+    log: str = ""
+
+
+_NOT_DETERMINISTIC = re.compile(r"may not be deterministic: output '([^']+)' differs(?: from '([^']+)')?")
+
+
+def rebuild(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT) -> RebuildResult:
+    """Build a derivation whose output is already valid once more, and compare (`nix build --rebuild`).
+
+    Nix rebuilds only this derivation, not what it is made from.  A differing output is kept beside the valid one
+    as `<output>.check` (`--keep-failed`), so the caller can name the first file that differs.
+    """
+    args = ["build", "--no-link", "-L", "--rebuild", "--keep-failed", output_installable(drv_path)]
+    try:
+        proc = _run_nix(args, f"nix build --rebuild {drv_path}", timeout, [*BUILD_SETTINGS, *options])
+    except NixError as exc:
+        match = _NOT_DETERMINISTIC.search(exc.stderr)
+        if not match:
+            raise
+        return RebuildResult(drv_path, False, match.group(1), match.group(2) or "", exc.stderr)
+    return RebuildResult(drv_path, True, log=proc.stderr)
+
+
+_DRV_OUTPUT = re.compile(r'\("(\w+)","(/[^"]*)","([^"]*)","([^"]*)"\)')
+_DRV_INPUTS = re.compile(r'\("(/[^"]+\.drv)",\[')
+
+
+def _read_drv(drv_path: str) -> tuple[bool, list[str]]:
+    """(fixed-output?, input derivations) of a store derivation, read from its ATerm file (stable across Nix)."""
+    text = Path(drv_path).read_text()
+    outputs_end = text.find("],[")  # Derive([outputs],[inputDrvs],…
+    fixed = any(m.group(3) for m in _DRV_OUTPUT.finditer(text[:outputs_end]))
+    return fixed, sorted(set(_DRV_INPUTS.findall(text[outputs_end:text.find("],[", outputs_end + 3)])))
+
+
+# What an image is assembled from (NixOS's names), checked before the packages it contains.
+_SYSTEM_PARTS = re.compile(r"-(nixos-system|initrd|closure-info|squashfs|ext4-fs|efi|boot|etc|system-path|image)")
+
+
+def built_from(drv_path: str, limit: int = 8) -> list[str]:
+    """The derivation and those it is made from that a rebuild can check, nearest first, at most `limit`.
+
+    Fixed-output derivations (fetched sources, the demo's imported Debian inputs) are left out: their content is
+    pinned by hash already and their builders fetch rather than build.  For a nixpkgs system the closure has
+    thousands of derivations; the nearest `limit` are checked, the system's own parts (toplevel, initrd, closure
+    info, squashfs…) before the packages at the same depth.
+    """
+    queue, seen, found = [drv_path], {drv_path}, list[str]()
+    while queue and len(found) < limit:
+        current = queue.pop(0)
+        fixed, inputs = _read_drv(current)
+        if fixed:
+            continue
+        found.append(current)
+        for dep in sorted(inputs, key=lambda d: _SYSTEM_PARTS.search(Path(d).name[32:]) is None):
+            if dep not in seen:
+                seen.add(dep)
+                queue.append(dep)
+    return found
 
 
 def parse_error(path: Path) -> str | None:

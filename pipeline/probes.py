@@ -101,6 +101,36 @@ def nats_round_trip(port: int, subject: str) -> str:
     return asyncio.run(go())
 
 
+def inventory_subject(host: str) -> str:
+    """Where a host publishes its hardware report (DESIGN: `cim.<host>.inventory`); the ack subject adds `.ack`."""
+    return f"cim.{host}.inventory"
+
+
+def receive_inventory(port: int, host: str, wait: float) -> bytes:
+    """Wait up to `wait` s for the host's hardware report on NATS, then acknowledge it so the host stops re-publishing.
+
+    Core NATS keeps nothing: the host re-publishes every few seconds until this acknowledgement arrives.
+    """
+    import nats  # nats-py
+
+    async def quiet(_exc: Exception) -> None:
+        """Connection errors are retried by `retry`."""
+
+    async def go() -> bytes:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0,
+                                allow_reconnect=False, error_cb=quiet)
+        try:
+            sub = await nc.subscribe(inventory_subject(host))
+            msg = await sub.next_msg(timeout=wait)
+            await nc.publish(f"{inventory_subject(host)}.ack", b"received")
+            await nc.flush(timeout=3)
+            return bytes(msg.data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
 def dns_query(port: int, name: str) -> str:
     """One A query over UDP; the answer's first address."""
     query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)

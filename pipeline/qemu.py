@@ -78,6 +78,7 @@ class Drive:
     media: str = "disk"  # "disk" or "cdrom"
     snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
     serial: str = ""
+    bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1) or sata (sdX, on an AHCI controller)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class VmSpec:
     drives: tuple[Drive, ...] = ()
     boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
     port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
+    displays: tuple[str, ...] = ()  # display adapters: "std" (QEMU's VGA, 1234:1111) or "virtio" (virtio-gpu)
     extra: tuple[str, ...] = field(default=())
     published_log: Path | None = None  # where the console log is kept for the user, if not console_log itself
     # Unix sockets (QMP, console) live here; a socket path must stay under ~107 bytes (sun_path), which a deep
@@ -142,6 +144,7 @@ class VmSpec:
                              f"logfile={self.console_log},logappend=on",
                  "-serial", "chardev:console",
                  "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        sata_ports = 0
         for index, drive in enumerate(self.drives):
             drive_id = f"drive{index}"
             opts = f"if=none,id={drive_id},file={drive.path},format={drive.format}"
@@ -150,11 +153,21 @@ class VmSpec:
             if drive.snapshot:
                 opts += ",snapshot=on"
             argv += ["-drive", opts]
+            serial = f",serial={drive.serial}" if drive.serial else ""
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
                 argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
+            elif drive.bus == "nvme":
+                argv += ["-device", f"nvme,drive={drive_id},serial={drive.serial or drive_id}"]
+            elif drive.bus == "sata":
+                if sata_ports == 0:
+                    argv += ["-device", "ahci,id=ahci0"]
+                argv += ["-device", f"ide-hd,drive={drive_id},bus=ahci0.{sata_ports}{serial}"]
+                sata_ports += 1
             else:
-                serial = f",serial={drive.serial}" if drive.serial else ""
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
+        for display in self.displays:
+            std = "VGA" if self.system is System.x86_64_linux else "bochs-display"  # same PCI id, 1234:1111
+            argv += ["-device", std if display == "std" else "virtio-gpu-pci"]
         if self.boot_order and self.system is System.x86_64_linux:
             boot = f"order={self.boot_order}"
             if self.firmware is Firmware.bios:

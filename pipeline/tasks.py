@@ -8,6 +8,9 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
   build:<artifact>   its drvPath (from eval), or the published file no longer matching its digest
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
+  check:<artifact>   its drvPath (not in the default run: it rebuilds the image to prove it reproducible)
+A boot or install that passed is kept in .cim/results by image digest and spec (pipeline.results): when its
+published log is gone the task runs, finds the pass and re-publishes it without a VM.
 """
 
 from __future__ import annotations
@@ -27,12 +30,23 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.task import UptodateCalculator
 
-from pipeline import boot, install, nix
-from pipeline.artifacts import ArtifactError, ArtifactRecord, BuildInfo, Records, publish_file, utc_now
+from pipeline import boot, install, nix, reproduce
+from pipeline.artifacts import (
+    ArtifactError,
+    ArtifactRecord,
+    BootResult,
+    BuildInfo,
+    InstallResult,
+    Records,
+    ReproducibilityCheck,
+    publish_file,
+    utc_now,
+)
 from pipeline.domain import Artifact, Domain
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_files, xxh3_text
 from pipeline.log import progress, say, step
+from pipeline.results import PassStore
 from pipeline.validate import flake_files, load_checked, validate
 
 
@@ -45,11 +59,17 @@ class Context:
     domain: Domain
     artifacts_dir: Path
     state_dir: Path
+    results_dir: Path
 
     @functools.cached_property
     def records(self) -> Records:
         return Records(self.state_dir, self.artifacts_dir,
                        {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)})
+
+    @functools.cached_property
+    def passes(self) -> PassStore:
+        """Boots and installs that passed, by image digest and spec: shared by every domain of this checkout."""
+        return PassStore(self.results_dir)
 
     @functools.cached_property
     def files(self) -> list[str]:
@@ -86,16 +106,19 @@ def state_dir_for(root: Path, domain_dir: Path) -> Path:
     return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
 
 
-def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None) -> Context:
+def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None,
+                 results_dir: Path | None = None) -> Context:
     """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
     State (the doit DB, records, VM work dirs) lives in .cim/state/<domain>-<hash of its path>, so two domains, or
-    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.
+    two copies of one, never share cached facts.  `artifacts_dir` defaults to <root>/artifacts.  Passed boots and
+    installs are content-addressed, so they are shared: `results_dir` defaults to <root>/.cim/results.
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
     return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=root / (artifacts_dir or "artifacts"),
-                   state_dir=state_dir_for(root, domain_dir))
+                   state_dir=state_dir_for(root, domain_dir),
+                   results_dir=root / (results_dir or Path(".cim") / "results"))
 
 
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -175,6 +198,16 @@ def published_intact(task: Any, values: dict[str, Any]) -> bool:
     except FileNotFoundError:
         return False
     return not XXH3Checker().check_modified(path, stat, (mtime, size, digest))
+
+
+def published(*paths: Path) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date only while the files a task published are there: a deleted log makes its task run (and find its
+    result in .cim/results rather than boot again)."""
+
+    def check(task: Any, values: dict[str, Any]) -> bool:
+        return all(path.is_file() for path in paths)
+
+    return check
 
 
 # -- validate ---------------------------------------------------------------------------------------------------------
@@ -370,23 +403,54 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
-    outcome = boot.boot_test(
-        artifact, ctx.domain.hosts[artifact.host], Path(image["path"]), image["xxh3"],
-        workdir=ctx.vm_dir(name), log_dest=ctx.artifact_dir(name) / "boot.log", log_name=f"{name}/boot.log",
-        machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name))
+    host = ctx.domain.hosts[artifact.host]
+    fingerprint = boot.fingerprint(artifact, host)
+    log_dest = ctx.artifact_dir(name) / "boot.log"
+    report = ctx.state_dir / "inventory" / f"{name}.json"  # the hardware report this boot received
+    kept_files = {"boot.log": log_dest, **({"inventory.json": report} if boot.reports_inventory(host) else {})}
+    kept = ctx.passes.find("boot", image["xxh3"], fingerprint, tuple(kept_files))
+    if kept:
+        # These bytes passed this VM before (only the policy or the declared hardware may have changed): the
+        # result, its console log and its hardware report come back from the pass store, no VM boots.
+        outcome = BootResult.model_validate(kept.restore(kept_files))
+        ctx.records.save_boot(name, outcome)
+        say(name, f"these bytes passed this boot test before: result, console log and hardware report "
+                  f"re-published from {kept.path}, no VM")
+    else:
+        report.unlink(missing_ok=True)
+        outcome = boot.boot_test(
+            artifact, host, Path(image["path"]), image["xxh3"],
+            workdir=ctx.vm_dir(name), log_dest=log_dest, log_name=f"{name}/boot.log",
+            machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name),
+            report_keep=report)
+        if outcome.result == "pass":
+            ctx.passes.keep("boot", image["xxh3"], fingerprint, outcome.model_dump(mode="json"),
+                            {n: f for n, f in kept_files.items() if f.exists()})
+    if boot.reports_inventory(host):
+        boot.reconcile_inventory(
+            artifact, host, ctx.domain.inventory, report=report, published=ctx.artifact_dir(name) / "inventory.json",
+            report_name=f"{name}/inventory.json", image_xxh3=image["xxh3"], accel=outcome.accel, log_dest=log_dest,
+            log_name=f"{name}/boot.log",
+            record=functools.partial(ctx.records.save_inventory, name))
     return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
     for artifact in ctx.domain.artifacts():
         host = ctx.domain.hosts[artifact.host]
+        outputs = [ctx.artifact_dir(artifact.name) / "boot.log"]
+        if boot.reports_inventory(host):
+            outputs.append(ctx.artifact_dir(artifact.name) / "inventory.json")
         yield {
             "name": artifact.name,
-            "doc": f"boot {artifact.name} in QEMU and run its probes",
+            "doc": f"boot {artifact.name} in QEMU, run its probes and reconcile its hardware report",
             "actions": [(boot_action, [ctx, artifact])],
             "getargs": {"image": (f"build:{artifact.name}", None)},
+            # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
+            # which a change of them re-runs from the kept report without a VM (boot_action).
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         spec_dep(functools.partial(boot.spec, artifact, host))],
+                         spec_dep(functools.partial(boot.spec, artifact, host, ctx.domain.inventory)),
+                         published(*outputs)],
             "verbosity": 2,
         }
 
@@ -396,10 +460,25 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 @user_errors
 def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
     artifact = f"{host_name}-iso"
+    host = ctx.domain.hosts[host_name]
+    log_dest = ctx.artifact_dir(artifact) / "install.log"
+    # A pass is kept by the ISO's bytes and everything else that decides the install: the plan the installer is
+    # handed (from disk-config.nix and the disk size), the disk it installs onto, the VM's memory.
+    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
+    kept = ctx.passes.find("install", image["xxh3"], spec, ("install.log",))
+    if kept:
+        reused = InstallResult.model_validate(kept.restore({"install.log": log_dest}))
+        ctx.records.save_install(artifact, reused)
+        say(f"install:{host_name}", f"this ISO passed this install before: result and log re-published from "
+                                    f"{kept.path}, no VM")
+        return {"iso_xxh3": image["xxh3"], "seconds": reused.seconds, "reused": True}
     outcome = install.verify(
-        host_name, ctx.domain.hosts[host_name], ctx.domain_dir, Path(image["path"]), image["xxh3"],
-        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=ctx.artifact_dir(artifact) / "install.log",
+        host_name, host, ctx.domain_dir, Path(image["path"]), image["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log_dest,
         log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
+    if outcome.result == "pass":
+        ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}
 
 
@@ -414,7 +493,40 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         spec_dep(functools.partial(install.spec, host_name, host))],
+                         spec_dep(functools.partial(install.spec, host_name, host)),
+                         published(ctx.artifact_dir(f"{host_name}-iso") / "install.log")],
+            "verbosity": 2,
+        }
+
+
+# -- check (reproducibility) ------------------------------------------------------------------------------------------
+
+@user_errors
+def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
+    name, task = artifact.name, f"check:{artifact.name}"
+    plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
+    say(task, f"checking {image['drvPath']} and what it is made from ({plan.describe()})")
+    result = reproduce.check(image["drvPath"], options=plan.options, progress=lambda line: say(task, line))
+    ctx.records.save_check(name, ReproducibilityCheck(
+        reproducible=result.reproducible, sha256=image["sha256"], derivations=result.derivations,
+        seconds=result.seconds, derivation=result.derivation or None, differs=result.differs or None))
+    if not result.reproducible:
+        return TaskFailed(f"{name} is not reproducible: {result.derivation} gave other bytes when rebuilt; first "
+                          f"difference: {result.differs}. Find what its builder takes from the clock, the build "
+                          "machine or chance, and fix it.")
+    say(task, f"reproducible: {len(result.derivations)} derivation(s) rebuilt bit for bit in {result.seconds} s; "
+              f"image sha256 {image['sha256']}")
+    return {"drvPath": image["drvPath"], "sha256": image["sha256"], "derivations": result.derivations}
+
+
+def task_check(ctx: Context) -> Iterator[dict[str, Any]]:
+    for artifact in ctx.domain.artifacts():
+        yield {
+            "name": artifact.name,
+            "doc": f"rebuild {artifact.name} and the derivations it is made from; fail unless bit for bit the same",
+            "actions": [(check_action, [ctx, artifact])],
+            "getargs": {"image": (f"build:{artifact.name}", None)},
+            "uptodate": [value_dep(f"build:{artifact.name}", "drvPath")],
             "verbosity": 2,
         }
 
@@ -432,6 +544,8 @@ def release_action(ctx: Context) -> dict[str, Any]:
             problems.append(f"{name}: {path} does not match its build record")
         if record.boot is None or record.boot.result != "pass":
             problems.append(f"{name}: boot test has not passed")
+        if record.inventory is not None and record.inventory.result != "pass":
+            problems.append(f"{name}: hardware inventory differs under policy 'enforce' ({record.inventory.summary})")
     if problems:
         raise ArtifactError("release refused: " + "; ".join(problems) + ".",
                             hint="Run `doit` again to rebuild and re-test them.")

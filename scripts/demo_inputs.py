@@ -41,6 +41,15 @@ INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vf
 INSTALLER_PACKAGES = ["fdisk", "libfdisk1", "libsmartcols1", "libreadline8", "libtinfo6", "libblkid1", "libuuid1",
                       "e2fsprogs", "libext2fs2", "libcom-err2", "dosfstools", "libc6"]
 
+# The tools the demo's image builders run inside the Nix sandbox, for each builder system (name in the build: path in
+# the Debian packages), and the packages that hold them and every library they link.  They run through the input's
+# own ld.so (the sandbox has no /lib64), so the closure is checked with that loader.
+IMAGE_TOOLS = {"xorriso": "usr/bin/xorriso", "mcopy": "usr/bin/mtools", "mmd": "usr/bin/mtools",
+               "mkfs.vfat": "sbin/mkfs.fat", "mkfs.ext4": "sbin/mke2fs", "debugfs": "sbin/debugfs",
+               "sfdisk": "sbin/sfdisk"}
+IMAGE_PACKAGES = [*INSTALLER_PACKAGES, "xorriso", "libisoburn1", "libburn4", "libisofs6", "libjte2", "libacl1",
+                  "zlib1g", "libbz2-1.0", "mtools", "libss2"]
+
 DEBIAN_SOURCES = """\
 deb [signed-by={keyring}] http://deb.debian.org/debian bookworm main
 deb [signed-by={keyring}] http://deb.debian.org/debian bookworm-updates main
@@ -221,6 +230,48 @@ def installer_tools(debs: Path, out: Path) -> None:
                     lib.unlink()
 
 
+def image_tools(debs: Path, arch: str, out: Path) -> None:
+    """Debian's xorriso, mtools, dosfstools, e2fsprogs and sfdisk for `arch`, with the libraries they load.
+
+    Every library in the packages is laid out, then the closure is proven with Debian's own loader (an arm64 loader
+    runs under binfmt) and trimmed to what the tools load; a missing library stops the import.
+    """
+    triplet = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}[arch]
+    loader_name = {"amd64": "ld-linux-x86-64.so.2", "arm64": "ld-linux-aarch64.so.1"}[arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for package in IMAGE_PACKAGES:
+            extract(download(debs, f"{package}:{arch}"), root)
+        (out / "bin").mkdir(parents=True)
+        libdir = out / "lib" / triplet
+        libdir.mkdir(parents=True)
+        for name, member in IMAGE_TOOLS.items():
+            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
+        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
+            if not (libdir / lib.name).exists():
+                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        # mtools converts file names through iconv to the FAT code page 850: glibc's IBM850 module, found through
+        # GCONV_PATH (the sandbox has no /usr/lib/<triplet>/gconv).
+        gconv = out / "lib" / "gconv"
+        gconv.mkdir()
+        shutil.copy2(root / "usr/lib" / triplet / "gconv" / "IBM850.so", gconv / "IBM850.so")
+        (gconv / "gconv-modules").write_text(
+            "alias\tCP850//\tIBM850//\nalias\t850//\tIBM850//\n"
+            "module\tIBM850//\tINTERNAL\tIBM850\t1\nmodule\tINTERNAL\tIBM850//\tIBM850\t1\n")
+    loader = libdir / loader_name
+    needed = {loader.name}
+    for tool in sorted((out / "bin").iterdir()):
+        proc = subprocess.run([str(loader), "--library-path", str(libdir), "--list", str(tool)], capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        if proc.returncode != 0 or "not found" in proc.stdout:
+            sys.exit(f"demo_inputs: {tool.name} ({arch}) does not load with the libraries of IMAGE_PACKAGES "
+                     f"(an {arch} loader needs binfmt for {arch} on another machine):\n{proc.stdout}{proc.stderr}")
+        needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", proc.stdout, re.M)}
+    for lib in libdir.iterdir():
+        if lib.name not in needed:
+            lib.unlink()
+
+
 def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
     """Lay out every input directory under `stage`; returns system -> role -> directory."""
     layout: dict[str, dict[str, Path]] = {}
@@ -240,6 +291,10 @@ def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
             extract(download(debs, f"nats-server:{arch}"), Path(tmp))
             libc_closure(debs, arch, [Path(tmp) / "usr/sbin/nats-server"], services)
         roles["services"] = services
+
+        tools = stage / f"cim-demo-image-tools-{system}"
+        image_tools(debs, arch, tools)
+        roles["image-tools"] = tools
         layout[system] = roles
 
     boot = stage / "cim-demo-boot-x86_64-linux"

@@ -3,6 +3,8 @@
 # project, Nix's settings for an offline machine, and the demo domain's inputs in the Nix store.
 #   scripts/setup.sh            everything
 #   CIM_SKIP_APT=1 scripts/setup.sh   skip apt (packages already there)
+#   CIM_NIX_CONF=PATH scripts/setup.sh   write Nix's settings to PATH instead of /etc/nix/nix.conf (a test, or a
+#                                        machine whose nix.conf is managed elsewhere)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,8 +23,8 @@ packages=(
     qemu-system-x86 qemu-system-arm qemu-utils  # the VMs; qemu-img for install disks
     qemu-user-static binfmt-support           # aarch64 builds through binfmt emulation
     ovmf u-boot-qemu                          # UEFI firmware (install test), U-Boot for the aarch64 SD boot
-    xorriso mtools dosfstools e2fsprogs fdisk # image tools the demo builders call: ISO 9660, FAT without loop
-                                              # devices, mkfs.ext4 -d, sfdisk on image files
+    # (the demo builders' image tools, xorriso, mtools, mkfs.*, sfdisk, come from Debian's packages imported
+    # into the Nix store by scripts/demo_inputs.py, not from the host)
     kmod debian-archive-keyring               # depmod for the guests' module subset; Debian's key for the
                                               # demo's inputs (fetched from bookworm whatever the host runs)
     openssh-server openssh-client             # sshd for the remote-builder test
@@ -65,17 +67,18 @@ else
     say "binfmt: aarch64 NOT registered; aarch64 images need a remote builder (see README)"
 fi
 
-# Nix on an offline machine: no substituters, no sandbox (Debian's nix-bin), flakes on.  Local Nix gets
-# aarch64-linux as an extra platform when binfmt can run it.  A Nix someone else installed keeps its own settings.
-if [ "$preinstalled_nix" -eq 1 ]; then
+# Nix on an offline machine: no substituters, flakes on, builds as root without Debian's nixbld users; the sandbox
+# stays at Nix's default (on), and the pipeline passes what a build needs per invocation (pipeline/nix.py).  Local
+# Nix gets aarch64-linux as an extra platform when binfmt can run it.  A Nix someone else installed keeps its own
+# settings.
+conf=${CIM_NIX_CONF:-/etc/nix/nix.conf}
+if [ "$preinstalled_nix" -eq 1 ] && [ -z "${CIM_NIX_CONF:-}" ]; then
     say "nix is preinstalled ($(nix --version)); leaving /etc/nix/nix.conf alone"
 else
-as_root mkdir -p /etc/nix
-conf=/etc/nix/nix.conf
+as_root mkdir -p "$(dirname "$conf")"
 want_conf="# written by cim-pipeline scripts/setup.sh
 experimental-features = nix-command flakes
 substituters =
-sandbox = false
 build-users-group =
 "
 if [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then

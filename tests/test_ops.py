@@ -156,8 +156,9 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
 # -- a real demo run, as an operator sees it ---------------------------------------------------------------------------
 
 def cim(*args: str) -> subprocess.CompletedProcess[str]:
+    # A wide table: with the inventory column, 80 columns would wrap the artifact names.
     return subprocess.run([str(Path(sys.executable).with_name("cim")), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=120, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
 
 
 def status(domain: Path, artifacts: Path) -> dict[str, Any]:
@@ -239,13 +240,14 @@ def _walk(domain: Path, artifacts: Path) -> None:
     table = cim("status", "--domain", str(domain), "--artifacts", str(artifacts))
     assert table.returncode == 0 and "vhost-pi-sd" in table.stdout and "pass" in table.stdout, table.stderr
     markdown = cim("status", "--domain", str(domain), "--artifacts", str(artifacts), "--markdown").stdout
-    assert "| artifact | image | boot | install | to run |" in markdown and "| vhost-dev-iso |" in markdown
+    assert "| artifact | image | boot | install | inventory | to run |" in markdown and "| vhost-dev-iso |" in markdown
 
     # 3. junit.xml: a suite per artifact, a passed case per probe and for the install.
     xml = junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))
     suites = {suite.name: suite for suite in xml}
     assert set(suites) == {"vhost-dev-iso", "vhost-pi-sd"}
-    assert {case.name for case in suites["vhost-dev-iso"]} == {"console", "nats", "install"}
+    # The hardware report is a probe of the boot, and its reconcile a check of its own (both named "inventory").
+    assert {case.name for case in suites["vhost-dev-iso"]} == {"console", "nats", "inventory", "install"}
     assert all(case.is_passed for suite in suites.values() for case in suite)
 
     # 4. More boot memory: the boot is out of date, and explain names the field with both values.
@@ -255,7 +257,8 @@ def _walk(domain: Path, artifacts: Path) -> None:
     assert "boot:vhost-pi-sd" not in stale or stale["boot:vhost-pi-sd"]["state"] == "after"
     why = explain(domain, artifacts, "boot:vhost-dev-iso")
     assert why["state"] == "run"
-    assert f"hosts.vhost-dev.boot.memory_mib: {old_memory} → 2048" in why["reasons"], why
+    # Unset, the boot VM's memory follows the declared hardware (1 GiB): the spec names the memory the VM had.
+    assert f"hosts.vhost-dev.boot.memory_mib: {old_memory or 1024} → 2048" in why["reasons"], why
     set_json(domain / "domain.json", ["hosts", "vhost-dev", "boot", "memory_mib"], old_memory)
 
     # 5. A comment in a .nix file: eval runs again, the build stays up to date, and explain says why.

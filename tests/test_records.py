@@ -19,6 +19,8 @@ from pipeline.artifacts import (
     BootResult,
     BuildInfo,
     InstallResult,
+    InventoryDifference,
+    InventoryResult,
     ProbeResult,
     Records,
     manifest_schema,
@@ -29,7 +31,7 @@ from pipeline.artifacts import (
 MANIFEST_KEYS = {"artifacts", "domain", "domain_dir", "fqdn", "generated"}
 RECORD_KEYS = {"boot", "build", "drvPath", "file", "format", "host", "outPath", "sha256", "size", "system", "xxh3"}
 BUILD_KEYS = {"log", "reason", "seconds", "strategy"}
-BOOT_KEYS = {"accel", "image_xxh3", "log", "probes", "result", "seconds"}
+BOOT_KEYS = {"accel", "fingerprint", "image_xxh3", "log", "probes", "result", "seconds"}
 PROBE_KEYS = {"detail", "ok", "probe", "seconds"}
 INSTALL_KEYS = {"checks", "disk_mib", "image_xxh3", "log", "phases", "plan", "result", "seconds"}
 
@@ -65,12 +67,18 @@ def test_manifest_keeps_its_shape_and_validates_against_its_schema(tmp_path: Pat
     records.save_install("vhost-dev-iso", InstallResult(
         result="pass", log="vhost-dev-iso/install.log", image_xxh3=dev.xxh3, disk_mib=1024, plan=["1: ESP"],
         seconds=40.0, phases={"installer": 20.0, "disk-boot": 20.0}, checks=["/ on /dev/vda3"]))
+    records.save_inventory("vhost-dev-iso", InventoryResult(
+        result="pass", verdict="differs", policy="record", report="vhost-dev-iso/inventory.json", image_xxh3=dev.xxh3,
+        summary="1 difference(s) from the inventory (policy record)", log="vhost-dev-iso/boot.log",
+        differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")]))
 
     manifest = json.loads((records.artifacts_dir / MANIFEST).read_text())
     jsonschema.validate(manifest, manifest_schema())
     assert set(manifest) == MANIFEST_KEYS
     dev_json = manifest["artifacts"]["vhost-dev-iso"]
-    assert set(dev_json) == RECORD_KEYS | {"install"}
+    assert set(dev_json) == RECORD_KEYS | {"install", "inventory"}
+    assert dev_json["inventory"]["differences"] == [
+        {"field": "memory_gib", "declared": "1 GiB", "detected": "2 GiB", "kind": "differs"}]
     assert set(dev_json["build"]) == BUILD_KEYS
     assert set(dev_json["boot"]) == BOOT_KEYS, "no 'error' key on a pass"
     assert set(dev_json["boot"]["probes"][0]) == PROBE_KEYS

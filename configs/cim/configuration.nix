@@ -58,6 +58,7 @@ let
 
   stats = config.cim.stats;
   statsSubject = "cim.${hostName}.stats";
+  inventorySubject = "cim.${hostName}.inventory";
 in
 {
   imports = [ login ];
@@ -217,6 +218,50 @@ in
         OnBootSec = stats.interval;
         OnUnitActiveSec = stats.interval;
       };
+    };
+
+    # The host's hardware, detected by nixos-facter at every boot, summarised on the console and published once per
+    # boot on `cim.<host>.inventory` (the same facter.json `cim inventory <host> --facter FILE` reads). Core NATS keeps
+    # nothing, so the report is re-published every few seconds until a reader acknowledges it on `….ack` (what the
+    # pipeline's boot test does), or 10 minutes pass. Root: hwinfo reads DMI tables and PCI configuration space.
+    systemd.services.cim-inventory = lib.mkIf (stats.natsUrl != null) {
+      description = "Publish ${hostName}'s hardware report (nixos-facter) to NATS subject ${inventorySubject}";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [
+        pkgs.coreutils
+        pkgs.jq
+        pkgs.natscli
+        pkgs.nixos-facter
+      ];
+      environment.HOME = "/run/cim-inventory"; # natscli keeps its contexts under $HOME
+      serviceConfig = {
+        Type = "simple";
+        RuntimeDirectory = "cim-inventory";
+        StandardOutput = "journal+console";
+      };
+      script = ''
+        set -euo pipefail
+        report="$RUNTIME_DIRECTORY/facter.json"
+        nixos-facter > "$report"
+        jq -r '"cim: inventory: \(.smbios.system.manufacturer // "") \(.smbios.system.product // "");"
+          + " cpu \(.hardware.cpu[0].model_name // "?"); memory \(([.smbios.memory_device[]?.size] | add // 0) / 1048576) GiB;"
+          + " disks \([.hardware.disk[]?] | length); gpus \([.hardware.graphics_card[]?] | length);"
+          + " virtualisation \(.virtualisation)"' "$report"
+        server=${lib.escapeShellArg stats.natsUrl}
+        nats --server "$server" sub ${inventorySubject}.ack --count 1 > /dev/null 2>&1 &
+        ack=$!
+        for _ in $(seq 200); do
+          nats --server "$server" pub --force-stdin ${inventorySubject} < "$report" || true
+          if ! kill -0 "$ack" 2> /dev/null; then
+            echo "cim: inventory acknowledged on ${inventorySubject}.ack"
+            exit 0
+          fi
+          sleep 3
+        done
+        kill "$ack" 2> /dev/null || true
+      '';
     };
 
     system.stateVersion = "25.11";

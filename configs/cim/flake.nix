@@ -114,6 +114,17 @@
             };
         };
 
+      # A host's committed hardware report (nixos-facter's facter.json, as nixos-anywhere's
+      # `--generate-hardware-config nixos-facter ./hosts/<host>.facter.json` leaves it), read by NixOS's own
+      # hardware.facter module when it exists. `cim inventory <host> --facter hosts/<host>.facter.json` compares it
+      # with domain.json.
+      facterModule =
+        hostName:
+        let
+          report = ./hosts + "/${hostName}.facter.json";
+        in
+        lib.optionalAttrs (builtins.pathExists report) { hardware.facter.reportPath = report; };
+
       mkHost =
         hostName: host:
         lib.nixosSystem {
@@ -122,6 +133,7 @@
           modules = [
             ./configuration.nix
             (hostModule hostName)
+            (facterModule hostName)
             (imagesModule hostName host)
           ]
           ++ lib.optionals (host ? install) [

@@ -11,7 +11,10 @@
     let
       domain = builtins.fromJSON (builtins.readFile ./domain.json);
       inputs = import ./lib/inputs.nix;
-      mkHost = hostName: host: import ./lib/host.nix { inherit domain hostName host inputs; };
+      # Every timestamp the images carry (SOURCE_DATE_EPOCH): a constant of the flake, never the clock and not
+      # self.lastModified (for a path: flake that is the newest file's mtime, which a `touch` changes).
+      sourceDateEpoch = 1764201600; # 2025-11-27 00:00:00 UTC
+      mkHost = hostName: host: import ./lib/host.nix { inherit domain hostName host inputs sourceDateEpoch; };
     in
     {
       nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;

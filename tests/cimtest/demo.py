@@ -59,8 +59,11 @@ def doit(artifacts_dir: Path) -> DoitRunner:
     def run(domain: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts_dir}", *args]
+        # Kept passes are content-addressed and would be shared by every copy of the demo: each test keeps its own,
+        # so a test that means to boot a VM does boot one.
+        results = {"CIM_RESULTS": str(artifacts_dir.parent / "results")}
         # pipeline.process.run kills doit's whole process group (QEMU, nix) if it overruns.
-        proc = process.run(argv, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+        proc = process.run(argv, cwd=ROOT, timeout=timeout, env={**os.environ, **results, **(env or {})})
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

@@ -12,7 +12,7 @@ mkdir -p "$inst/usr/local/sbin" "$inst/lib"
 cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
 cp -r "$installerTools"/lib/. "$inst/lib/"
 chmod -R u+w "$inst"
-(cd "$inst" && find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$tree/boot/installer")
+cpio_of "$inst" | gzip -9 > "$tree/boot/installer"
 
 cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
 # systemd-boot in the ISO 9660 tree too: the installer copies it onto the target's ESP from here.
@@ -43,11 +43,15 @@ cp "$tree/boot/bzImage" "$tree/boot/initrd" "$tree/boot/installer" "$efi/cim/"
 printf 'timeout 1\ndefault cim.conf\n' > "$efi/loader/loader.conf"
 printf 'title cim %s\nlinux /cim/bzImage\ninitrd /cim/initrd\ninitrd /cim/installer\noptions %s\n' \
     "$hostName" "$params" > "$efi/loader/entries/cim.conf"
-kib=$(du -sk "$efi" | cut -f1)
-mkfs.vfat -C -n EFIBOOT "$tree/boot/efi.img" $((kib + kib / 10 + 1024)) >/dev/null
-mcopy -s -i "$tree/boot/efi.img" "$efi"/* ::/
+kib=$(size_kib "$efi")
+fix_mtimes "$efi"
+mkfs.vfat --invariant -i "$efiVolumeId" -C -n EFIBOOT "$tree/boot/efi.img" $((kib + kib / 10 + 1024)) >/dev/null
+fat_copy "$tree/boot/efi.img" "$efi"
 
-xorriso -as mkisofs -quiet -o "$out/iso/$isoName" -V "$volumeId" -J -R \
+# xorriso takes its volume dates, file dates and GPT GUIDs from SOURCE_DATE_EPOCH; -r gives every file owner root
+# and normalised permissions (the sandbox's build user is not root).
+fix_mtimes "$tree"
+xorriso -as mkisofs -quiet -o "$out/iso/$isoName" -V "$volumeId" -J -r \
     -b isolinux/isolinux.bin -c isolinux/boot.cat -no-emul-boot -boot-load-size 4 -boot-info-table \
     -isohybrid-mbr "$boot/isohdpfx.bin" \
     -eltorito-alt-boot -e boot/efi.img -no-emul-boot -isohybrid-gpt-basdat \

@@ -24,20 +24,61 @@ CFG
 echo "/dev/disk/by-label/NIXOS_SD / ext4 defaults 0 1" > "$root/etc/fstab"
 
 firmware_mib=30
-kib=$(du -sk "$root" | cut -f1)
+kib=$(size_kib "$root")
 root_mib=$(( (kib + kib / 5) / 1024 + 32 ))
 mkdir -p "$TMPDIR/firmware"
 printf '# Raspberry Pi firmware (start4.elf, config.txt, U-Boot) goes here; the QEMU virt board boots U-Boot directly.\n' \
     > "$TMPDIR/firmware/README.txt"
-mkfs.vfat -C -n FIRMWARE "$TMPDIR/firmware.img" $((firmware_mib * 1024)) >/dev/null
-mcopy -i "$TMPDIR/firmware.img" "$TMPDIR/firmware/README.txt" ::/
+fix_mtimes "$TMPDIR/firmware"
+mkfs.vfat --invariant -i "$firmwareVolumeId" -C -n FIRMWARE "$TMPDIR/firmware.img" $((firmware_mib * 1024)) >/dev/null
+mcopy -m -i "$TMPDIR/firmware.img" "$TMPDIR/firmware/README.txt" ::/
+
+# ext4 with fixed identity and times: our own mke2fs.conf (Debian's defaults, not the build machine's
+# /etc/mke2fs.conf, which a sandbox does not see), UUID and hash seed from the host name, the superblock's times from E2FSPROGS_FAKE_TIME.
+cat > "$TMPDIR/mke2fs.conf" <<CONF
+[defaults]
+	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+	default_mntopts = acl,user_xattr
+	enable_periodic_fsck = 0
+	blocksize = 4096
+	inode_size = 256
+	inode_ratio = 16384
+[fs_types]
+	ext4 = {
+		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+	}
+	small = {
+		blocksize = 1024
+		inode_ratio = 4096
+	}
+	floppy = {
+		blocksize = 1024
+		inode_ratio = 8192
+	}
+	big = {
+		inode_ratio = 32768
+	}
+	huge = {
+		inode_ratio = 65536
+	}
+CONF
+fix_mtimes "$root"
 truncate -s "${root_mib}M" "$TMPDIR/root.img"
-mkfs.ext4 -q -F -L NIXOS_SD -d "$root" "$TMPDIR/root.img"
+MKE2FS_CONFIG="$TMPDIR/mke2fs.conf" E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" \
+    mkfs.ext4 -q -F -t ext4 -L NIXOS_SD -U "$rootUuid" -E "hash_seed=$rootHashSeed,nodiscard" -d "$root" \
+    "$TMPDIR/root.img"
+# mke2fs -d copies each file's owner (the sandbox's build user) and ctime (the clock): set both on every inode.
+(cd "$root" && find . | sort) | while read -r path; do
+    path=${path#.}
+    for field in uid gid; do printf 'sif "%s" %s 0\n' "${path:-/}" "$field"; done
+    for field in atime ctime mtime crtime; do printf 'sif "%s" %s @%s\n' "${path:-/}" "$field" "$SOURCE_DATE_EPOCH"; done
+done > "$TMPDIR/fix-inodes.debugfs"
+E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" debugfs -w -f "$TMPDIR/fix-inodes.debugfs" "$TMPDIR/root.img" >/dev/null 2>&1
 
 img="$out/sd-image/$imageName"
 truncate -s $(( 8 + firmware_mib + root_mib ))M "$img"
-printf 'label: dos\nlabel-id: 0x2178694e\nstart=8MiB, size=%sMiB, type=b\nstart=%sMiB, type=83, bootable\n' \
-    "$firmware_mib" $((8 + firmware_mib)) | sfdisk --quiet "$img"
+printf 'label: dos\nlabel-id: %s\nstart=8MiB, size=%sMiB, type=b\nstart=%sMiB, type=83, bootable\n' \
+    "$diskId" "$firmware_mib" $((8 + firmware_mib)) | sfdisk --quiet "$img"
 dd if="$TMPDIR/firmware.img" of="$img" bs=1M seek=8 conv=notrunc 2>/dev/null
 dd if="$TMPDIR/root.img" of="$img" bs=1M seek=$((8 + firmware_mib)) conv=notrunc 2>/dev/null
 echo "file sd-image $img" > "$out/nix-support/hydra-build-products"

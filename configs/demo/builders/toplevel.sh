@@ -47,7 +47,7 @@ printf '%s' "$accountLines" | while read -r name rest; do
 done
 
 mkdir -p "$out"
-find . | sort | cpio -o -H newc 2>/dev/null | gzip -9 > "$out/initrd"
+cpio_of . | gzip -9 > "$out/initrd"
 cp "$kernel/vmlinuz" "$out/kernel"
 cp "$kernel/version" "$out/kernel-version"
 printf '%s\n' "$system" > "$out/system"

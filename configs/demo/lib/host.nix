@@ -1,11 +1,21 @@
 # One host of the domain: its system closure (toplevel) and the images domain.json asks for.
-{ domain, hostName, host, inputs }:
+{ domain, hostName, host, inputs, sourceDateEpoch }:
 let
   system = host.system;
   own = inputs system;
-  # Image tools (xorriso, mtools, mkfs.ext4, sfdisk) come from the build machine's /usr: the demo's one impurity,
-  # acceptable because these builds run with sandbox = false (Debian's nix-bin) and they only pack bytes.
-  hostTools = "/usr/bin:/usr/sbin:/bin:/sbin";
+
+  # Identifiers that tools would otherwise draw at random, derived from the host name (as NixOS fixes its image
+  # UUIDs): the same host gives the same bytes on every machine.
+  idHash = salt: builtins.hashString "sha256" "cim-demo ${salt} ${hostName}";
+  hex = salt: start: len: builtins.substring start len (idHash salt);
+  uuidOf = salt: "${hex salt 0 8}-${hex salt 8 4}-4${hex salt 13 3}-8${hex salt 17 3}-${hex salt 20 12}";
+  ids = {
+    rootUuid = uuidOf "root-uuid";       # ext4 file system UUID
+    rootHashSeed = uuidOf "root-hash";   # ext4 htree hash seed
+    firmwareVolumeId = hex "firmware" 0 8; # FAT volume serial of the SD image's FIRMWARE partition
+    efiVolumeId = hex "efi" 0 8;         # FAT volume serial of the ISO's EFI boot image
+    diskId = "0x${hex "disk" 0 8}";      # MBR disk identifier of the SD image
+  };
 
   # Only this host's own facts, plus the names of its peers: editing another host leaves this one's hash alone.
   hostJson = builtins.toJSON {
@@ -25,7 +35,7 @@ let
     args = [ "sh" "-e" script ];
     busybox = own.busybox;
     common = ../builders/common.sh;
-    inherit hostTools;
+    SOURCE_DATE_EPOCH = toString sourceDateEpoch;
   } // attrs);
 
   toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh {
@@ -49,12 +59,16 @@ let
       inherit toplevel hostName;
       boot = own.boot;
       installerTools = own.installer-tools;
+      imageTools = own.image-tools;
       isoName = "nixos-${hostName}-${system}.iso";
       volumeId = "CIM_${builtins.replaceStrings [ "-" ] [ "_" ] hostName}";
+      inherit (ids) efiVolumeId;
     };
     sd = busyboxBuild "nixos-sd-image-${hostName}-${system}" ../builders/sd.sh {
       inherit toplevel hostName;
       imageName = "nixos-sd-image-${hostName}-${system}.img";
+      imageTools = own.image-tools;
+      inherit (ids) rootUuid rootHashSeed firmwareVolumeId diskId;
     };
   };
   wants = format: builtins.elem format (host.images or [ ]);
