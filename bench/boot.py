@@ -82,9 +82,15 @@ class ConsoleWatch:
             if name not in self.seen and regex.search(text):
                 self.seen[name] = now
 
-    def wait_for(self, name: str, timeout: float) -> float:
+    def wait_for(self, name: str, timeout: float, qemu: subprocess.Popen[bytes] | None = None) -> float:
         deadline = time.monotonic() + timeout
         while name not in self.seen:
+            if qemu is not None and qemu.poll() is not None:
+                self.check()
+                if name in self.seen:
+                    break
+                said = qemu.stderr.read().decode(errors="replace")[-1000:] if qemu.stderr else ""
+                raise BenchError(f"QEMU exited ({qemu.returncode}) before {name!r}: {said}")
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.log}: {name!r} did not appear within {timeout:g} s")
             time.sleep(POLL)
@@ -108,8 +114,8 @@ class StampedStdout(io.TextIOBase):
 
 
 def markers(host: str) -> dict[str, str]:
-    return {"loader": r"ISOLINUX|cim installer for", "kernel": r"Linux version", "userland": r"cim stage 1",
-            "complete": probes.boot_complete_pattern(host)}
+    return {"loader": r"ISOLINUX|cim installer for", "loading": r"Loading /boot/bzImage", "kernel": r"Linux version",
+            "userland": r"cim stage 1", "complete": probes.boot_complete_pattern(host)}
 
 
 def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
@@ -144,8 +150,9 @@ def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
 
 def bare_boot(argv: list[str], log: Path, host: str, started: float) -> dict[str, float]:
     """QEMU with `argv`, stamps until the boot-complete line, then killed."""
-    with ConsoleWatch(log, markers(host), started) as watch, spawn(argv, stdout=subprocess.DEVNULL):
-        watch.wait_for("complete", TIMEOUT)
+    with ConsoleWatch(log, markers(host), started) as watch, \
+            spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as qemu:
+        watch.wait_for("complete", TIMEOUT, qemu)
     return dict(watch.seen)
 
 
@@ -175,6 +182,7 @@ def bare_run(artifact: Artifact, host: Host, iso: Path, work: Path, extra: tuple
     spec = boot.boot_spec(artifact, host, iso, workdir, forwards, work / "bare-boot.log")
     spec = dataclasses.replace(spec, accel="tcg", socket_dir=Path(tempfile.mkdtemp(prefix="cim-bb-")), extra=extra)
     workdir.mkdir(parents=True)
+    boot.make_blank_disks(host, workdir)  # the declared disks, as the boot test attaches them
     try:
         return bare_boot(spec.argv(), spec.console_log, artifact.host, time.monotonic())
     finally:
@@ -235,16 +243,21 @@ def main() -> int:
     def cell(row: dict[str, float], key: str) -> str:
         return f"{row[key]:7.2f}" if key in row else "      -"
 
-    print(f"\n{'seconds since QEMU start':<26}{'loader':>8}{'kernel':>8}{'userland':>9}{'complete':>9}"
+    print(f"\n{'seconds since QEMU start':<26}{'loader':>8}{'loading':>8}{'kernel':>8}{'userland':>9}{'complete':>9}"
           f"{'detected':>9}{'probes':>8}")
     for name, row in rows.items():
-        print(f"{name:<26}{cell(row, 'loader')} {cell(row, 'kernel')} {cell(row, 'userland')}  "
+        print(f"{name:<26}{cell(row, 'loader')} {cell(row, 'loading')} {cell(row, 'kernel')} {cell(row, 'userland')}  "
               f"{cell(row, 'complete')}  {cell(row, 'detected')} {cell(row, 'probes')}")
+    print("(loader: the boot loader's first line; loading: it starts reading the kernel, after its prompt's wait)")
     print("\nphases (s): firmware+loader = start -> 'Linux version'; kernel = -> 'cim stage 1'; "
           "userland = -> boot complete; probes = boot complete -> last probe ok")
     for name, row in rows.items():
         phases = [row["kernel"], row["userland"] - row["kernel"], row["complete"] - row["userland"]]
         extra = f", probes {row['probes'] - row['complete']:.2f}" if "probes" in row else ""
+        if "loader" in row and "loading" in row:
+            prompt, loading = row["loading"] - row["loader"], row["kernel"] - row["loading"]
+            extra += (f" (of firmware+loader: firmware {row['loader']:.2f}, boot prompt {prompt:.2f}, "
+                      f"loading+decompressing {loading:.2f})")
         print(f"  {name:<8} firmware+loader {phases[0]:.2f}, kernel {phases[1]:.2f}, userland {phases[2]:.2f}{extra}")
     iso_line, direct_line = rows["harness"]["complete"], rows["direct"]["complete"]
     print(f"\nISO boot-complete / direct -kernel boot-complete: {iso_line:.2f} / {direct_line:.2f} = "
