@@ -39,9 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import boot, probes  # noqa: E402 - after the path set-up, so the script runs from a checkout
-from pipeline.domain import Artifact, Format, Host, load_domain  # noqa: E402
+from pipeline.domain import Artifact, Domain, Format, load_domain  # noqa: E402
 from pipeline.process import run, spawn  # noqa: E402
-from pipeline.qemu import free_port  # noqa: E402
 
 TIMEOUT = 300.0
 POLL = 0.02
@@ -156,15 +155,17 @@ def bare_boot(argv: list[str], log: Path, host: str, started: float) -> dict[str
     return dict(watch.seen)
 
 
-def harness_run(artifact: Artifact, host: Host, iso: Path, xxh3: str, work: Path) -> dict[str, float]:
+def harness_run(artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, xxh3: str,
+                work: Path) -> dict[str, float]:
     """The pipeline's boot test, as doit runs it; stamps from the console and from the harness's own probe lines."""
     workdir = work / "harness"
     started = time.monotonic()
     stamped = StampedStdout(sys.stdout, started)  # type: ignore[arg-type]
     with ConsoleWatch(workdir / "console.log", markers(artifact.host), started) as watch, \
             contextlib.redirect_stdout(stamped):
-        outcome = boot.boot_test(artifact, host, iso, xxh3, workdir=workdir, log_dest=work / "harness-boot.log",
-                                 log_name="boot.log", machine_state=work / "state", record=lambda result: None)
+        outcome = boot.boot_test(artifact, domain, domain_dir, iso, xxh3, workdir=workdir,
+                                 log_dest=work / "harness-boot.log", log_name="boot.log",
+                                 machine_state=work / "state", record=lambda result: None)
     row = dict(watch.seen)
     probe_lines = [(t, line) for t, line in stamped.stamps if "probe " in line and ": ok" in line]
     if not probe_lines:
@@ -175,9 +176,11 @@ def harness_run(artifact: Artifact, host: Host, iso: Path, xxh3: str, work: Path
     return row
 
 
-def bare_run(artifact: Artifact, host: Host, iso: Path, work: Path, extra: tuple[str, ...]) -> dict[str, float]:
+def bare_run(artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, work: Path,
+             extra: tuple[str, ...]) -> dict[str, float]:
     """QEMU started by hand with the boot test's argv (plus `extra`), watched until the boot-complete line."""
-    forwards = {port: free_port() for port in probes.guest_ports(boot.boot_probes(artifact.host, host))}
+    host = domain.hosts[artifact.host]
+    forwards = probes.forwards_for(boot.boot_probes(domain, artifact.host, domain_dir), host)
     workdir = work / ("direct" if extra else "bare")
     spec = boot.boot_spec(artifact, host, iso, workdir, forwards, work / "bare-boot.log")
     spec = dataclasses.replace(spec, accel="tcg", socket_dir=Path(tempfile.mkdtemp(prefix="cim-bb-")), extra=extra)
@@ -198,12 +201,12 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("CIM_ACCEL", "tcg")  # the three boots must compare like with like
 
-    domain = load_domain(args.domain.resolve())
+    domain_dir = args.domain.resolve()
+    domain = load_domain(domain_dir)
     artifact = next((a for a in domain.artifacts() if a.name == args.artifact), None)
     if artifact is None or artifact.format is not Format.iso:
         print(f"error: {args.artifact} is not an ISO artifact of {args.domain}", file=sys.stderr)
         return 1
-    host = domain.hosts[artifact.host]
     manifest = args.artifacts / "manifest.json"
     try:
         record = json.loads(manifest.read_text())["artifacts"][artifact.name]
@@ -225,9 +228,9 @@ def main() -> int:
             here = work / f"round{round_}"
             direct = ("-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline)
             runs: dict[str, Callable[[], dict[str, float]]] = {
-                "harness": functools.partial(harness_run, artifact, host, iso, record["xxh3"], here),
-                "bare": functools.partial(bare_run, artifact, host, iso, here, ()),
-                "direct": functools.partial(bare_run, artifact, host, iso, here, direct),
+                "harness": functools.partial(harness_run, artifact, domain, domain_dir, iso, record["xxh3"], here),
+                "bare": functools.partial(bare_run, artifact, domain, domain_dir, iso, here, ()),
+                "direct": functools.partial(bare_run, artifact, domain, domain_dir, iso, here, direct),
             }
             for name, run_once in runs.items():
                 row = run_once()

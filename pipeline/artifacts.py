@@ -122,8 +122,10 @@ class ProbeResult(Record):
 
     probe: str
     ok: bool
-    seconds: float
-    detail: str
+    seconds: float  # the probe's latency: from its start to its answer (or to its deadline)
+    detail: str  # what it saw; on failure the message naming the probe, the guest and the forwarded port
+    guest: str | None = None  # the guest it talked to (None: the console, or the host itself)
+    port: int | None = None  # the port on 127.0.0.1 forwarded to that guest
 
 
 class BootResult(Record):
@@ -385,14 +387,18 @@ def _boot_cases(suite: ET.Element, artifact: str, boot: BootResult, artifacts_di
     planned = boot.planned or [p.probe for p in boot.probes]
     for index, name in enumerate(planned):
         if index < len(boot.probes):
-            _case(suite, classname, name, boot.probes[index].seconds)
+            ran = boot.probes[index]
+            case = _case(suite, classname, name, ran.seconds)
+            if not ran.ok:  # a probe that ran and failed (the others still ran: each reports its own result)
+                _fail(case, ran.detail, artifacts_dir / boot.log)
         elif index == len(boot.probes) and boot.result == "fail":
             rest = boot.seconds - sum(p.seconds for p in boot.probes)
             _fail(_case(suite, classname, name, max(0.0, rest)), boot.error or "failed", artifacts_dir / boot.log)
         else:
             skipped = ET.SubElement(_case(suite, classname, name, 0.0), "skipped")
             skipped.set("message", "not run: an earlier probe failed")
-    if boot.result == "fail" and len(boot.probes) >= len(planned):  # failed after its probes (or with none planned)
+    if boot.result == "fail" and len(boot.probes) >= len(planned) and all(p.ok for p in boot.probes):
+        # failed after its probes (or with none planned)
         _fail(_case(suite, classname, "boot", boot.seconds), boot.error or "failed", artifacts_dir / boot.log)
 
 

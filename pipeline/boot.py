@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,21 @@ from pipeline.artifacts import (
     publish_log,
     utc_now,
 )
-from pipeline.domain import Artifact, Format, GuestKind, Host, InventoryPolicy, Probe, ProbeKind
+from pipeline.domain import Artifact, Domain, Format, GuestKind, Host, InventoryPolicy, Probe, ProbeKind
 from pipeline.hashing import xxh3_text
 from pipeline.log import say, step
-from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, choose_accel, free_port
+from pipeline.qemu import Drive, Firmware, Forward, Vm, VmError, VmSpec, choose_accel
 
 INVENTORY_LOG_MARK = "=== cim-pipeline: hardware inventory ==="
 
 
-def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: dict[int, int],
+class BootFailed(VmError):
+    """The image booted (or not) but some probes failed; the record lists every probe's result."""
+
+
+def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: tuple[Forward, ...],
               published_log: Path) -> VmSpec:
-    """The boot test's VM; `forwards` maps guest ports to host ports on 127.0.0.1."""
+    """The boot test's VM; `forwards` reach the probes' guests from 127.0.0.1 (QEMU picks the ports)."""
     machine = inventory.boot_machine(host)
     if artifact.format is Format.iso:
         drives: tuple[Drive, ...] = (Drive(image, media="cdrom"),)
@@ -53,7 +58,7 @@ def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwar
                   console_log=workdir / "console.log", memory_mib=machine.memory_mib, cpus=machine.cpus,
                   published_log=published_log, firmware=firmware, drives=drives, boot_order=order,
                   displays=tuple(d.value for d in machine.displays),
-                  port_forwards=tuple(sorted((hp, gp) for gp, hp in forwards.items())))
+                  port_forwards=forwards)
 
 
 def blank_disk_path(workdir: Path, index: int) -> Path:
@@ -73,42 +78,66 @@ def reports_inventory(host: Host) -> bool:
     return any(g.kind is GuestKind.nats for g in host.guests)
 
 
-def boot_probes(host_name: str, host: Host) -> list[Probe]:
+def boot_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Probe]:
     """The host's declared probes, else the defaults its guests imply."""
-    return list(host.boot.probes) or probes.default_probes(host_name, host)
+    return list(domain.hosts[host_name].boot.probes) or probes.default_probes(domain, host_name, domain_dir)
 
 
-def spec(artifact: Artifact, host: Host, policy: InventoryPolicy = InventoryPolicy.record) -> dict[str, Any]:
+def inventory_forward(host: Host) -> Forward | None:
+    """Where the hardware report is received: the host's nats guest, port 4222."""
+    nats = next((g for g in host.guests if g.kind is GuestKind.nats), None)
+    return Forward("tcp", 4222, str(nats.address)) if nats is not None else None
+
+
+def spec(artifact: Artifact, domain: Domain, domain_dir: Path,
+         policy: InventoryPolicy = InventoryPolicy.record) -> dict[str, Any]:
     """What, besides the image, decides a boot test, keyed as in domain.json so that a change can be named
     (`hosts.vhost-dev.boot.memory_mib`): the VM (`boot`, as resolved from the declared hardware), the effective probes
-    (declared, else the defaults), and what the hardware report is reconciled with (`hardware`, `inventory`)."""
+    (declared, else the defaults) and the names and addresses the dns probe checks, and what the hardware report is
+    reconciled with (`hardware`, `inventory`)."""
+    host = domain.hosts[artifact.host]
     machine = inventory.boot_machine(host)
+    checks = boot_probes(domain, artifact.host, domain_dir)
+    names = ({name: str(address) for name, address in domain.records().items()}
+             if any(p.kind is ProbeKind.dns for p in checks) else {})
     return {"hosts": {artifact.host: {
         "boot": {"memory_mib": machine.memory_mib, "cpus": machine.cpus,
                  "disks": [{"size_gib": d.size_gib, "bus": d.bus.value} for d in machine.disks],
                  "displays": [d.value for d in machine.displays], "inventory_report": reports_inventory(host),
-                 "probes": [p.model_dump(mode="json") for p in boot_probes(artifact.host, host)]},
+                 "probes": [p.model_dump(mode="json") for p in checks], "dns_names": names},
         "hardware": host.hardware.model_dump(mode="json")}},
         "format": artifact.format.value, "inventory": policy.value}
 
 
-def fingerprint(artifact: Artifact, host: Host) -> str:
+def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
     """The VM part of `spec` (not the policy or the declared hardware): a pass with the same image and fingerprint
     is reused, its kept hardware report reconciled again, without a VM."""
-    vm = spec(artifact, host)
+    vm = spec(artifact, domain, domain_dir)
     return xxh3_text(json.dumps([vm["format"], vm["hosts"][artifact.host]["boot"]], sort_keys=True))
 
 
-def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, workdir: Path, log_dest: Path,
-              log_name: str, machine_state: Path, record: Callable[[BootResult], None],
+def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
+              log_dest: Path, log_name: str, machine_state: Path, record: Callable[[BootResult], None],
               report_keep: Path | None = None) -> BootResult:
     """Boot `image`, run the probes, receive the host's hardware report into `report_keep` (when it publishes one);
-    `record` gets the result (pass or fail) before this returns or raises."""
+    `record` gets the result (pass or fail) before this returns or raises.
+
+    The console probe (boot complete) comes first and may use the whole boot budget; then the service probes run
+    side by side, each within its own deadline, so one failing guest never hides another's result.
+    """
     name = artifact.name
-    checks = boot_probes(artifact.host, host)
-    inventory_planned = report_keep is not None and reports_inventory(host)
-    ports = probes.guest_ports(checks) | ({4222} if inventory_planned else set())
-    forwards = {port: free_port() for port in ports}
+    host = domain.hosts[artifact.host]
+    declared = boot_probes(domain, artifact.host, domain_dir)
+    consoles = [p for p in declared if p.kind is ProbeKind.console]
+    services = [p for p in declared if p.kind is not ProbeKind.console]
+    checks = consoles + services  # the order they run and are recorded in
+    report_forward = inventory_forward(host)
+    report_guest = next((g.name for g in host.guests if g.kind is GuestKind.nats), None)
+    inventory_planned = report_keep is not None and reports_inventory(host) and report_forward is not None
+    forwards = probes.forwards_for(checks, host)
+    if inventory_planned and report_forward not in forwards:
+        assert report_forward is not None
+        forwards += (report_forward,)
     spec = boot_spec(artifact, host, image, workdir, forwards, log_dest)
     make_blank_disks(host, workdir)
     accel, why = choose_accel(spec, machine_state)
@@ -117,22 +146,44 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
     started = time.monotonic()
     results: list[ProbeResult] = []
     error: str | None = None
+    tail = ""
     try:
         with Vm(spec) as vm:
+            ports = vm.forwarded_ports()
+            ctx = probes.ProbeContext(domain=domain, host_name=artifact.host, domain_dir=domain_dir, ports=ports)
             deadline = started + host.boot.timeout_s
-            for probe in checks:
-                # The boot-complete line may take the whole boot budget; service probes their own, within it.
+
+            def run(probe: Probe) -> ProbeResult:
                 remaining = max(1.0, deadline - time.monotonic())
                 timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
-                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), forwards)
-                results.append(result)
-                say(name, f"probe {result.probe}: ok in {result.seconds} s — {result.detail}")
+                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), ctx)
+                say(name, f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — "
+                          f"{result.detail}")
+                return result
+
+            results += [run(p) for p in consoles]
+            with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
+                results += list(pool.map(run, services))
             if inventory_planned:
-                assert report_keep is not None
-                results.append(_receive_report(vm, artifact.host, forwards[4222], deadline, report_keep))
-                say(name, f"probe inventory: ok in {results[-1].seconds} s — {results[-1].detail}")
+                assert report_keep is not None and report_forward is not None
+                received = time.monotonic()
+                try:
+                    report = _receive_report(vm, artifact.host, ports[report_forward], deadline, report_keep)
+                    results.append(report.model_copy(update={"guest": report_guest, "port": ports[report_forward]}))
+                except probes.ProbeFailed as exc:
+                    results.append(ProbeResult(probe="inventory", ok=False, guest=report_guest,
+                                               port=ports[report_forward], detail=f"probe inventory failed: {exc}",
+                                               seconds=round(time.monotonic() - received, 2)))
+                say(name, f"probe inventory: {'ok' if results[-1].ok else 'FAILED'} in {results[-1].seconds} s — "
+                          f"{results[-1].detail}")
+            tail = vm.tail()
+        failed = [r for r in results if not r.ok]
+        if failed:
+            error = f"{name}: {len(failed)} of {len(results)} probe(s) failed: " + "; ".join(r.detail for r in failed)
+            raise BootFailed(f"{error}. Console log {log_dest}; its last lines:\n{tail}",
+                             hint="Each probe's result is in the artifact's record (cim status / manifest.json).")
     except VmError as exc:
-        error = str(exc).splitlines()[0]
+        error = error or str(exc).splitlines()[0]
         raise
     finally:
         complete = len(results) == len(checks) + inventory_planned
@@ -140,7 +191,7 @@ def boot_test(artifact: Artifact, host: Host, image: Path, image_xxh3: str, *, w
                              accel=accel, log=log_name, image_xxh3=image_xxh3,
                              seconds=round(time.monotonic() - started, 1), probes=results,
                              planned=[*map(probes.label, checks), *(["inventory"] if inventory_planned else [])],
-                             error=error, at=utc_now(), fingerprint=fingerprint(artifact, host))
+                             error=error, at=utc_now(), fingerprint=fingerprint(artifact, domain, domain_dir))
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -160,8 +211,10 @@ def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Pa
         return (f"{len(data)} bytes on {subject}: {detected.cpu_model}, {detected.memory_gib:.2f} GiB, "
                 f"{len(detected.disks)} disk(s), {len(detected.gpus)} GPU(s)")
 
-    detail = probes.retry(f"{vm.spec.name}: hardware report on {subject}", attempt,
-                          max(1.0, deadline - time.monotonic()))
+    try:
+        detail = probes.retry(attempt, max(1.0, deadline - time.monotonic()))
+    except probes.ProbeFailed as exc:
+        raise probes.ProbeFailed(f"{vm.spec.name}: hardware report on {subject} {exc}") from None
     return ProbeResult(probe="inventory", ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
 
 

@@ -18,12 +18,14 @@ from pipeline.artifacts import atomic_write_text, manifest_schema
 from pipeline.domain import DOMAIN_FILE, DomainError, json_schema, parse_domain
 from pipeline.errors import CimError
 from pipeline.install import plan_for
+from pipeline.probes import stats_schema
 from pipeline.validate import load_checked, validate
 
 DEFAULT_DOMAIN = "configs/cim"
 
 # What `cim schema NAME` prints: the JSON Schema of each document the pipeline reads or writes.
-SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {"domain": json_schema, "manifest": manifest_schema}
+SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {"domain": json_schema, "manifest": manifest_schema,
+                                                    "stats": stats_schema}
 
 
 @click.group()
@@ -34,7 +36,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("name", type=click.Choice(sorted(SCHEMAS)), default="domain")
 def schema(name: str) -> None:
-    """Print the JSON Schema of domain.json (default) or of manifest.json."""
+    """Print the JSON Schema of domain.json (default), manifest.json or the cim.<host>.stats message."""
     click.echo(json.dumps(SCHEMAS[name](), indent=2))
 
 

@@ -8,6 +8,7 @@ message names the file, the field and the fix — never a traceback.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -176,9 +177,22 @@ class Hardware(Model):
     disks: tuple[Disk, ...] = ()
 
 
+def _guest_name(value: str) -> str:
+    # The host side of a guest's veth pair is "ve-<name>" and Linux interface names hold 15 bytes: NixOS limits
+    # containers with a private network to 11 characters for the same reason.
+    if len(value) > 11:
+        raise ValueError(f"guest name {value!r} is longer than 11 characters (its veth 've-{value}' would not fit)")
+    return value
+
+
+Address = ipaddress.IPv4Address
+
+
 class Guest(Model):
-    name: Label
+    name: Annotated[Label, AfterValidator(_guest_name)]
     kind: GuestKind
+    # Its address on the host's guest bridge; the host's bridge takes .1 of the guests' /24.
+    address: Address
     memory_mib: int = Field(default=256, ge=16)
     vcpus: int = Field(default=1, ge=1)
 
@@ -217,27 +231,51 @@ class Account(Model):
 
 
 class ProbeKind(enum.StrEnum):
-    console = "console"
-    tcp = "tcp"
-    dns = "dns"
-    nats = "nats"
+    """What a probe checks, carrying the guest kind it talks to and how it reaches it."""
+
+    console = "console"  # a line on the serial console
+    tcp = "tcp"  # a TCP port answers
+    dns = "dns"  # every host and guest name resolves to its declared address; an outside name does not
+    nats = "nats"  # a publish/subscribe round-trip through nats-server
+    stats = "stats"  # the host's statistics message arrives on NATS, valid, listing every guest running
+    ssh = "ssh"  # an account logs in with its key and `hostname` prints the guest's name
+
+    @property
+    def guest_kind(self) -> GuestKind | None:
+        """The kind of guest this probe talks to by default (None: the console, or a port of the host)."""
+        return {"dns": GuestKind.dns, "nats": GuestKind.nats, "stats": GuestKind.nats,
+                "ssh": GuestKind.dev}.get(self.value)
+
+    @property
+    def default_port(self) -> int | None:
+        return {"dns": 53, "nats": 4222, "stats": 4222, "ssh": 22}.get(self.value)
+
+    @property
+    def protocol(self) -> str:
+        """The forwarded protocol: DNS asks over UDP, the others speak TCP."""
+        return "udp" if self is ProbeKind.dns else "tcp"
 
 
 class Probe(Model):
-    """One check run against a booted VM."""
+    """One check run against a booted VM, with its own deadline."""
 
     kind: ProbeKind
+    guest: Label | None = None  # the guest it talks to (a forwarded port); default: the host's guest of its kind
     pattern: str | None = None  # console: a regular expression the serial console must print
-    port: int | None = Field(default=None, ge=1, le=65535)  # tcp: the guest port
-    name: str | None = None  # dns: the name to resolve
+    port: int | None = Field(default=None, ge=1, le=65535)  # the guest port; default the kind's (53, 4222, 22)
+    name: str | None = None  # dns: resolve only this name (default: every host and guest name of the domain)
+    account: Label | None = None  # ssh: the account that logs in
+    key: str | None = None  # ssh: its private key, relative to the domain directory (a demo-only key)
     timeout_s: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Probe:
-        needs = {ProbeKind.console: "pattern", ProbeKind.tcp: "port", ProbeKind.dns: "name"}
+        needs = {ProbeKind.console: "pattern", ProbeKind.tcp: "port", ProbeKind.ssh: "account"}
         field = needs.get(self.kind)
         if field and getattr(self, field) is None:
             raise ValueError(f"a {self.kind.value} probe needs '{field}'")
+        if self.kind is ProbeKind.ssh and self.key is None:
+            raise ValueError("an ssh probe needs 'key' (the account's private key, relative to the domain directory)")
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
@@ -278,8 +316,10 @@ class Host(Model):
     system: System
     description: str = ""
     role: str = ""
+    address: Address  # its address on the site's LAN (as the cim configuration's `cim.addresses`)
     hardware: Hardware
     guests: tuple[Guest, ...] = ()
+    stats_interval_s: int = Field(default=5, ge=1, le=3600)  # how often the host publishes cim.<host>.stats
     images: tuple[Format, ...] = ()
     boot: Boot = Boot()
     install: Install | None = None
@@ -293,6 +333,25 @@ class Host(Model):
             raise ValueError(f"guest names must be unique; repeated: {', '.join(dupes)}")
         return guests
 
+    @field_validator("guests")
+    @classmethod
+    def _guest_network(cls, guests: tuple[Guest, ...]) -> tuple[Guest, ...]:
+        if not guests:
+            return guests
+        network = ipaddress.IPv4Network(f"{guests[0].address}/24", strict=False)
+        for guest in guests:
+            if guest.address not in network:
+                raise ValueError(
+                    f"guest {guest.name!r} has address {guest.address}, outside {network} where the host's other "
+                    "guests are: a host's guests share one /24 (its bridge)"
+                )
+            if int(guest.address) & 0xFF in (0, 1, 255):
+                raise ValueError(
+                    f"guest {guest.name!r} has address {guest.address}: .0, .1 (the host's bridge) and .255 are "
+                    "taken; use .2 to .254"
+                )
+        return guests
+
     @field_validator("images")
     @classmethod
     def _images_fit_system(cls, images: tuple[Format, ...], info: ValidationInfo) -> tuple[Format, ...]:
@@ -303,6 +362,15 @@ class Host(Model):
             if image is Format.iso and system not in (None, System.x86_64_linux):
                 raise ValueError("an 'iso' image is built for x86_64-linux hosts here; use 'sd' for aarch64-linux")
         return images
+
+    @model_validator(mode="after")
+    def _probes_name_guests(self) -> Host:
+        names = {g.name for g in self.guests}
+        for probe in self.boot.probes:
+            if probe.guest is not None and probe.guest not in names:
+                raise ValueError(f"boot.probes: a {probe.kind.value} probe names guest {probe.guest!r}, which this "
+                                 f"host does not have (its guests: {', '.join(sorted(names)) or 'none'})")
+        return self
 
     @model_validator(mode="after")
     def _install_disk_known(self) -> Host:
@@ -370,6 +438,26 @@ class Domain(Model):
         if not hosts:
             raise ValueError("a domain needs at least one host")
         return hosts
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_addresses(cls, hosts: dict[str, Host]) -> dict[str, Host]:
+        owners: dict[Address, str] = {}
+        for name, host in hosts.items():
+            for owner, address in [(name, host.address), *((f"{g.name}.{name}", g.address) for g in host.guests)]:
+                if address in owners:
+                    raise ValueError(f"{owners[address]} and {owner} both have address {address}; give each its own")
+                owners[address] = owner
+        return hosts
+
+    def records(self) -> dict[str, Address]:
+        """The names the domain's dns guests answer: `<host>.<fqdn>` and `<guest>.<host>.<fqdn>`, with addresses."""
+        names: dict[str, Address] = {}
+        for name, host in self.hosts.items():
+            names[f"{name}.{self.fqdn}"] = host.address
+            for guest in host.guests:
+                names[f"{guest.name}.{name}.{self.fqdn}"] = guest.address
+        return names
 
     def artifacts(self) -> list[Artifact]:
         """Every image the domain asks for, in host order."""

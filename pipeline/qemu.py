@@ -81,6 +81,40 @@ class Drive:
     bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1) or sata (sdX, on an AHCI controller)
 
 
+# QEMU's user networking delivers the guest end of a forward to this address when none is named: the VM's own NIC.
+USERNET_GUEST = "10.0.2.15"
+_USERNET_LINE = re.compile(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A port on 127.0.0.1 forwarded to an address behind the VM's NIC (a guest on its bridge: the VM routes and
+    answers ARP for it) or, with no address, to the VM itself.  Host port 0: QEMU picks a free one when it binds,
+    so parallel VMs never race for a port; `Vm.forwarded_ports()` reads back which."""
+
+    proto: str  # "tcp" or "udp"
+    guest_port: int
+    address: str = ""
+    host_port: int = 0
+
+    @property
+    def hostfwd(self) -> str:
+        return f"hostfwd={self.proto}:127.0.0.1:{self.host_port}-{self.address}:{self.guest_port}"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.proto, self.address or USERNET_GUEST, self.guest_port)
+
+
+def parse_usernet(text: str) -> dict[tuple[str, str, int], int]:
+    """HMP `info usernet` → (proto, guest address, guest port) → the host port QEMU bound on 127.0.0.1.
+
+    >>> parse_usernet("  TCP[HOST_FORWARD]  13  127.0.0.1 35695  10.23.0.12  4222  0  0")
+    {('tcp', '10.23.0.12', 4222): 35695}
+    """
+    return {(m.group(1).lower(), m.group(4), int(m.group(5))): int(m.group(3)) for m in _USERNET_LINE.finditer(text)}
+
+
 @dataclass(frozen=True)
 class VmSpec:
     """Everything that decides how a VM runs; `argv()` turns it into QEMU's command line."""
@@ -95,7 +129,7 @@ class VmSpec:
     firmware: Firmware = Firmware.bios
     drives: tuple[Drive, ...] = ()
     boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
-    port_forwards: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port)
+    port_forwards: tuple[Forward, ...] = ()
     displays: tuple[str, ...] = ()  # display adapters: "std" (QEMU's VGA, 1234:1111) or "virtio" (virtio-gpu)
     extra: tuple[str, ...] = field(default=())
     published_log: Path | None = None  # where the console log is kept for the user, if not console_log itself
@@ -175,10 +209,8 @@ class VmSpec:
                 boot += ",menu=off,strict=on"
             argv += ["-boot", boot]
         netdev = "user,id=net0"
-        for host_port, guest_port in self.port_forwards:
-            # Both protocols: NATS and SSH speak TCP, a DNS probe asks over UDP.
-            for proto in ("tcp", "udp"):
-                netdev += f",hostfwd={proto}:127.0.0.1:{host_port}-:{guest_port}"
+        for forward in self.port_forwards:
+            netdev += f",{forward.hostfwd}"
         # romfile= : no iPXE option ROM, which the firmware would otherwise load and initialise on every boot
         # (nothing here boots from the network).
         argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
@@ -263,6 +295,38 @@ class Vm:
             return False
         return True
 
+    def hmp(self, command: str) -> str:
+        """One human-monitor command through QMP (e.g. "info usernet"); its text."""
+        qmp = QEMUMonitorProtocol(str(self.spec.qmp_socket))
+        try:
+            qmp.connect()
+            qmp.settimeout(5)
+            return str(qmp.cmd("human-monitor-command", **{"command-line": command}))
+        except Exception as exc:  # QMP's own errors: the VM is gone or not answering
+            raise VmError(f"{self.spec.name}: QEMU's monitor did not answer {command!r}: {exc}") from None
+        finally:
+            qmp.close()
+
+    def forwarded_ports(self) -> dict[Forward, int]:
+        """Each of the spec's forwards → the port on 127.0.0.1 that reaches it (QEMU's choice for port 0)."""
+        # QEMU creates its monitor socket a moment after it starts: ask until it answers, within a deadline.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                bound = parse_usernet(self.hmp("info usernet"))
+                break
+            except VmError:
+                if not self.running or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        ports = {}
+        for forward in self.spec.port_forwards:
+            if forward.key not in bound:
+                raise VmError(f"{self.spec.name}: QEMU did not set up the forward {forward.hostfwd}",
+                              detail=f"info usernet said:\n{bound}")
+            ports[forward] = bound[forward.key]
+        return ports
+
     # -- the console -----------------------------------------------------------------------------------------------
     def _read_new(self) -> str:
         try:
@@ -281,6 +345,10 @@ class Vm:
         """Everything this VM has printed so far."""
         self._read_new()
         return self._seen
+
+    def tail(self, lines: int = 15) -> str:
+        """The console's last lines."""
+        return self._tail(lines)
 
     def _tail(self, lines: int = 15) -> str:
         return "\n".join(self.console.replace("\r", "").splitlines()[-lines:])

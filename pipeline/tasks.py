@@ -404,7 +404,7 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
 def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
     name = artifact.name
     host = ctx.domain.hosts[artifact.host]
-    fingerprint = boot.fingerprint(artifact, host)
+    fingerprint = boot.fingerprint(artifact, ctx.domain, ctx.domain_dir)
     log_dest = ctx.artifact_dir(name) / "boot.log"
     report = ctx.state_dir / "inventory" / f"{name}.json"  # the hardware report this boot received
     kept_files = {"boot.log": log_dest, **({"inventory.json": report} if boot.reports_inventory(host) else {})}
@@ -419,7 +419,7 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
     else:
         report.unlink(missing_ok=True)
         outcome = boot.boot_test(
-            artifact, host, Path(image["path"]), image["xxh3"],
+            artifact, ctx.domain, ctx.domain_dir, Path(image["path"]), image["xxh3"],
             workdir=ctx.vm_dir(name), log_dest=log_dest, log_name=f"{name}/boot.log",
             machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name),
             report_keep=report)
@@ -449,7 +449,8 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
             # which a change of them re-runs from the kept report without a VM (boot_action).
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         spec_dep(functools.partial(boot.spec, artifact, host, ctx.domain.inventory)),
+                         spec_dep(functools.partial(boot.spec, artifact, ctx.domain, ctx.domain_dir,
+                                                    ctx.domain.inventory)),
                          published(*outputs)],
             "verbosity": 2,
         }

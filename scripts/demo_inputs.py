@@ -30,9 +30,12 @@ ARCHES = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
 # Kernel modules the demo guests load, with their dependencies resolved by depmod.
 MODULES = {
     "amd64": ["virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "crc32c_generic", "ext4", "vfat", "nls_cp437",
-              "nls_iso8859_1", "nls_ascii", "isofs", "sr_mod", "ata_piix", "sd_mod", "efivarfs", "qemu_fw_cfg"],
+              "nls_iso8859_1", "nls_ascii", "isofs", "sr_mod", "ata_piix", "sd_mod", "efivarfs", "qemu_fw_cfg",
+              # the guests' network: a veth pair per guest on the host's bridge
+              "veth", "bridge", "stp", "llc"],
     "arm64": ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "vfat", "nls_cp437",
-              "nls_iso8859_1", "nls_ascii", "sd_mod", "efivarfs"],
+              "nls_iso8859_1", "nls_ascii", "sd_mod", "efivarfs",
+              "veth", "bridge", "stp", "llc"],
 }
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
@@ -49,6 +52,17 @@ IMAGE_TOOLS = {"xorriso": "usr/bin/xorriso", "mcopy": "usr/bin/mtools", "mmd": "
                "sfdisk": "sbin/sfdisk"}
 IMAGE_PACKAGES = [*INSTALLER_PACKAGES, "xorriso", "libisoburn1", "libburn4", "libisofs6", "libjte2", "libacl1",
                   "zlib1g", "libbz2-1.0", "mtools", "libss2"]
+
+# The guests' services besides nats-server (name in the guest: path in the Debian packages): dnsmasq for the dns
+# guest, dropbear (a far smaller closure than openssh-server, which pulls PAM, Kerberos and OpenSSL) for dev.
+GUEST_TOOLS = {"dnsmasq": "usr/sbin/dnsmasq", "dropbear": "usr/sbin/dropbear", "dropbearkey": "usr/bin/dropbearkey"}
+GUEST_PACKAGES = ["dnsmasq-base", "dropbear-bin", "libdbus-1-3", "libidn2-0", "libnetfilter-conntrack3", "libnettle8",
+                  "libhogweed6", "libgmp10", "libnftables1", "libsystemd0", "libunistring2", "libnfnetlink0", "libmnl0",
+                  "libnftnl11", "libxtables12", "libjansson4", "libcap2", "libgcrypt20", "liblzma5", "libzstd1",
+                  "liblz4-1", "libgpg-error0", "libtomcrypt1", "libtommath1", "zlib1g", "libcrypt1", "libc6"]
+# glibc itself comes with the services input (nats-server's); the guest tools carry only the libraries beyond it.
+GLIBC = {"libc.so.6", "libpthread.so.0", "libm.so.6", "libdl.so.2", "libresolv.so.2", "ld-linux-x86-64.so.2",
+         "ld-linux-aarch64.so.1"}
 
 DEBIAN_SOURCES = """\
 deb [signed-by={keyring}] http://deb.debian.org/debian bookworm main
@@ -272,9 +286,44 @@ def image_tools(debs: Path, arch: str, out: Path) -> None:
             lib.unlink()
 
 
+def guest_tools(debs: Path, arch: str, out: Path, needed: set[str]) -> set[str]:
+    """dnsmasq and dropbear with the libraries they link beyond glibc.
+
+    On an x86_64 machine the amd64 closure is proved with Debian's own loader and pruned to what the tools load;
+    `needed` carries those library names to the arm64 set (the same Debian release has the same sonames).
+    """
+    triplet = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}[arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for package in GUEST_PACKAGES:
+            extract(download(debs, f"{package}:{arch}"), root)
+        (out / "bin").mkdir(parents=True)
+        libdir = out / "lib" / triplet
+        libdir.mkdir(parents=True)
+        for name, member in GUEST_TOOLS.items():
+            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
+        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
+            if not (libdir / lib.name).exists() and lib.is_file():
+                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        if arch == "amd64" and os.uname().machine == "x86_64":
+            loader = libdir / "ld-linux-x86-64.so.2"
+            needed = set()
+            for tool in (out / "bin").iterdir():
+                listing = run([str(loader), "--library-path", str(libdir), "--list", str(tool)],
+                              capture_output=True).stdout
+                if "not found" in listing:
+                    sys.exit(f"demo_inputs: {tool.name} needs a library no package in GUEST_PACKAGES has:\n{listing}")
+                needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", listing, re.M)}
+        for lib in libdir.iterdir():
+            if lib.name in GLIBC or (needed and lib.name not in needed):
+                lib.unlink()
+    return needed
+
+
 def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
     """Lay out every input directory under `stage`; returns system -> role -> directory."""
     layout: dict[str, dict[str, Path]] = {}
+    needed: set[str] = set()
     for arch, system in ARCHES.items():
         roles: dict[str, Path] = {}
         kernel = stage / f"cim-demo-kernel-{system}"
@@ -291,6 +340,10 @@ def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
             extract(download(debs, f"nats-server:{arch}"), Path(tmp))
             libc_closure(debs, arch, [Path(tmp) / "usr/sbin/nats-server"], services)
         roles["services"] = services
+
+        guests = stage / f"cim-demo-guest-tools-{system}"
+        needed = guest_tools(debs, arch, guests, needed)
+        roles["guest-tools"] = guests
 
         tools = stage / f"cim-demo-image-tools-{system}"
         image_tools(debs, arch, tools)

@@ -96,7 +96,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import pipeline, doit, pydantic, xxhash, qemu.qmp, nats' 2>/dev/null \
+if ! .venv/bin/python -c 'import pipeline, doit, pydantic, xxhash, qemu.qmp, nats, dns.resolver, paramiko, jsonschema' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.cim-installed ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     # pip's editable-install chatter only matters when it fails.

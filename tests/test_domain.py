@@ -169,7 +169,7 @@ def test_install_disk_must_exist(tmp_path: Path, demo_data: dict[str, Any]) -> N
 
 
 def test_duplicate_guest_names(tmp_path: Path, demo_data: dict[str, Any]) -> None:
-    demo_data["hosts"]["vhost-dev"]["guests"].append({"name": "dns", "kind": "dns"})
+    demo_data["hosts"]["vhost-dev"]["guests"].append({"name": "dns", "kind": "dns", "address": "10.23.0.20"})
     message = domain_error(write_domain(tmp_path / "d", demo_data))
     assert "hosts.vhost-dev.guests" in message and "repeated: dns" in message
 

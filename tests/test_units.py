@@ -209,11 +209,26 @@ def test_uefi_without_ovmf_says_what_to_install(tmp_path: Path, monkeypatch: pyt
 
 def test_vmspec_argv_port_forwards(tmp_path: Path) -> None:
     spec = VmSpec(name="p", system=System.aarch64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  port_forwards=((40222, 4222), (40053, 53)))
+                  port_forwards=(qemu.Forward("tcp", 4222, "10.23.0.12"), qemu.Forward("udp", 53, "10.23.0.11"),
+                                 qemu.Forward("tcp", 22, host_port=40022)))
     argv = spec.argv()
-    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40222-:4222,hostfwd=udp:127.0.0.1:40222-:4222,"
-                                    "hostfwd=tcp:127.0.0.1:40053-:53,hostfwd=udp:127.0.0.1:40053-:53"]
+    # Port 0: QEMU binds a free port itself (no race between parallel VMs); guests are addressed behind the NIC.
+    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:0-10.23.0.12:4222,"
+                                    "hostfwd=udp:127.0.0.1:0-10.23.0.11:53,hostfwd=tcp:127.0.0.1:40022-:22"]
     assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device")
+
+
+def test_usernet_ports_are_read_back() -> None:
+    text = """Hub -1 (net0):
+  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+  TCP[HOST_FORWARD]  13       127.0.0.1 35695      10.23.0.12  4222     0     0
+  UDP[HOST_FORWARD]  14       127.0.0.1 40001      10.23.0.11    53     0     0
+  TCP[HOST_FORWARD]  15       127.0.0.1 40022       10.0.2.15    22     0     0
+"""
+    ports = qemu.parse_usernet(text)
+    assert ports == {("tcp", "10.23.0.12", 4222): 35695, ("udp", "10.23.0.11", 53): 40001,
+                     ("tcp", "10.0.2.15", 22): 40022}
+    assert qemu.Forward("tcp", 22).key in ports
 
 
 def test_vmspec_argv_several_drives_and_extra(tmp_path: Path) -> None:

@@ -86,10 +86,10 @@ in
     addresses = lib.mkOption {
       type = lib.types.attrsOf lib.types.str;
       description = ''
-        The IPv4 address of every host of the domain on the site's LAN, by host name. Hosts take their address by
-        DHCP, so the same image boots anywhere (the pipeline's QEMU included); these are the reservations the site's
-        DHCP server is expected to make, the names the dns guest answers and where edge hosts find the hub.
-        Override one with `cim.addresses.<host> = "…";`.
+        The IPv4 address of every host of the domain on the site's LAN, by host name (from domain.json). Hosts take
+        their address by DHCP, so the same image boots anywhere (the pipeline's QEMU included); these are the
+        reservations the site's DHCP server is expected to make, the names the dns guest answers and where edge
+        hosts find the hub. Override one with `cim.addresses.<host> = "…";`.
       '';
     };
 
@@ -104,9 +104,9 @@ in
         type = lib.types.attrsOf lib.types.str;
         default = { };
         example = {
-          nats = "container@nats.service";
+          nats = "nats";
         };
-        description = "Guest name to the systemd unit whose state and resource use stand for that guest.";
+        description = "Guest name to the NixOS container (machine) that runs it; its container@ unit gives state and resource use.";
       };
       interval = lib.mkOption {
         type = lib.types.str;
@@ -118,13 +118,8 @@ in
 
   config = {
     cim.loginModule = login;
-    cim.addresses = lib.mapAttrs (_: lib.mkDefault) (
-      lib.listToAttrs (
-        lib.imap0 (index: name: lib.nameValuePair name "192.168.23.${toString (10 + index)}") (
-          lib.attrNames domain.hosts
-        )
-      )
-    );
+    # domain.json gives every host its address (and every guest its own, ./guests.nix).
+    cim.addresses = lib.mapAttrs (_: host: lib.mkDefault host.address) domain.hosts;
 
     networking.hostName = hostName;
     networking.domain = domain.fqdn;
@@ -166,14 +161,16 @@ in
       '';
     };
 
-    # The host reports by sending messages to a running guest: load, memory and, per guest, the state and resource
-    # use of the unit that runs it, as one JSON message on `cim.<host>.stats`.
+    # The host reports by sending messages to a running guest: load, memory and, per guest, its state, main PID (the
+    # container's init as the host sees it), CPU seconds and memory bytes (its container@ unit's cgroup), as one JSON
+    # message on `cim.<host>.stats` in the schema the demo's reporter sends too (pipeline/schemas/stats.json).
     systemd.services.cim-stats = lib.mkIf (stats.natsUrl != null) {
       description = "Publish ${hostName}'s statistics to NATS subject ${statsSubject}";
       path = [
         pkgs.gawk
         pkgs.jq
         pkgs.natscli
+        pkgs.systemd
       ];
       environment.HOME = "/run/cim-stats"; # natscli keeps its contexts under $HOME
       serviceConfig = {
@@ -188,20 +185,25 @@ in
         mem_total=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
         mem_available=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
 
-        guests='{}'
-        guest() { # NAME UNIT
-          local state memory cpu
-          state=$(systemctl show --property=ActiveState --value "$2")
-          memory=$(systemctl show --property=MemoryCurrent --value "$2")
-          cpu=$(systemctl show --property=CPUUsageNSec --value "$2")
-          guests=$(jq -c --arg name "$1" --arg unit "$2" --arg state "$state" --arg memory "$memory" --arg cpu "$cpu" \
-            '.[$name] = {unit: $unit, state: $state,
-                         memory_bytes: ($memory | tonumber? // null), cpu_ns: ($cpu | tonumber? // null)}' \
+        guests='[]'
+        guest() { # NAME MACHINE
+          local unit="container@$2.service" state pid memory cpu
+          state=$(systemctl show --property=ActiveState --value "$unit")
+          if [ "$state" = active ]; then state=running; else state=stopped; fi
+          pid=$(machinectl show "$2" --property=Leader --value 2>/dev/null || true)
+          [ -n "$pid" ] || pid=$(systemctl show --property=MainPID --value "$unit")
+          memory=$(systemctl show --property=MemoryCurrent --value "$unit")
+          cpu=$(systemctl show --property=CPUUsageNSec --value "$unit")
+          guests=$(jq -c --arg name "$1" --arg state "$state" --arg pid "$pid" --arg memory "$memory" --arg cpu "$cpu" \
+            '. + [{name: $name, state: $state,
+                   pid: (($pid | tonumber? // 0) | if . > 0 then . else null end),
+                   cpu_seconds: (($cpu | tonumber? // 0) / 1e9),
+                   memory_bytes: ($memory | tonumber? // 0)}]' \
             <<<"$guests")
         }
         ${lib.concatStrings (
           lib.mapAttrsToList (
-            name: unit: "guest ${lib.escapeShellArg name} ${lib.escapeShellArg unit}\n"
+            name: machine: "guest ${lib.escapeShellArg name} ${lib.escapeShellArg machine}\n"
           ) stats.guests
         )}
         payload=$(jq -cn --arg host ${lib.escapeShellArg hostName} --arg system ${system} \

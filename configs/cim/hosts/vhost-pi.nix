@@ -1,23 +1,21 @@
-# vhost-pi: a Raspberry Pi 4 Model B at the edge. Its one guest, nats, runs on the host itself as a NATS leaf node of
-# the hub (the hypervisor's nats guest): what is published here reaches the domain whenever the link is up, and local
-# clients keep working when it is not. The host publishes its statistics to that local server.
+# vhost-pi: a Raspberry Pi 4 Model B at the edge. Its one guest, nats (../guests.nix: a NixOS container on the Pi's
+# guest bridge), is a NATS leaf node of the hub (the hypervisor's nats guest): what is published here reaches the
+# domain whenever the link is up, and local clients keep working when it is not. The host publishes its statistics
+# to that guest.
 {
   config,
   lib,
   domain,
-  hostName,
   ...
 }:
 let
-  host = domain.hosts.${hostName};
   hub = lib.findFirst (name: (domain.hosts.${name}.role or "") == "hypervisor") null (
     lib.attrNames domain.hosts
   );
-  unitOfKind = {
-    nats = "nats.service";
-  };
 in
 {
+  imports = [ ../guests.nix ];
+
   # The Pi's firmware starts U-Boot (the SD image puts both on its FIRMWARE partition), which boots
   # /boot/extlinux/extlinux.conf. The mainline kernel drives the Pi 4, and boots in QEMU's `virt` machine as well.
   boot.loader.grub.enable = false;
@@ -35,25 +33,8 @@ in
     fsType = "ext4";
   };
 
-  services.nats = {
-    enable = true;
-    serverName = hostName;
-    host = "0.0.0.0"; # devices on the edge LAN publish here
-    settings.leafnodes.remotes = lib.optional (hub != null) {
-      url = "nats-leaf://${config.cim.addresses.${hub}}:7422";
-    };
-  };
-  networking.firewall.allowedTCPPorts = [ config.services.nats.port ];
-
-  cim.stats = {
-    natsUrl = "nats://127.0.0.1:${toString config.services.nats.port}";
-    guests = lib.listToAttrs (
-      map (
-        guest:
-        lib.nameValuePair guest.name (
-          unitOfKind.${guest.kind} or (throw "${hostName} runs its guests on the host and knows only nats guests")
-        )
-      ) host.guests
-    );
+  # The hub's NATS leaf-node port, which the hub forwards to its nats guest.
+  cim.natsLeafRemotes.remotes = lib.optional (hub != null) {
+    url = "nats-leaf://${config.cim.addresses.${hub}}:7422";
   };
 }

@@ -6,8 +6,9 @@ mkdir -p "$root"
 cd "$root"
 mkdir -p bin sbin usr/bin usr/sbin etc/cim etc/init.d proc sys dev run tmp mnt sysroot var/log root lib/modules boot
 
-# Busybox as the whole userland, every applet a link to /bin/busybox.
-cp "$busybox/bin/busybox" bin/busybox
+# Busybox as the whole userland, every applet a link to /bin/busybox, itself a link to the store path the guests
+# share (below): one copy in the image.
+ln -s "$busybox/bin/busybox" bin/busybox
 for applet in $("$busybox/bin/busybox" --list-full); do
     [ "$applet" = bin/busybox ] || ln -s /bin/busybox "$applet"
 done
@@ -17,14 +18,17 @@ cp -r "$kernel"/lib/modules/* lib/modules/
 cp "$kernel/load-order" etc/cim/modules
 chmod -R u+w lib/modules
 
-# Services: Debian's nats-server and the glibc it links against, at the FHS paths its ELF header names.
-cp -r "$services"/lib/* lib/
-chmod -R u+w lib
-cp "$services"/bin/* usr/sbin/
+# The host runs no service of its own: the installer's tools bring their glibc (iso.sh), found through lib64.
 case "$system" in
     x86_64-linux) ln -s lib/x86_64-linux-gnu lib64 ;;
-    aarch64-linux) ln -s aarch64-linux-gnu/ld-linux-aarch64.so.1 lib/ld-linux-aarch64.so.1 ;;
 esac
+
+# The guests' store paths (their systems and what those link to), at their own paths as a NixOS closure is.
+mkdir -p nix/store var/lib/cim/guests
+for path in $storePaths; do
+    cp -a "$path" nix/store/
+done
+chmod -R u+w nix/store
 
 # The init scripts, then this host's identity.
 cp -r "$rootfs"/. .
@@ -33,6 +37,9 @@ echo "$hostName" > etc/hostname
 printf '%s\n' "$hostJson" > etc/cim/host.json
 printf '%s\n' "$system" > etc/cim/system
 printf '%s' "$guestLines" > etc/cim/guests
+# Each guest's supervisor line (name, store path, address, memory MiB), the bridge, the reporter's settings.
+printf '%s' "$supervisorLines" > etc/cim/supervisors
+printf 'gateway=%s\nnats=%s\ninterval=%s\n' "$gateway" "$natsAddress" "$statsInterval" > etc/cim/network
 printf '%s' "$consoleTty" > etc/cim/console
 printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
 printf 'root:x:0:0:root:/root:/bin/sh\n' > etc/passwd

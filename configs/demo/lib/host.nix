@@ -38,18 +38,58 @@ let
     SOURCE_DATE_EPOCH = toString sourceDateEpoch;
   } // attrs);
 
+  # The guests, each isolated as a NixOS container is (see ../rootfs/sbin/cim-guest): a store path per guest holding
+  # its root skeleton and what its PID 1 runs, on a bridge of the host whose address is .1 of the guests' /24.
+  guests = host.guests or [ ];
+  network = address:
+    let m = builtins.match "([0-9]+[.][0-9]+[.][0-9]+)[.][0-9]+" address;
+    in if m == null then throw "domain.json: '${address}' is not an IPv4 address" else builtins.head m;
+  gateway = if guests == [ ] then "" else "${network (builtins.head guests).address}.1";
+  allGuests = builtins.concatLists (builtins.attrValues (builtins.mapAttrs
+    (h: hv: map (g: g // { host = h; }) (hv.guests or [ ])) domain.hosts));
+  # The dns guests' zone: <host>.<fqdn> and <guest>.<host>.<fqdn>, every one of the domain at its declared address.
+  dnsHosts = builtins.concatStringsSep "" (
+    builtins.attrValues (builtins.mapAttrs (h: hv: "${hv.address} ${h}.${domain.fqdn}\n") domain.hosts)
+    ++ map (g: "${g.address} ${g.name}.${g.host}.${domain.fqdn}\n") allGuests);
+  resolvers = map (g: g.address) (builtins.filter (g: g.kind == "dns") allGuests);
+  accountLines = builtins.concatStringsSep "" (builtins.genList
+    (i:
+      let a = builtins.elemAt (domain.accounts or [ ]) i;
+      in "${a.name} ${toString (1000 + i)}\n"
+        + builtins.concatStringsSep "" (map (k: "+key ${a.name} ${k}\n") (a.ssh_keys or [ ])))
+    (builtins.length (domain.accounts or [ ])));
+  mkGuest = guest: busyboxBuild "cim-guest-${hostName}-${guest.name}" ../builders/guest.sh {
+    inherit hostName system gateway;
+    inherit (domain) fqdn;
+    inherit (guest) kind address;
+    guestName = guest.name;
+    inherit (own) busybox services;
+    guestTools = own.guest-tools;
+    dnsHosts = if guest.kind == "dns" then dnsHosts else "";
+    resolvers = builtins.concatStringsSep " " resolvers;
+    accountLines = if guest.kind == "dev" then accountLines else "";
+  };
+  guestSystems = map (g: g // { store = mkGuest g; }) guests;
+
   toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh {
     inherit hostName hostJson system;
     inherit (domain) fqdn;
     inherit (own) kernel services;
     guestLines = builtins.concatStringsSep "" (map (g: "${g.name} ${g.kind}\n") (host.guests or [ ]));
     # Accounts get uids from 1000 in domain.json order; each line: name uid, then its SSH public keys.
-    accountLines = builtins.concatStringsSep "" (builtins.genList
-      (i:
-        let a = builtins.elemAt (domain.accounts or [ ]) i;
-        in "${a.name} ${toString (1000 + i)}\n"
-          + builtins.concatStringsSep "" (map (k: "+key ${a.name} ${k}\n") (a.ssh_keys or [ ])))
-      (builtins.length (domain.accounts or [ ])));
+    inherit accountLines;
+    # Each guest's supervisor line: name, store path, address, memory (MiB); the store paths the image carries.
+    supervisorLines = builtins.concatStringsSep ""
+      (map (g: "${g.name} ${g.store} ${g.address} ${toString (g.memory_mib or 256)}\n") guestSystems);
+    # What the guests run: busybox always (the host's own userland links to it), nats-server and glibc for any
+    # guest, dnsmasq and dropbear only where a dns or dev guest runs them.
+    storePaths = [ own.busybox ]
+      ++ (if guests != [ ] then [ own.services ] else [ ])
+      ++ (if builtins.any (g: g.kind == "dns" || g.kind == "dev") guests then [ own.guest-tools ] else [ ])
+      ++ map (g: g.store) guestSystems;
+    inherit gateway;
+    natsAddress = let n = builtins.filter (g: g.kind == "nats") guests; in if n == [ ] then "" else (builtins.head n).address;
+    statsInterval = toString (host.stats_interval_s or 5);
     rootfs = ../rootfs;
     consoleTty = if system == "aarch64-linux" then "ttyAMA0" else "ttyS0";
   };

@@ -1,0 +1,212 @@
+# The guests of a host, as domain.json declares them: each a NixOS container with a private network on a bridge only
+# the host and its guests share, at the address domain.json gives it (the bridge takes .1 of the guests' /24), with
+# the memory and CPUs domain.json gives it. The demo domain runs the same guests as busybox namespaces (README).
+{
+  config,
+  lib,
+  domain,
+  hostName,
+  ...
+}:
+let
+  host = domain.hosts.${hostName};
+  inherit (domain) fqdn;
+  guests = host.guests or [ ];
+
+  bridge = "br-guests";
+  prefix = lib.concatStringsSep "." (lib.take 3 (lib.splitString "." (lib.head guests).address));
+  gateway = "${prefix}.1";
+  addressOfKind =
+    kind:
+    let
+      found = lib.filter (guest: guest.kind == kind) guests;
+    in
+    if found == [ ] then throw "${hostName} has no ${kind} guest in domain.json" else (lib.head found).address;
+
+  kindsHere = map (guest: guest.kind) guests;
+  forwards = lib.filter (forward: lib.elem forward.kind kindsHere && (forward.hubOnly or false -> isHub)) [
+    { proto = "tcp"; port = 4222; kind = "nats"; } # NATS clients
+    { proto = "tcp"; port = 7422; kind = "nats"; hubOnly = true; } # NATS leaf nodes (the edge hosts)
+    { proto = "udp"; port = 53; kind = "dns"; }
+    { proto = "tcp"; port = 53; kind = "dns"; }
+  ];
+  isHub = (host.role or "") == "hypervisor";
+
+  # Every name the dns guests answer: <host>.<fqdn> at the host's LAN address, <guest>.<host>.<fqdn> at the guest's.
+  dnsGuests = lib.concatLists (
+    lib.mapAttrsToList (name: other: lib.filter (guest: guest.kind == "dns") (other.guests or [ ])) domain.hosts
+  );
+  records =
+    lib.mapAttrs' (name: address: lib.nameValuePair "${name}.${fqdn}" address) config.cim.addresses
+    // lib.concatMapAttrs (
+      name: other:
+      lib.listToAttrs (map (guest: lib.nameValuePair "${guest.name}.${name}.${fqdn}" guest.address) (other.guests or [ ]))
+    ) domain.hosts;
+
+  # What every guest shares: its place on the guest network, and the domain's dns guests as its resolvers.
+  guestBase = guest: {
+    networking.domain = fqdn;
+    networking.defaultGateway = {
+      address = gateway;
+      interface = "eth0";
+    };
+    networking.useHostResolvConf = false;
+    networking.nameservers = map (dns: dns.address) dnsGuests;
+    time.timeZone = "UTC";
+    system.stateVersion = config.system.stateVersion;
+  };
+
+  # What each kind of guest runs.
+  kinds = {
+    nats = guest: {
+      services.nats = {
+        enable = true;
+        serverName = "${hostName}-${guest.name}";
+        port = 4222;
+        jetstream = true;
+        settings = {
+          host = "0.0.0.0"; # nats-server's own `host` (the module's `host` option is gone from nixpkgs)
+          leafnodes = if isHub then { port = 7422; } else config.cim.natsLeafRemotes;
+        };
+      };
+      networking.firewall.allowedTCPPorts = [
+        4222
+        7422
+      ];
+    };
+
+    dns = guest: {
+      services.unbound = {
+        enable = true;
+        settings.server = {
+          interface = [
+            "127.0.0.1"
+            "::1"
+            guest.address
+          ];
+          # The guests, and the LAN through the host's port forward (which keeps the client's address).
+          access-control = [
+            "127.0.0.0/8 allow"
+            "::1/128 allow"
+            "10.0.0.0/8 allow"
+            "172.16.0.0/12 allow"
+            "192.168.0.0/16 allow"
+          ];
+          # unbound writes these values verbatim, so they carry their own quotes. A static zone: a name of the
+          # domain that is not declared gets NXDOMAIN.
+          local-zone = [ ''"${fqdn}." static'' ];
+          local-data = lib.mapAttrsToList (name: address: ''"${name}. IN A ${address}"'') records;
+        };
+      };
+      networking.firewall.allowedTCPPorts = [ 53 ];
+      networking.firewall.allowedUDPPorts = [ 53 ];
+    };
+
+    dev =
+      guest:
+      { pkgs, ... }:
+      {
+        imports = [ config.cim.loginModule ];
+        nix.settings.experimental-features = [
+          "nix-command"
+          "flakes"
+        ];
+        environment.systemPackages = [ pkgs.git ];
+      };
+  };
+in
+{
+  options.cim = {
+    guestBridge = lib.mkOption {
+      type = lib.types.str;
+      readOnly = true;
+      internal = true;
+      description = "The bridge the host's guests share.";
+    };
+    guestAddressOfKind = lib.mkOption {
+      type = lib.types.functionTo lib.types.str;
+      readOnly = true;
+      internal = true;
+      description = "The address of the host's first guest of a kind (nats, dns, dev).";
+    };
+    guestConfig = lib.mkOption {
+      type = lib.types.attrsOf lib.types.deferredModule;
+      default = { };
+      description = "Extra NixOS configuration for a guest's container, by guest name (e.g. the dev guest's GPU tools).";
+    };
+    natsLeafRemotes = lib.mkOption {
+      type = lib.types.attrsOf lib.types.anything;
+      default = { };
+      description = "The nats guest's `leafnodes` settings on a host that is not the hub (its remotes).";
+    };
+  };
+
+  config = lib.mkIf (guests != [ ]) {
+    cim.guestBridge = bridge;
+    cim.guestAddressOfKind = addressOfKind;
+
+    networking.bridges.${bridge}.interfaces = [ ];
+    networking.interfaces.${bridge}.ipv4.addresses = [
+      {
+        address = gateway;
+        prefixLength = 24;
+      }
+    ];
+    networking.hosts = lib.listToAttrs (
+      map (guest: lib.nameValuePair guest.address [ "${guest.name}.${hostName}.${fqdn}" guest.name ]) guests
+    );
+    # The guests reach the LAN through the host, and the host forwards the services the LAN uses (DNS, NATS and, on
+    # the hub, NATS's leaf-node port) from its own address to the guest that serves them. Those forwards are iptables
+    # rules (networking.nat.extraCommands), so the iptables firewall stays.
+    networking.nftables.enable = false;
+    networking.nat = {
+      enable = true;
+      internalInterfaces = [ bridge ];
+      # nat.forwardPorts needs the external interface's name, which a DHCP host that also boots in QEMU does not
+      # have; match "addressed to this host, not coming from a guest" instead.
+      extraCommands = lib.concatMapStrings (forward: ''
+        iptables -w -t nat -A nixos-nat-pre ! -i ${bridge} -m addrtype --dst-type LOCAL \
+          -p ${forward.proto} --dport ${toString forward.port} \
+          -j DNAT --to-destination ${addressOfKind forward.kind}:${toString forward.port}
+      '') forwards;
+    };
+
+    containers = lib.listToAttrs (
+      map (
+        guest:
+        lib.nameValuePair guest.name {
+          autoStart = true;
+          privateNetwork = true;
+          hostBridge = bridge;
+          localAddress = "${guest.address}/24";
+          config = {
+            imports = [
+              (guestBase guest)
+              (kinds.${guest.kind} guest)
+              (config.cim.guestConfig.${guest.name} or { })
+            ];
+          };
+        }
+      ) guests
+    );
+
+    # Each container gets the memory and CPUs domain.json gives its guest.
+    systemd.services = lib.listToAttrs (
+      map (
+        guest:
+        lib.nameValuePair "container@${guest.name}" {
+          serviceConfig =
+            lib.optionalAttrs (guest ? memory_mib) { MemoryMax = "${toString guest.memory_mib}M"; }
+            // lib.optionalAttrs (guest ? vcpus) { CPUQuota = "${toString (guest.vcpus * 100)}%"; };
+        }
+      ) guests
+    );
+
+    # The host reports its guests (configuration.nix's cim-stats) to its own nats guest.
+    cim.stats = {
+      natsUrl = lib.mkIf (lib.any (guest: guest.kind == "nats") guests) "nats://${addressOfKind "nats"}:4222";
+      guests = lib.listToAttrs (map (guest: lib.nameValuePair guest.name guest.name) guests);
+      interval = "${toString (host.stats_interval_s or 5)}s";
+    };
+  };
+}
