@@ -20,6 +20,7 @@ sizes (the fixed cost of starting python and doit cancels out; flat is ~1.0x), a
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import itertools
 import json
 import os
@@ -82,7 +83,8 @@ def make_domain(directory: Path, hosts: int) -> Path:
         "images": ["iso"],
     }
     domain = {"name": f"scale {hosts}", "fqdn": "scale.local",
-              "hosts": {f"host-{i:04d}": host for i in range(hosts)}}
+              "hosts": {f"host-{i:04d}": {**host, "address": str(ipaddress.IPv4Address("10.0.0.1") + i)}
+                        for i in range(hosts)}}
     (directory / "domain.json").write_text(json.dumps(domain, indent=1) + "\n")
     (directory / "flake.nix").write_text(FLAKE)
     return directory

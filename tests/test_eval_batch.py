@@ -48,7 +48,8 @@ def make_domain(directory: Path, hosts: list[str]) -> Path:
     host = {"system": "x86_64-linux", "images": ["iso"],
             "hardware": {"vendor": "QEMU", "model": "pc", "cpu": {"model": "qemu64", "cores": 1}, "memory_gib": 1,
                          "disks": [{"name": "main", "device": "/dev/vda", "size_gib": 1}]}}
-    domain = {"name": "batch", "fqdn": "batch.local", "hosts": dict.fromkeys(hosts, host)}
+    domain = {"name": "batch", "fqdn": "batch.local",
+              "hosts": {name: {**host, "address": f"192.168.23.{10 + i}"} for i, name in enumerate(hosts)}}
     (directory / "domain.json").write_text(json.dumps(domain, indent=1))
     (directory / "flake.nix").write_text(FLAKE)
     return directory
@@ -138,7 +139,7 @@ def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(
 
     # One host made to fail: its task fails naming it; with --continue the others still get their drvPaths.
     data = json.loads((domain / "domain.json").read_text())
-    data["hosts"]["missing"] = data["hosts"]["alpha"]
+    data["hosts"]["missing"] = {**data["hosts"]["alpha"], "address": "192.168.23.99"}
     (domain / "domain.json").write_text(json.dumps(data))
     proc = doit(domain, "--continue", "eval")
     assert proc.returncode != 0
