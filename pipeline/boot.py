@@ -1,6 +1,6 @@
 """The boot test of one image: QEMU boots it as its format boots on real hardware, then the probes run against it.
 
-  ISO   SeaBIOS → isolinux → kernel, the ISO as a CD-ROM
+  ISO   SeaBIOS → the ISO's El Torito boot loader → kernel, the ISO as a CD-ROM
   SD    U-Boot (`-M virt`) → extlinux.conf → kernel, the image as a disk whose writes go to a throw-away overlay
 The whole serial console is kept (published as artifacts/<artifact>/boot.log) whatever the outcome.  No doit here:
 `pipeline.tasks` wraps `boot_test` into the `boot:<artifact>` task and keeps its result in the artifact's record.
@@ -84,9 +84,9 @@ def boot_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Probe]
 
 
 def inventory_forward(host: Host) -> Forward | None:
-    """Where the hardware report is received: the host's nats guest, port 4222."""
+    """Where the hardware report is received: the host's nats guest, on the contract's NATS port."""
     nats = next((g for g in host.guests if g.kind is GuestKind.nats), None)
-    return Forward("tcp", 4222, str(nats.address)) if nats is not None else None
+    return Forward("tcp", probes.PORTS.nats, str(nats.address)) if nats is not None else None
 
 
 def spec(artifact: Artifact, domain: Domain, domain_dir: Path,

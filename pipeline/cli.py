@@ -15,9 +15,10 @@ import click
 
 from pipeline import inventory
 from pipeline.artifacts import atomic_write_text, manifest_schema
+from pipeline.contract import partition_device
 from pipeline.domain import DOMAIN_FILE, DomainError, json_schema, parse_domain
 from pipeline.errors import CimError
-from pipeline.install import plan_for
+from pipeline.install import plan_for, target_kind
 from pipeline.probes import stats_schema
 from pipeline.validate import load_checked, validate
 
@@ -64,9 +65,10 @@ def disk_plan(host: str, domain_dir: Path) -> None:
         raise DomainError(f"{domain_dir / 'domain.json'}: no host {host!r}.",
                           hint=f"Name one of its hosts: {', '.join(domain.hosts)}.")
     plan = plan_for(domain_dir, host, domain.hosts[host])
-    click.echo(f"disk {plan.disk} ({plan.disk_mib} MiB):")
-    for line in plan.describe():
-        click.echo(f"  {line}")
+    kind = target_kind(domain_dir, host, domain.hosts[host], plan)
+    click.echo(f"disk {plan.disk} ({plan.disk_mib} MiB), attached as {kind.value} ({kind.device}):")
+    for part, line in zip(plan.partitions, plan.describe(), strict=True):
+        click.echo(f"  {line}  [{partition_device(plan.device, part.number)}]")
 
 
 def _context(domain_dir: Path | None, artifacts_dir: Path | None) -> Any:

@@ -1,7 +1,8 @@
 """A host's disk-config.nix (disko's format) → an install plan: GPT partitions, file systems, swap, mount points.
 
-Supported, as the demo installer implements them: `disko.devices.disk.<name>` of `type = "disk"` with a `gpt` table,
-whose partitions hold `filesystem` (vfat, ext4) or `swap`.  Anything else is refused before a VM starts, with the
+Supported (what an image built from the same file must lay out, and what the install check compares with):
+`disko.devices.disk.<name>` of `type = "disk"` with a `gpt` table, whose partitions hold `filesystem` (vfat, ext4) or
+`swap`.  Anything else is refused before a VM starts, with the
 attribute path named.  Partition order follows disko: explicit `priority`, else BIOS boot (EF02) first, the ESP
 (EF00) next, other fixed sizes, and "100%" last; equal priorities keep Nix's (alphabetical) order.
 """
@@ -73,8 +74,9 @@ class DiskPlan:
         return "\n".join(lines) + "\n"
 
     def installer_text(self) -> str:
-        """What the demo installer reads (via QEMU fw_cfg): the sfdisk script and one line per file system."""
-        out = [f"# cim install plan for disko disk '{self.disk}' ({self.device} on the real host)"]
+        """The plan as text: target device, sfdisk script, one line per file system.  An image may carry it (a
+        domain's builder can write the same text from Nix at build time; a test holds configs' copy equal)."""
+        out = [f"# cim install plan for disko disk '{self.disk}'", f"target {self.device}"]
         out += [f"sfdisk {line}" for line in self.sfdisk_script().splitlines()]
         for part in self.partitions:
             out.append(f"fs {part.number} {part.format} {part.mountpoint or '-'} {part.label}")

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import contract
 from pipeline.errors import CimError
 
 DOMAIN_FILE = "domain.json"
@@ -123,21 +124,17 @@ class Gpu(Model):
     passthrough_to: tuple[Label, ...] = ()
 
 
-class Disk(Model):
-    name: Label
-    device: str
-    size_gib: float = Field(gt=0)
-    kind: str = "ssd"
-    # The disk the image itself is (an SD card written with the sd image): the boot VM boots it, not a blank one.
-    image: bool = False
-
-
 class DiskBus(enum.StrEnum):
-    """How a boot VM attaches a blank disk, and what the guest kernel calls it."""
+    """How a VM attaches a disk, and what the guest kernel calls the first one (the image contract's `disks`)."""
 
     virtio = "virtio"  # /dev/vdX
     nvme = "nvme"  # /dev/nvmeXnY
     sata = "sata"  # /dev/sdX
+
+    @property
+    def device(self) -> str:
+        """The device the first disk on this bus is in the guest: /dev/nvme0n1, /dev/vda, /dev/sda."""
+        return contract.CONTRACT.disks[self.value]
 
     @classmethod
     def for_device(cls, device: str) -> DiskBus | None:
@@ -147,6 +144,33 @@ class DiskBus(enum.StrEnum):
             if name.startswith(prefix):
                 return bus
         return None
+
+
+class Disk(Model):
+    """A disk of the host.  `kind` says what it is; a bus name there (nvme, virtio, sata) is how it is attached, and
+    the install VM attaches its target the same way, so the installer finds it where the real host has it.  Any other
+    kind (ssd, sd, …) leaves the bus to the device's name (/dev/nvme0n1: nvme)."""
+
+    name: Label
+    device: str
+    size_gib: float = Field(gt=0)
+    kind: str = "ssd"
+    # The disk the image itself is (an SD card written with the sd image): the boot VM boots it, not a blank one.
+    image: bool = False
+
+    @model_validator(mode="after")
+    def _kind_fits_device(self) -> Disk:
+        named = DiskBus.for_device(self.device)
+        if self.kind in DiskBus.__members__ and named is not None and named.value != self.kind:
+            bus = DiskBus(self.kind)
+            raise ValueError(f"disk {self.name!r}: kind {self.kind!r} attaches as {bus.device}, but device is "
+                             f"{self.device!r} (a {named.value} name); make them agree")
+        return self
+
+    @property
+    def bus(self) -> DiskBus | None:
+        """How the disk is attached: its kind when that is a bus, else what its device name says."""
+        return DiskBus(self.kind) if self.kind in DiskBus.__members__ else DiskBus.for_device(self.device)
 
 
 class Display(enum.StrEnum):
@@ -248,7 +272,8 @@ class ProbeKind(enum.StrEnum):
 
     @property
     def default_port(self) -> int | None:
-        return {"dns": 53, "nats": 4222, "stats": 4222, "ssh": 22}.get(self.value)
+        ports = contract.CONTRACT.ports  # the image contract's probe ports
+        return {"dns": ports.dns, "nats": ports.nats, "stats": ports.nats, "ssh": ports.ssh}.get(self.value)
 
     @property
     def protocol(self) -> str:
@@ -262,7 +287,7 @@ class Probe(Model):
     kind: ProbeKind
     guest: Label | None = None  # the guest it talks to (a forwarded port); default: the host's guest of its kind
     pattern: str | None = None  # console: a regular expression the serial console must print
-    port: int | None = Field(default=None, ge=1, le=65535)  # the guest port; default the kind's (53, 4222, 22)
+    port: int | None = Field(default=None, ge=1, le=65535)  # the guest port; default the kind's (contract ports)
     name: str | None = None  # dns: resolve only this name (default: every host and guest name of the domain)
     account: Label | None = None  # ssh: the account that logs in
     key: str | None = None  # ssh: its private key, relative to the domain directory (a demo-only key)

@@ -1,16 +1,21 @@
 """Install verification: the installer ISO + a blank disk → install per the host's disk-config → the disk boots alone.
 
-Phases, each with its own deadline and a message naming it:
-  plan       evaluate disk-config.nix (disko's format) into partitions; refused before any VM if it cannot work
-  installer  BIOS boot of the ISO beside a blank qcow2 disk; `install` typed at the isolinux prompt; the plan handed
-             over through QEMU fw_cfg; wait for the installer's clean power-off
-  disk-boot  the disk alone under OVMF (UEFI → systemd-boot → kernel): boot-complete line, then `/` and `/boot`
-             mounted from the declared partitions with the declared file systems and sizes, swap active
+Every image is driven the same way, through the image contract (pipeline.contract, README "The image contract"):
+  plan       evaluate disk-config.nix (disko's format) into partitions; refused before any VM if it cannot work or
+             if its device is not where the host's declared disk kind appears (nvme /dev/nvme0n1, virtio /dev/vda, …)
+  installer  BIOS boot of the ISO beside a blank qcow2 disk attached as the host declares it; the install is requested
+             with the `cim.install` credential as an SMBIOS type 11 string; the image carries its own disk plan (built
+             from the same disk-config.nix); wait for the contract's started line, then its clean power-off, then
+             its done line (or its failed line and the reason)
+  disk-boot  the disk alone under OVMF (UEFI → the installed boot loader → kernel): boot-complete line, then `/` and
+             `/boot` mounted from the declared partitions with the declared file systems and sizes, swap active
 Both consoles go to artifacts/<host>-iso/install.log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import shutil
 import time
@@ -19,16 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import probes
+from pipeline import contract, probes
 from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
+from pipeline.contract import CONTRACT
 from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.diskplan import evaluate as evaluate_plan
-from pipeline.domain import Domain, Format, Host, System
+from pipeline.domain import DiskBus, Domain, Format, Host, System
 from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
 from pipeline.log import say, step
 from pipeline.process import run
-from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout
+from pipeline.qemu import Drive, Firmware, Vm, VmError, VmSpec, VmTimeout, choose_accel
+
+# An image that booted its live system instead of installing gets this long to print the started line (an installer
+# may be ordered after the live system's boot-complete line, as a systemd unit after multi-user.target is).
+LIVE_GRACE_S = 120.0
 
 
 class InstallError(VmError):
@@ -58,8 +68,11 @@ def vm_size(host: Host) -> tuple[int, int]:
 def spec(host_name: str, host: Host) -> dict[str, Any]:
     """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
     assert host.install is not None
+    declared = next((d for d in host.hardware.disks if d.name == host.install.disk), None)
+    attached = {"hardware": {"disks": {declared.name: {"kind": declared.bus.value if declared.bus else None}}}} \
+        if declared is not None else {}
     return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
-                                  "boot": {"memory_mib": vm_size(host)[0]}}}}
+                                  "boot": {"memory_mib": vm_size(host)[0]}, **attached}}}
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -67,6 +80,31 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
     if host.install is None:
         raise DiskPlanError(f"{domain_dir / 'domain.json'}: host {host_name!r} has no install section")
     return evaluate_plan(domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
+
+
+def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskBus:
+    """How the install VM attaches the target: as the host declares its disk, where the disk-config expects it."""
+    assert host.install is not None
+    config = domain_dir / host.install.disk_config
+    where = f"disko.devices.disk.{plan.disk}.device"
+    declared = next((d for d in host.hardware.disks if d.name == host.install.disk), None)
+    kind = (declared.bus if declared else None) or DiskBus.for_device(plan.device)
+    if kind is None:
+        raise DiskPlanError(
+            f"{config}: {where} = {plan.device!r} names no disk kind the install VM can attach "
+            f"({', '.join(f'{k.value} {k.device}' for k in DiskBus)}).",
+            hint=f"Give domain.json hosts.{host_name}.hardware.disks '{host.install.disk}' a 'kind' and the "
+                 "disk-config the device that kind appears as.")
+    if declared is not None and declared.device != plan.device:
+        raise DiskPlanError(
+            f"{config}: {where} = {plan.device!r}, but domain.json hosts.{host_name}.hardware.disks "
+            f"'{declared.name}' is {declared.device!r}.", hint="Make the two name the same device.")
+    if plan.device != kind.device:
+        raise DiskPlanError(
+            f"{config}: {where} = {plan.device!r}, but the host's disk is {kind.value}, which the install VM (like "
+            f"the real machine's first {kind.value} disk) shows as {kind.device}.",
+            hint=f"Use {kind.device} in the disk-config, or change the disk's kind in domain.json.")
+    return kind
 
 
 # -- checking the installed system from its console ---------------------------------------------------------------
@@ -79,20 +117,21 @@ class Mounted:
 
 
 def parse_report(console: str) -> tuple[dict[str, Mounted], dict[str, tuple[str, int]], set[str]]:
-    """The installed system's `cim-fs:`, `cim-part:` and `cim-swap:` lines → (mounts, partitions, swaps)."""
+    """The installed system's report lines (contract `report`: fs, part, swap) → (mounts, partitions, swaps)."""
     text = console.replace("\r", "")
-    mounts = {m[0]: Mounted(m[0], m[1], m[2]) for m in re.findall(r"^cim-fs: (\S+) (\S+) (\S+) \d+K$", text, re.M)}
-    parts = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^cim-part: (\S+) (\S*) (\d+)MiB$", text, re.M)}
-    swaps = set(re.findall(r"^cim-swap: (\S+) \d+K$", text, re.M))
+    fs, part, swap = (re.escape(p) for p in (CONTRACT.report.fs, CONTRACT.report.part, CONTRACT.report.swap))
+    mounts = {m[0]: Mounted(m[0], m[1], m[2]) for m in re.findall(rf"^{fs} (\S+) (\S+) (\S+) \d+K$", text, re.M)}
+    parts = {m[0]: (m[1], int(m[2])) for m in re.findall(rf"^{part} (\S+) (\S*) (\d+)MiB$", text, re.M)}
+    swaps = set(re.findall(rf"^{swap} (\S+) \d+K$", text, re.M))
     return mounts, parts, swaps
 
 
-def check_installed(plan: DiskPlan, console: str, disk_device: str = "/dev/vda") -> list[str]:
+def check_installed(plan: DiskPlan, console: str) -> list[str]:
     """What the disk-only boot shows against the plan: one line per check; raises InstallError on a mismatch."""
     mounts, parts, swaps = parse_report(console)
     checks, problems = [], []
     for part in plan.partitions:
-        dev = f"{disk_device}{part.number}"
+        dev = contract.partition_device(plan.device, part.number)
         want_mib = plan.partition_mib(part)
         got = parts.get(dev)
         if got is None:
@@ -128,70 +167,92 @@ def _phase_error(exc: VmError, phase: str) -> InstallError:
 
 
 def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
-           log_dest: Path, log_name: str, record: Callable[[InstallResult], None]) -> InstallResult:
+           log_dest: Path, log_name: str, record: Callable[[InstallResult], None],
+           machine_state: Path | None = None) -> InstallResult:
     """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it.
 
     `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
-    work is refused (DiskPlanError) before any VM.
+    work is refused (DiskPlanError) before any VM.  With `machine_state`, both VMs use KVM where the machine's canary
+    says it works (a NixOS install under TCG takes hours), else TCG.
     """
     assert host.install is not None
     task = f"install:{host_name}"
     plan = plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
+    kind = target_kind(domain_dir, host_name, host, plan)
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
     workdir.mkdir(parents=True, exist_ok=True)
-    plan_file = workdir / "install-plan.txt"
-    plan_file.write_text(plan.installer_text())
     disk = workdir / "disk.qcow2"
     proc = run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{plan.disk_mib}M"], timeout=60)
     if proc.returncode != 0:
         raise InstallError(f"qemu-img could not create the blank disk {disk}: {proc.stderr.strip()}")
-    say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse)")
+    say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})")
 
     installer = VmSpec(
         name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
         console_log=workdir / "installer.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
         firmware=Firmware.bios, boot_order="d", published_log=log_dest,
-        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target")),
-        extra=("-fw_cfg", f"name=opt/cim/install-plan,file={plan_file}"),
+        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
+        extra=tuple(contract.install_request()),
     )
     disk_boot = VmSpec(
         name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
         console_log=workdir / "disk-boot.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
-        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2"),), published_log=log_dest,
+        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2", bus=kind.value),), published_log=log_dest,
     )
+    if machine_state is not None:
+        # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.
+        accel, why = choose_accel(dataclasses.replace(installer, drives=installer.drives[:1], extra=()), machine_state)
+        installer = dataclasses.replace(installer, accel=accel)
+        disk_boot = dataclasses.replace(disk_boot, accel=accel)
+        say(task, f"both VMs run under {accel}: {why}")
+    names = CONTRACT.install
+    started_re = contract.line_pattern(names.started, host_name) + ".*$"
+    failed_re = contract.line_pattern(names.failed, host_name) + ".*$"
+    done_re = contract.line_pattern(names.done, host_name)
     started = time.monotonic()
     phases: dict[str, float] = {}
     checks: list[str] = []
     error: str | None = None
     try:
-        with step(task, f"phase installer: {image.name} (BIOS) beside the blank disk") as phase, \
-                Vm(installer) as vm:
+        with step(task, f"phase installer: {image.name} (BIOS) beside the blank disk, install requested "
+                        f"({names.credential} credential)") as phase, Vm(installer) as vm:
             try:
-                vm.wait_for_console(r"boot:", timeout, "the isolinux boot: prompt")
-                vm.type_console("install\r")
-                first = vm.wait_for_console(rf"cim-install: installing|{probes.boot_complete_pattern(host_name)}",
-                                            timeout, "the installer starting")
-                if not first.group(0).startswith("cim-install"):
-                    raise InstallError(
-                        f"install phase 'installer' failed: the ISO booted its live system instead of the "
-                        f"installer (the 'install' typed at the isolinux prompt was missed); log {log_dest}")
-                say(task, "installer started; partitioning, formatting, copying, installing systemd-boot")
+                first = vm.wait_for_console(f"{started_re}|{failed_re}|{probes.boot_complete_pattern(host_name)}",
+                                            timeout, "the installer's started line")
+                if re.match(probes.boot_complete_pattern(host_name), first.group(0)):
+                    grace = min(LIVE_GRACE_S, max(1.0, timeout - phase.seconds))
+                    try:
+                        first = vm.wait_for_console(f"{started_re}|{failed_re}", grace, "the installer's started line")
+                    except VmTimeout:
+                        raise InstallError(
+                            f"install phase 'installer' failed: the ISO booted its live system and no installer "
+                            f"started within {grace:g} s of its boot-complete line: the image does not act on the "
+                            f"install request (SMBIOS type {names.smbios_type} '{names.smbios_value}'); log "
+                            f"{log_dest}") from None
                 remaining = max(1.0, timeout - phase.seconds)
-                vm.wait_for_exit(remaining, "clean power-off after the install")
+                if re.match(failed_re, first.group(0), re.M):
+                    # The reason may still be on its way: give the installer its power-off, then read the line.
+                    with contextlib.suppress(VmError):
+                        vm.wait_for_exit(min(30.0, remaining), "power-off after the failed line")
+                else:
+                    say(task, f"installer started: {first.group(0).strip()}")
+                    vm.wait_for_exit(remaining, "clean power-off after the install")
             except InstallError:
                 raise
             except VmError as exc:
                 raise _phase_error(exc, "installer") from None
-            console = vm.console
-            failed = re.search(r"^cim-install: FAILED: .*$", console, re.M)
-            if failed or "cim-install: done" not in console:
+            console = vm.console.replace("\r", "")
+            failed = re.search(failed_re, console, re.M)
+            if failed or not re.search(done_re, console, re.M):
                 raise InstallError(f"install phase 'installer' failed: "
-                                   f"{failed.group(0) if failed else 'no done line'}; log {log_dest}")
+                                   f"{failed.group(0) if failed else 'powered off without the done line'}; "
+                                   f"log {log_dest}")
         phases["installer"] = phase.seconds
 
-        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → systemd-boot)") as phase, Vm(disk_boot) as vm:
+        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase, \
+                Vm(disk_boot) as vm:
             try:
                 vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
             except VmError as exc:

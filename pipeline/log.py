@@ -75,9 +75,9 @@ class Step:
 def step(prefix: str, what: str, *, announce: bool = True) -> Iterator[Step]:
     """Log `what …` when a phase starts and `what in N s` (or `what failed after N s`) when it ends.
 
-    >>> with step("demo", "nothing to do", announce=False) as s:  # doctest: +ELLIPSIS
+    >>> with step("example", "nothing to do", announce=False) as s:  # doctest: +ELLIPSIS
     ...     pass
-    [demo] nothing to do in 0.0 s
+    [example] nothing to do in 0.0 s
     """
     current = Step(prefix, what)
     if announce:

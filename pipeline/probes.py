@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pipeline import contract
 from pipeline.artifacts import ProbeResult
 from pipeline.domain import Domain, GuestKind, Host, Probe, ProbeKind
 from pipeline.errors import CimError
@@ -47,9 +47,12 @@ class StatsRejected(ProbeFailed):
     """A statistics message arrived but is not what it must be (schema, host, guests)."""
 
 
+PORTS = contract.CONTRACT.ports
+
+
 def boot_complete_pattern(host: str) -> str:
-    """The line every image of ours prints when it has booted (demo rcS, cim's cim-boot-complete unit)."""
-    return rf"cim: {re.escape(host)} boot complete"
+    """The line every image prints when it has booted (the contract's boot_complete)."""
+    return contract.boot_complete_pattern(host)
 
 
 @cache
@@ -200,8 +203,8 @@ def stats_problems(message: Any, host_name: str, guests: list[str]) -> list[str]
 
 
 def inventory_subject(host: str) -> str:
-    """Where a host publishes its hardware report (DESIGN: `cim.<host>.inventory`); the ack subject adds `.ack`."""
-    return f"cim.{host}.inventory"
+    """Where a host publishes its hardware report (the contract's inventory subject); the ack subject adds `.ack`."""
+    return contract.inventory_subject(host)
 
 
 def receive_inventory(port: int, host: str, wait: float) -> bytes:
@@ -252,7 +255,7 @@ def receive_stats(port: int, subject: str, timeout: float) -> Any:
 
 def stats_check(port: int, host_name: str, guests: list[str], timeout: float) -> str:
     """A statistics message arrives on cim.<host>.stats, validates, and lists every declared guest running."""
-    subject = f"cim.{host_name}.stats"
+    subject = contract.stats_subject(host_name)
     message = receive_stats(port, subject, timeout)
     problems = stats_problems(message, host_name, guests)
     if problems:

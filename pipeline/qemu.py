@@ -1,7 +1,7 @@
 """QEMU: a VM spec becomes an argument list (pure); `Vm` runs it, keeps the whole serial console, waits with deadlines.
 
 The serial console is a unix socket chardev with a `logfile`, so every byte the guest prints lands in the log even when
-nobody is connected, and the pipeline can still type into it (the installer's boot prompt).  QMP (through QEMU's own
+nobody is connected.  QMP (through QEMU's own
 `qemu.qmp` client) asks the guest to power off, then quits QEMU.
 """
 
@@ -220,7 +220,7 @@ class VmSpec:
 class Vm:
     """A running VM.  Use as a context manager: on the way out it is powered off, then its process group is killed.
 
-    `wait_for_console(pattern, timeout)` waits for the guest to print a line; `type_console(text)` types into it.
+    `wait_for_console(pattern, timeout)` waits for the guest to print a line.
     """
 
     def __init__(self, spec: VmSpec) -> None:
@@ -397,14 +397,6 @@ class Vm:
                     f"{self.spec.name}: the console did not show {what or pattern!r} within {timeout:g} s; the VM "
                     f"was stopped, its console log is {self.spec.shown_log}. Last console lines:\n{self._tail()}"
                 )
-            time.sleep(0.2)
-
-    def type_console(self, text: str) -> None:
-        """Type `text` on the serial console."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.spec.console_socket))
-            sock.sendall(text.encode())
             time.sleep(0.2)
 
     def wait_for_exit(self, timeout: float, what: str = "exit") -> int:

@@ -477,7 +477,8 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     outcome = install.verify(
         host_name, host, ctx.domain_dir, Path(image["path"]), image["xxh3"],
         workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log_dest,
-        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact))
+        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact),
+        machine_state=ctx.machine_state)
     if outcome.result == "pass":
         ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds}

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import nix
+from pipeline import contract, nix
 from pipeline.domain import DOMAIN_FILE, Domain, DomainError, load_domain
 
 
@@ -33,7 +33,8 @@ def flake_files(domain_dir: Path) -> list[str]:
 
 
 def load_checked(domain_dir: Path) -> Domain:
-    """domain.json validated, flake.nix present, every file a host names present; raises DomainError."""
+    """domain.json validated, flake.nix present, every file a host names present, its contract.json the pipeline's;
+    raises DomainError or ContractError."""
     domain = load_domain(domain_dir)
     if not (domain_dir / "flake.nix").is_file():
         raise DomainError(
@@ -48,6 +49,7 @@ def load_checked(domain_dir: Path) -> Domain:
                 f"{host.install.disk_config}, which does not exist in {domain_dir}.",
                 hint="Add the disko file or fix the name.",
             )
+    contract.check_domain_copy(domain_dir)
     return domain
 
 

@@ -32,7 +32,9 @@ MODULES = {
     "amd64": ["virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "crc32c_generic", "ext4", "vfat", "nls_cp437",
               "nls_iso8859_1", "nls_ascii", "isofs", "sr_mod", "ata_piix", "sd_mod", "efivarfs", "qemu_fw_cfg",
               # the guests' network: a veth pair per guest on the host's bridge
-              "veth", "bridge", "stp", "llc"],
+              "veth", "bridge", "stp", "llc",
+              # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
+              "nvme", "ahci"],
     "arm64": ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "vfat", "nls_cp437",
               "nls_iso8859_1", "nls_ascii", "sd_mod", "efivarfs",
               "veth", "bridge", "stp", "llc"],

@@ -79,6 +79,19 @@ def test_check_installed_compares_console_with_plan() -> None:
         check_installed(plan, console.replace("cim-swap: /dev/vda2 32764K\n", ""))
 
 
+def test_check_installed_names_partitions_from_the_planned_device() -> None:
+    # An NVMe disk's partitions are nvme0n1p1…: the checks take the device from the disk-config.
+    devs = devices({"ESP": ESP, "root": ROOT, "swap": SWAP})
+    devs["disk"]["main"]["device"] = "/dev/nvme0n1"
+    plan = plan_from_devices(devs, "main", 1024, "dc.nix")
+    console = ("cim-fs: / /dev/nvme0n1p3 ext4 914620K\ncim-fs: /boot /dev/nvme0n1p1 vfat 64496K\n"
+               "cim-part: /dev/nvme0n1p1 disk-main-ESP 64MiB\ncim-part: /dev/nvme0n1p2 disk-main-swap 32MiB\n"
+               "cim-part: /dev/nvme0n1p3 disk-main-root 926MiB\ncim-swap: /dev/nvme0n1p2 32764K\n")
+    assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4"
+    with pytest.raises(InstallError, match="partition /dev/nvme0n1p1 \\(disk-main-ESP\\) is missing"):
+        check_installed(plan, console.replace("nvme0n1", "vda").replace("vdap", "vda"))
+
+
 @pytest.mark.nix
 @needs_demo
 def test_demo_disk_config_evaluates_with_nix() -> None:
@@ -101,8 +114,12 @@ def set_disk_config(domain: Path, old: str, new: str) -> None:
 def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
     first = doit(demo_domain, "install:vhost-dev", check=True)
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
+    # Requested with the credential (no boot prompt), started and done per the contract, then powered off.
+    assert re.search(r"^cim-install: started vhost-dev onto /dev/vda", log, re.M)
     assert "cim-install: partitioning /dev/vda" in log
-    assert "powering off" in log and "reboot: Power down" in log
+    assert re.search(r"^cim-install: done vhost-dev: .*powering off", log, re.M)
+    assert "reboot: Power down" in log
+    assert not re.search(r"^boot:", log.split("=== phase disk-boot")[0], re.M)  # isolinux showed no prompt
     assert "=== phase disk-boot" in log
     assert re.search(r"^cim-fs: / /dev/vda3 ext4", log, re.M)
     assert "cim-part: /dev/vda1 disk-main-ESP 64MiB" in log
@@ -111,12 +128,13 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
     assert set(record["phases"]) == {"installer", "disk-boot"}
     assert "install:vhost-dev" in executed(first.stdout)
 
-    # A bigger ESP: the install re-runs against the same ISO (nothing is rebuilt) and the disk shows the new size.
+    # A bigger ESP: the plan is built into the ISO, so the ISO is rebuilt (the system closure is not: its drv is the
+    # same) and the install re-runs; the disk shows the new size.
     set_disk_config(demo_domain, 'size = "64M";', 'size = "96M";')
     second = doit(demo_domain, "install:vhost-dev", check=True)
     ran = executed(second.stdout)
     assert "install:vhost-dev" in ran
-    assert "build:vhost-dev-iso" not in ran
+    assert "build:vhost-dev-iso" in ran
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
     assert "cim-part: /dev/vda1 disk-main-ESP 96MiB" in log
     assert "cim-part: /dev/vda3 disk-main-root 894MiB" in log
@@ -153,9 +171,9 @@ def test_bad_disk_config_fails_before_any_vm(demo_domain: Path, artifacts_dir: P
 @needs_demo
 def test_hanging_installer_is_stopped_at_the_phase_timeout(demo_domain: Path, artifacts_dir: Path,
                                                            doit: DoitRunner) -> None:
-    # A real ISO whose installer hangs after it starts.
+    # A real ISO whose installer hangs after its started line.
     (demo_domain / "rootfs/sbin/cim-install").write_text(
-        "#!/bin/sh\necho 'cim-install: installing (this installer hangs on purpose)'\nexec sleep 100000\n")
+        "#!/bin/sh\necho 'cim-install: started vhost-dev (this installer hangs on purpose)'\nexec sleep 100000\n")
     domain = json.loads((demo_domain / "domain.json").read_text())
     domain["hosts"]["vhost-dev"]["install"]["timeout_s"] = 45
     (demo_domain / "domain.json").write_text(json.dumps(domain))
@@ -171,3 +189,56 @@ def test_hanging_installer_is_stopped_at_the_phase_timeout(demo_domain: Path, ar
     # The VM is gone: no QEMU process names this test's ISO (under its private artifacts dir).
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
     assert not [line for line in ps.splitlines() if "qemu-system" in line and str(artifacts_dir) in line]
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_onto_a_declared_nvme_disk(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    # The host declares its disk as NVMe in domain.json and in disk-config.nix: the install VM attaches an NVMe
+    # controller, the installer lays out /dev/nvme0n1, and the checks name its partitions nvme0n1p1…p3.
+    domain = json.loads((demo_domain / "domain.json").read_text())
+    domain["hosts"]["vhost-dev"]["hardware"]["disks"] = [
+        {"name": "main", "device": "/dev/nvme0n1", "size_gib": 1, "kind": "nvme"}]
+    (demo_domain / "domain.json").write_text(json.dumps(domain))
+    set_disk_config(demo_domain, 'device = "/dev/vda";', 'device = "/dev/nvme0n1";')
+
+    proc = doit(demo_domain, "install:vhost-dev", check=True)
+    assert "attached as nvme (/dev/nvme0n1)" in proc.stdout
+    assert "check: / on /dev/nvme0n1p3 disk-main-root 926 MiB ext4" in proc.stdout
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
+    assert re.search(r"^cim-install: started vhost-dev onto /dev/nvme0n1", log, re.M)
+    assert re.search(r"^cim-fs: / /dev/nvme0n1p3 ext4", log, re.M)
+    record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
+    assert record["result"] == "pass"
+    assert "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4" in record["checks"]
+
+
+@pytest.mark.nix
+@needs_demo
+def test_disk_config_elsewhere_than_the_declared_disk_fails_before_any_vm(
+        demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    set_disk_config(demo_domain, 'device = "/dev/vda";', 'device = "/dev/nvme0n1";')  # domain.json still says vda
+    proc = doit(demo_domain, "install:vhost-dev", timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "disko.devices.disk.main.device = '/dev/nvme0n1', but domain.json hosts.vhost-dev.hardware.disks" in output
+    assert "Traceback" not in output and "phase installer" not in output
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_failed_installer_reports_its_reason(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    # A real ISO whose installer gives up: the contract's failed line carries the reason, and it powers off.
+    (demo_domain / "rootfs/sbin/cim-install").write_text(
+        "#!/bin/sh\n. /etc/cim/contract.sh\necho \"$CIM_INSTALL_STARTED\"\nsleep 1\n"
+        "echo \"$CIM_INSTALL_FAILED no room on the target (this installer fails on purpose)\"\npoweroff -f\n")
+    proc = doit(demo_domain, "install:vhost-dev")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("install phase 'installer' failed: cim-install: failed vhost-dev: no room on the target (this installer "
+            "fails on purpose)") in output
+    assert "Traceback" not in output and "phase disk-boot" not in output
+    record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
+    assert record["result"] == "fail" and "no room on the target" in record["error"]

@@ -56,9 +56,14 @@ let
     }
     .${system} or [ "ttyS0" ];
 
+  # The image contract (the pipeline's names, contract.json beside flake.nix): the boot-complete line, the report
+  # lines the install check reads, the NATS subjects.
+  contract = lib.importJSON ./contract.json;
+  forHost = builtins.replaceStrings [ "{host}" ] [ hostName ];
+
   stats = config.cim.stats;
-  statsSubject = "cim.${hostName}.stats";
-  inventorySubject = "cim.${hostName}.inventory";
+  statsSubject = forHost contract.subjects.stats;
+  inventorySubject = forHost contract.subjects.inventory;
 in
 {
   imports = [ login ];
@@ -97,7 +102,7 @@ in
       natsUrl = lib.mkOption {
         type = lib.types.nullOr lib.types.str;
         default = null;
-        example = "nats://10.23.0.12:4222";
+        example = "nats://10.23.0.12:${toString contract.ports.nats}";
         description = "The NATS server the host's statistics are published to, on subject `cim.<host>.stats`; null: none.";
       };
       guests = lib.mkOption {
@@ -141,19 +146,37 @@ in
       [ "console=tty0" ] ++ map (tty: "console=${tty},115200n8") serialConsoles
     );
 
-    # The pipeline's boot test waits for this line on the serial console. It is printed once multi-user.target
-    # (and so every guest container, through machines.target) has been reached. It goes to every console in
-    # /proc/consoles, not only /dev/console, so no console= order can hide it.
+    # The pipeline's boot test waits for the contract's boot-complete line on the serial console. It is printed once
+    # multi-user.target (and so every guest container, through machines.target) has been reached, after the report
+    # lines the install check reads (what is mounted from which partition, the partitions, active swap). Both go to
+    # every console in /proc/consoles, not only /dev/console, so no console= order can hide them.
     systemd.services.cim-boot-complete = {
       description = "Report on the consoles that ${hostName} finished booting";
       wantedBy = [ "multi-user.target" ];
       after = [ "multi-user.target" ];
+      path = [ pkgs.gawk ];
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
       };
       script = ''
-        message="cim: ${hostName} boot complete (${system})"
+        report() {
+          while read -r dev mnt fstype _; do
+            case "$dev" in
+              /dev/*) echo "${contract.report.fs} $mnt $(readlink -f "$dev") $fstype $(df -k "$mnt" | awk 'NR==2 {print $2}')K" ;;
+            esac
+          done < /proc/mounts
+          for part in /sys/class/block/*/partition; do
+            [ -e "$part" ] || continue
+            dir=''${part%/partition}
+            echo "${contract.report.part} /dev/''${dir##*/} $(sed -n 's/^PARTNAME=//p' "$dir/uevent") $(( $(cat "$dir/size") / 2048 ))MiB"
+          done
+          while read -r dev _ size _; do
+            case "$dev" in /dev/*) echo "${contract.report.swap} $(readlink -f "$dev") ''${size}K" ;; esac
+          done < /proc/swaps
+        }
+        message="$(report)
+        ${forHost contract.boot_complete} (${system})"
         echo "$message"
         while read -r console _; do
           if [ -c "/dev/$console" ]; then echo "$message" > "/dev/$console" || true; fi

@@ -16,6 +16,10 @@
 
       # The source of truth for hosts, hardware, guests and accounts; the pipeline validates it before Nix reads it.
       domain = builtins.fromJSON (builtins.readFile ./domain.json);
+      # The image contract: the names the pipeline looks for in every image (its pipeline/contract.json, copied here;
+      # `validate` refuses a copy that drifted). configuration.nix reads it too.
+      contract = builtins.fromJSON (builtins.readFile ./contract.json);
+      forHost = hostName: builtins.replaceStrings [ "{host}" ] [ hostName ];
 
       hostModule =
         hostName:
@@ -29,9 +33,11 @@
 
       # The ISO is the host itself, booted live from the image (that is what the pipeline boot-tests), plus NixOS's
       # minimal installer. For an installable host it also carries the installed system and `cim-install`, which lays
-      # out the disk with disko and installs without network. The install runs unattended, then powers off, when the
-      # systemd credential `cim.install` is set: on the kernel command line `systemd.set_credential=cim.install:1`, or
-      # in QEMU `-smbios type=11,value=io.systemd.credential:cim.install=1`.
+      # out the disk with disko (its script is built into the image from disk-config.nix) and installs without
+      # network. The install runs unattended, then powers off, when the machine carries the systemd credential the
+      # contract names (`cim.install`): in QEMU `-smbios type=11,value=io.systemd.credential:cim.install=1` (what the
+      # pipeline passes), on the kernel command line `systemd.set_credential=cim.install:1`. It prints the contract's
+      # started, done, or failed-with-the-reason line on the console.
       isoModule =
         hostName: host: installed:
         { config, lib, pkgs, ... }:
@@ -42,6 +48,7 @@
         // lib.optionalAttrs (host ? install) (
           let
             disk = installed.disko.devices.disk.${host.install.disk or "main"}.device;
+            line = name: forHost hostName contract.install.${name};
             cimInstall = pkgs.writeShellApplication {
               name = "cim-install";
               runtimeInputs = [
@@ -51,11 +58,15 @@
                 pkgs.util-linux
               ];
               text = ''
-                echo "cim: installing ${hostName} onto ${disk}"
-                ${installed.system.build.destroyFormatMount}/bin/disko-destroy-format-mount --yes-wipe-all-disks
-                nixos-install --root /mnt --system ${installed.system.build.toplevel} --no-root-passwd --no-channel-copy
-                umount --recursive /mnt
-                echo "cim: ${hostName} installed"
+                fail() { echo "${line "failed"} $*"; exit 1; }
+                trap 'fail "a command failed (status $?) at line $LINENO of cim-install"' ERR
+                echo "${line "started"} onto ${disk}"
+                ${installed.system.build.destroyFormatMount}/bin/disko-destroy-format-mount --yes-wipe-all-disks \
+                  || fail "disko could not lay out ${disk} as disk-config.nix declares"
+                nixos-install --root /mnt --system ${installed.system.build.toplevel} --no-root-passwd --no-channel-copy \
+                  || fail "nixos-install could not install the system onto ${disk}"
+                umount --recursive /mnt || fail "could not unmount /mnt after the install"
+                echo "${line "done"}: installed on ${disk}; powering off"
               '';
             };
           in
@@ -71,14 +82,15 @@
                 "multi-user.target"
                 "cim-boot-complete.service"
               ];
-              unitConfig.ConditionCredential = "cim.install";
+              unitConfig.ConditionCredential = contract.install.credential;
               serviceConfig = {
                 Type = "oneshot";
                 StandardOutput = "journal+console";
                 StandardError = "journal+console";
               };
+              # Powers off either way: the failed line has said why.
               script = ''
-                ${lib.getExe cimInstall}
+                ${lib.getExe cimInstall} || true
                 systemctl --no-block poweroff
               '';
             };

@@ -12,6 +12,8 @@ let
   host = domain.hosts.${hostName};
   inherit (domain) fqdn;
   guests = host.guests or [ ];
+  # The ports the pipeline's probes use (the image contract, ./contract.json): NATS clients and DNS.
+  inherit (lib.importJSON ./contract.json) ports;
 
   bridge = "br-guests";
   prefix = lib.concatStringsSep "." (lib.take 3 (lib.splitString "." (lib.head guests).address));
@@ -25,10 +27,10 @@ let
 
   kindsHere = map (guest: guest.kind) guests;
   forwards = lib.filter (forward: lib.elem forward.kind kindsHere && (forward.hubOnly or false -> isHub)) [
-    { proto = "tcp"; port = 4222; kind = "nats"; } # NATS clients
+    { proto = "tcp"; port = ports.nats; kind = "nats"; } # NATS clients
     { proto = "tcp"; port = 7422; kind = "nats"; hubOnly = true; } # NATS leaf nodes (the edge hosts)
-    { proto = "udp"; port = 53; kind = "dns"; }
-    { proto = "tcp"; port = 53; kind = "dns"; }
+    { proto = "udp"; port = ports.dns; kind = "dns"; }
+    { proto = "tcp"; port = ports.dns; kind = "dns"; }
   ];
   isHub = (host.role or "") == "hypervisor";
 
@@ -62,7 +64,7 @@ let
       services.nats = {
         enable = true;
         serverName = "${hostName}-${guest.name}";
-        port = 4222;
+        port = ports.nats;
         jetstream = true;
         settings = {
           host = "0.0.0.0"; # nats-server's own `host` (the module's `host` option is gone from nixpkgs)
@@ -70,7 +72,7 @@ let
         };
       };
       networking.firewall.allowedTCPPorts = [
-        4222
+        ports.nats
         7422
       ];
     };
@@ -98,8 +100,8 @@ let
           local-data = lib.mapAttrsToList (name: address: ''"${name}. IN A ${address}"'') records;
         };
       };
-      networking.firewall.allowedTCPPorts = [ 53 ];
-      networking.firewall.allowedUDPPorts = [ 53 ];
+      networking.firewall.allowedTCPPorts = [ ports.dns ];
+      networking.firewall.allowedUDPPorts = [ ports.dns ];
     };
 
     dev =
@@ -204,7 +206,7 @@ in
 
     # The host reports its guests (configuration.nix's cim-stats) to its own nats guest.
     cim.stats = {
-      natsUrl = lib.mkIf (lib.any (guest: guest.kind == "nats") guests) "nats://${addressOfKind "nats"}:4222";
+      natsUrl = lib.mkIf (lib.any (guest: guest.kind == "nats") guests) "nats://${addressOfKind "nats"}:${toString ports.nats}";
       guests = lib.listToAttrs (map (guest: lib.nameValuePair guest.name guest.name) guests);
       interval = "${toString (host.stats_interval_s or 5)}s";
     };

@@ -10,11 +10,14 @@
   outputs = { self }:
     let
       domain = builtins.fromJSON (builtins.readFile ./domain.json);
+      # The image contract (the pipeline's pipeline/contract.json, copied here: a path: flake reads only its own
+      # directory; `validate` refuses a copy that drifted): the names the images print and read.
+      contract = builtins.fromJSON (builtins.readFile ./contract.json);
       inputs = import ./lib/inputs.nix;
       # Every timestamp the images carry (SOURCE_DATE_EPOCH): a constant of the flake, never the clock and not
       # self.lastModified (for a path: flake that is the newest file's mtime, which a `touch` changes).
       sourceDateEpoch = 1764201600; # 2025-11-27 00:00:00 UTC
-      mkHost = hostName: host: import ./lib/host.nix { inherit domain hostName host inputs sourceDateEpoch; };
+      mkHost = hostName: host: import ./lib/host.nix { inherit contract domain hostName host inputs sourceDateEpoch; };
     in
     {
       nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;

@@ -1,5 +1,6 @@
 # The installer ISO, laid out as NixOS's: El Torito with isolinux for BIOS and systemd-boot on an EFI image for UEFI,
-# the kernel and initrd under /boot, console on ttyS0, and an "install" entry that installs onto the first disk.
+# the kernel and initrd under /boot, console on ttyS0.  It boots straight away, waiting for nobody; the installer
+# inside runs when the machine carries the `cim.install` credential (SMBIOS type 11), with the plan built in below.
 . "$common"
 tree="$TMPDIR/iso"
 mkdir -p "$tree/isolinux" "$tree/boot" "$out/iso" "$out/nix-support"
@@ -12,6 +13,9 @@ mkdir -p "$inst/usr/local/sbin" "$inst/lib"
 cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
 cp -r "$installerTools"/lib/. "$inst/lib/"
 chmod -R u+w "$inst"
+# The install plan, evaluated from the host's disk-config.nix at build time (lib/diskplan.nix).
+mkdir -p "$inst/etc/cim"
+printf '%s' "$installPlan" > "$inst/etc/cim/install-plan"
 cpio_of "$inst" | gzip -9 > "$tree/boot/installer"
 
 cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
@@ -23,16 +27,11 @@ cp "$boot/systemd-bootx64.efi" "$tree/EFI/BOOT/BOOTX64.EFI"
 params="console=ttyS0,115200 loglevel=6 panic=1"
 cat > "$tree/isolinux/isolinux.cfg" <<CFG
 SERIAL 0 115200
-PROMPT 1
-TIMEOUT 30
+PROMPT 0
 DEFAULT boot
-SAY cim installer for $hostName: type 'install' to install onto /dev/vda (the plan comes from QEMU fw_cfg opt/cim/install-plan), or wait to boot the live system
 LABEL boot
   KERNEL /boot/bzImage
   APPEND initrd=/boot/initrd,/boot/installer $params
-LABEL install
-  KERNEL /boot/bzImage
-  APPEND initrd=/boot/initrd,/boot/installer $params cim.install=/dev/vda
 CFG
 
 # UEFI: a FAT El Torito image holding systemd-boot, its loader entry, the kernel and both initrds.
@@ -40,7 +39,7 @@ efi="$TMPDIR/efi"
 mkdir -p "$efi/EFI/BOOT" "$efi/loader/entries" "$efi/cim"
 cp "$boot/systemd-bootx64.efi" "$efi/EFI/BOOT/BOOTX64.EFI"
 cp "$tree/boot/bzImage" "$tree/boot/initrd" "$tree/boot/installer" "$efi/cim/"
-printf 'timeout 1\ndefault cim.conf\n' > "$efi/loader/loader.conf"
+printf 'timeout 0\ndefault cim.conf\n' > "$efi/loader/loader.conf"
 printf 'title cim %s\nlinux /cim/bzImage\ninitrd /cim/initrd\ninitrd /cim/installer\noptions %s\n' \
     "$hostName" "$params" > "$efi/loader/entries/cim.conf"
 kib=$(size_kib "$efi")

@@ -36,6 +36,7 @@ chmod -R u+w .
 echo "$hostName" > etc/hostname
 printf '%s\n' "$hostJson" > etc/cim/host.json
 printf '%s\n' "$system" > etc/cim/system
+printf '%s' "$contractEnv" > etc/cim/contract.sh  # the image contract's names (lib/host.nix)
 printf '%s' "$guestLines" > etc/cim/guests
 # Each guest's supervisor line (name, store path, address, memory MiB), the bridge, the reporter's settings.
 printf '%s' "$supervisorLines" > etc/cim/supervisors

@@ -1,7 +1,35 @@
 # One host of the domain: its system closure (toplevel) and the images domain.json asks for.
-{ domain, hostName, host, inputs, sourceDateEpoch }:
+{ contract, domain, hostName, host, inputs, sourceDateEpoch }:
 let
   system = host.system;
+
+  # The contract's names for this host, as shell assignments the init scripts and the installer source.
+  forHost = builtins.replaceStrings [ "{host}" ] [ hostName ];
+  contractEnv = ''
+    CIM_BOOT_COMPLETE='${forHost contract.boot_complete}'
+    CIM_INSTALL_CREDENTIAL='${contract.install.credential}'
+    CIM_INSTALL_STARTED='${forHost contract.install.started}'
+    CIM_INSTALL_DONE='${forHost contract.install.done}'
+    CIM_INSTALL_FAILED='${forHost contract.install.failed}'
+    CIM_REPORT_FS='${contract.report.fs}'
+    CIM_REPORT_PART='${contract.report.part}'
+    CIM_REPORT_SWAP='${contract.report.swap}'
+    CIM_STATS_SUBJECT='${forHost contract.subjects.stats}'
+    CIM_INVENTORY_SUBJECT='${forHost contract.subjects.inventory}'
+    CIM_NATS_PORT=${toString contract.ports.nats}
+    CIM_DNS_PORT=${toString contract.ports.dns}
+    CIM_SSH_PORT=${toString contract.ports.ssh}
+  '';
+
+  # The install plan, built into the installer ISO from the host's disk-config.nix (as disko builds its script from
+  # it): no side channel at install time.
+  installPlan =
+    if host ? install then
+      (import ./diskplan.nix {
+        diskConfig = import (../. + "/${host.install.disk_config or "disk-config.nix"}");
+        disk = host.install.disk or "main";
+      }).text
+    else "";
   own = inputs system;
 
   # Identifiers that tools would otherwise draw at random, derived from the host name (as NixOS fixes its image
@@ -72,7 +100,7 @@ let
   guestSystems = map (g: g // { store = mkGuest g; }) guests;
 
   toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh {
-    inherit hostName hostJson system;
+    inherit hostName hostJson system contractEnv;
     inherit (domain) fqdn;
     inherit (own) kernel services;
     guestLines = builtins.concatStringsSep "" (map (g: "${g.name} ${g.kind}\n") (host.guests or [ ]));
@@ -96,7 +124,7 @@ let
 
   images = {
     iso = busyboxBuild "nixos-${hostName}-${system}.iso" ../builders/iso.sh {
-      inherit toplevel hostName;
+      inherit toplevel hostName installPlan;
       boot = own.boot;
       installerTools = own.installer-tools;
       imageTools = own.image-tools;
