@@ -43,6 +43,10 @@ DOIT_CONFIG = {
     "dep_file": str(CTX.dep_file),
     "check_file_uptodate": XXH3Checker,
     "par_type": "thread",  # tasks wait on nix and QEMU processes; threads are enough and share the DB handle
+    # Parallel by default: one worker per core this process may use (`-n N` overrides it; `-n 0` runs serially).
+    "num_process": len(os.sched_getaffinity(0)),
+    # doit's console output, plus telling the batched evaluation which eval:<host> tasks this run selected.
+    "reporter": tasks.reporter_for(CTX),
     "verbosity": 2,
 }
 CTX.state_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ fails.  The copy, its artifacts and its doit state are removed afterwards unless
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -36,10 +37,18 @@ class BenchError(Exception):
 
 
 def doit(domain: Path, artifacts: Path, *args: str, timeout: float) -> tuple[float, str]:
-    """Run `doit ARGS domain=… artifacts=…` from the checkout; returns (seconds, output)."""
+    """Run `doit ARGS domain=… artifacts=…` from the checkout; returns (seconds, output).
+
+    Passed boots are kept under CIM_RESULTS and reused for the same image and spec without a VM; each run gets an
+    empty one of its own, so every boot in the comparison is a real one.
+    """
     argv = [sys.executable, "-m", "doit", *args, f"domain={domain}", f"artifacts={artifacts}"]
+    results = Path(tempfile.mkdtemp(prefix="cim-bench-results-"))
     started = time.monotonic()
-    proc = run(argv, timeout=timeout, cwd=ROOT)
+    try:
+        proc = run(argv, timeout=timeout, cwd=ROOT, env={**os.environ, "CIM_RESULTS": str(results)})
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
     seconds = time.monotonic() - started
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ unchanged; otherwise its xxh3-128 decides, so a touched-but-identical file re-ru
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,17 +17,31 @@ import xxhash
 from doit.dependency import FileChangedChecker
 
 _CHUNK = 1 << 20
+_MAP_CHUNK = 16 << 20  # per update() call: long enough to amortise the call, short enough to let other threads run
 
 
 class _Digest(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
 
 
 def _file_digest(path: Path, digest: _Digest) -> str:
+    """Digest a file through a read-only mmap: no copy into Python buffers (bench/hashing.py: xxh3 over a 1 MiB
+    read() loop ran at ~0.5-0.8x plain read speed, over mmap at or above it).  Empty and unmappable files are read."""
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # empty file, or not a regular file (a pipe, /proc)
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+            return digest.hexdigest()
+        with mapped:
+            view = memoryview(mapped)
+            try:
+                for start in range(0, len(view), _MAP_CHUNK):
+                    digest.update(view[start:start + _MAP_CHUNK])
+            finally:
+                view.release()
     return digest.hexdigest()
 
 

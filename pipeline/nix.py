@@ -101,23 +101,100 @@ _HOST_ATTRS = ("b: builtins.mapAttrs (n: v: v.drvPath) "
                "(builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)")
 
 
+def _unreachable(exc: NixError) -> bool:
+    """Nix could not fetch the flake's inputs (offline): every host fails alike, for a reason no host owns."""
+    return "unable to download" in exc.stderr or "Couldn't resolve host" in exc.stderr
+
+
+def _unreachable_error(domain_dir: Path, what: str, exc: NixError) -> NixError:
+    return NixError(
+        f"nix eval of {what} failed: the flake's inputs ({domain_dir / 'flake.nix'}) cannot be fetched from "
+        "this machine. Run where nixpkgs is reachable (the cim domain is evaluated in GitHub Actions), "
+        "or commit a flake.lock and prefetch its inputs; offline, use the demo: doit domain=configs/demo.",
+        exc.stderr,
+    )
+
+
+def _host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
+    if not isinstance(result, dict) or "toplevel" not in result:
+        raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
+    return {str(k): str(v) for k, v in result.items()}
+
+
 def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
     """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …} as far as it has them."""
     installable = f"{flake_ref(domain_dir)}#nixosConfigurations.{host}.config.system.build"
     try:
         result = eval_json(installable, apply=_HOST_ATTRS)
     except NixError as exc:
-        if "unable to download" in exc.stderr or "Couldn't resolve host" in exc.stderr:
-            raise NixError(
-                f"nix eval of {host} failed: the flake's inputs ({domain_dir / 'flake.nix'}) cannot be fetched from "
-                "this machine. Run where nixpkgs is reachable (the cim domain is evaluated in GitHub Actions), "
-                "or commit a flake.lock and prefetch its inputs; offline, use the demo: doit domain=configs/demo.",
-                exc.stderr,
-            ) from None
-        raise
-    if not isinstance(result, dict) or "toplevel" not in result:
-        raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
-    return {str(k): str(v) for k, v in result.items()}
+        if _unreachable(exc):
+            raise _unreachable_error(domain_dir, host, exc) from None
+        raise NixError(f"nix eval of host '{host}' ({installable}) failed.", exc.stderr) from None
+    return _host_drvs(host, result, installable)
+
+
+def batch_apply(hosts: Sequence[str]) -> str:
+    """The `--apply` function that maps `nixosConfigurations` to {host: drvPaths or null} for `hosts`.
+
+    A host whose evaluation throws (`throw`, a failed `assert`) or that is not in the flake comes back null, so it
+    fails alone; errors `tryEval` cannot catch (a missing attribute, a type error, `abort`) fail the whole batch.
+    """
+    names = " ".join(json.dumps(h) for h in hosts)  # host names are DNS labels: JSON strings are Nix strings
+    return (
+        "cs: let attrs = " + _HOST_ATTRS + "; "
+        "one = h: if cs ? ${h} then (let r = builtins.tryEval (let v = attrs cs.${h}.config.system.build; "
+        "in builtins.deepSeq v v); in if r.success then r.value else null) else null; "
+        f"in builtins.listToAttrs (map (h: {{ name = h; value = one h; }}) [ {names} ])"
+    )
+
+
+EvalOutcome = dict[str, str] | NixError
+
+
+def eval_hosts(domain_dir: Path, hosts: Sequence[str]) -> dict[str, EvalOutcome]:
+    """The derivation paths of many hosts from one `nix eval` process: {host: drvPaths, or the NixError naming it}.
+
+    One host's error does not hide the others' results.  A host the batch reports as failed (null) is evaluated on
+    its own for nix's words about it; a batch that fails as a whole (an error `tryEval` does not catch) is split in
+    halves until the failing hosts stand alone, so one bad host among n costs about 2·log2(n) extra evaluations.
+    """
+    results: dict[str, EvalOutcome] = {}
+    installable = f"{flake_ref(domain_dir)}#nixosConfigurations"
+
+    def alone(host: str) -> None:
+        try:
+            results[host] = eval_host(domain_dir, host)
+        except NixError as exc:
+            results[host] = exc
+
+    def batch(group: Sequence[str]) -> None:
+        if len(group) == 1:
+            alone(group[0])
+            return
+        try:
+            out = eval_json(installable, apply=batch_apply(group))
+        except NixError as exc:
+            if _unreachable(exc):
+                error = _unreachable_error(domain_dir, f"{len(group)} host(s)", exc)
+                results.update(dict.fromkeys(group, error))
+                return
+            half = len(group) // 2
+            batch(group[:half])
+            batch(group[half:])
+            return
+        for host in group:
+            value = out.get(host) if isinstance(out, dict) else None
+            if value is None:
+                alone(host)
+            else:
+                try:
+                    results[host] = _host_drvs(host, value, f"{installable}.{host}.config.system.build")
+                except NixError as exc:
+                    results[host] = exc
+
+    if hosts:
+        batch(list(dict.fromkeys(hosts)))
+    return results
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ also holds under `doit -n`, whose worker threads never see a KeyboardInterrupt.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -36,6 +37,16 @@ EXIT_GRACE = 5.0  # seconds doit gets after that to save its state before the pr
 
 _lock = threading.RLock()  # re-entrant: the signal handler runs in the main thread, which may hold it
 _children: dict[int, subprocess.Popen[Any]] = {}
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """At interpreter exit, end every program still registered: doit's workers are daemon threads, so a worker's
+    `with` block that would stop its QEMU or nix may never finish (parallel runs are the default)."""
+    with _lock:
+        leftovers = list(_children.values())
+    for proc in leftovers:
+        kill_group(proc, grace=2.0)
 _busy: set[threading.Thread] = set()
 _stopping: int | None = None  # the signal that ends this run, once one came
 

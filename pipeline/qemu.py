@@ -204,11 +204,17 @@ class VmSpec:
             std = "VGA" if self.system is System.x86_64_linux else "bochs-display"  # same PCI id, 1234:1111
             argv += ["-device", std if display == "std" else "virtio-gpu-pci"]
         if self.boot_order and self.system is System.x86_64_linux:
-            argv += ["-boot", f"order={self.boot_order}"]
+            boot = f"order={self.boot_order}"
+            if self.firmware is Firmware.bios:
+                # SeaBIOS: no boot menu and its wait for a key press; only the devices named (no fallback tries).
+                boot += ",menu=off,strict=on"
+            argv += ["-boot", boot]
         netdev = "user,id=net0"
         for forward in self.port_forwards:
             netdev += f",{forward.hostfwd}"
-        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+        # romfile= : no iPXE option ROM, which the firmware would otherwise load and initialise on every boot
+        # (nothing here boots from the network).
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
         return argv + list(self.extra)
 
 

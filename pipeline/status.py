@@ -183,6 +183,8 @@ class Graph:
     def _what(self, utd: value_dep) -> str:
         if utd.key == "xxh3":
             return f"the image digest from {utd.dep_task}"
+        if utd.key == "flake":
+            return f"the digest of the flake's files from {utd.dep_task}"
         return f"the {utd.key} drvPath from {utd.dep_task}"
 
     def _why_stale(self, name: str, utd: Any) -> list[str]:
@@ -193,7 +195,7 @@ class Graph:
                 return [f"{utd.dep_task} has not run yet: {self._what(utd)} is not known"]
             if before is None:
                 return [f"{self._what(utd)} was not recorded at its last run"]
-            show = _digest if utd.key == "xxh3" else str
+            show = _digest if utd.key in ("xxh3", "flake") else str
             return [f"{self._what(utd)} changed: {show(before)} → {show(current)}"]
         if isinstance(utd, spec_dep):
             old = saved.get("spec")
@@ -219,7 +221,7 @@ class Graph:
         for utd, _args, _kwargs in task.uptodate:
             if isinstance(utd, value_dep):
                 current = utd._current()
-                show = _digest(current) if utd.key == "xxh3" else str(current)
+                show = _digest(current) if utd.key in ("xxh3", "flake") else str(current)
                 reasons.append(f"{self._what(utd)} is the one of its last run: {show}")
             elif isinstance(utd, spec_dep):
                 reasons.append(f"its VM/probe spec is the one of its last run ({len(flatten(utd.spec))} fields)")
@@ -237,13 +239,16 @@ class Graph:
             if state.state == "run":
                 reasons.append(f"{dep} runs first: " + "; ".join(state.reasons))
             else:
-                reasons.append(f"{dep} may run first (after {', '.join(state.after)})")
+                # Say why the first task of the chain runs (eval:<host> waits on validate, which a changed file runs).
+                why = ["; ".join(self.state(a).reasons) for a in state.after if self.state(a).state == "run"]
+                reasons.append(f"{dep} may run first (after {', '.join(state.after)})"
+                               + (f": {'; '.join(why)}" if why else ""))
         consumed = [utd for utd, _a, _k in task.uptodate if isinstance(utd, value_dep)]
         for utd in consumed:
             before = self._saved(task.name).get(utd.saved_as)
-            show = _digest(before) if utd.key == "xxh3" else str(before)
+            show = _digest(before) if utd.key in ("xxh3", "flake") else str(before)
             reasons.append(f"{task.name} runs after it only if {self._what(utd)} changes; its last run used {show}")
-        if any(utd.key != "xxh3" for utd in consumed):
+        if any(utd.key not in ("xxh3", "flake") for utd in consumed):
             reasons.append("an edit that leaves the derivation alone (a comment, formatting) gives the same drvPath, "
                            "so nothing is rebuilt")
         return reasons

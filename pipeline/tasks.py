@@ -3,7 +3,8 @@ release.  Every `task_*` generator lives here; the stages' work lives in the lib
 
 Loading the graph runs no subprocess.  Each stage hands the next a small content-addressed fact through doit's saved
 values: eval's derivation paths, build's image digest.  A stage re-runs only when the fact it consumes changed:
-  eval:<host>        the digest of the flake's files (file_dep, checked by xxh3)
+  eval:<host>        the digest of the flake's files (validate's saved value `flake`; validate alone has them as
+                     file_dep, checked by xxh3, so a 1,000-host graph checks each file once, not once per host)
   build:<artifact>   its drvPath (from eval), or the published file no longer matching its digest
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
 from doit.task import UptodateCalculator
 
 from pipeline import boot, install, nix, process, reproduce
@@ -46,7 +49,7 @@ from pipeline.artifacts import (
 )
 from pipeline.domain import Artifact, Domain, Host
 from pipeline.errors import CimError
-from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_text
+from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_files, xxh3_text
 from pipeline.log import progress, say, step
 from pipeline.results import PassStore
 from pipeline.runlock import RunLock
@@ -78,6 +81,10 @@ class Context:
     def files(self) -> list[str]:
         """The domain's flake files, walked once per run (validate and every eval depend on them)."""
         return flake_files(self.domain_dir)
+
+    @functools.cached_property
+    def evaluations(self) -> Evaluations:
+        return Evaluations(self.domain_dir)
 
     @property
     def dep_file(self) -> Path:
@@ -229,12 +236,21 @@ class spec_dep:
     """Up to date while a spec (what decides a test besides its image) is the one of our last success.
 
     Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
-    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.
+    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.  The spec is made when doit
+    (or `cim explain`) checks the task, not when the graph loads: a 1,000-host graph would otherwise build 1,000 probe
+    lists just to run `doit eval`.
     """
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        self.digest = xxh3_text(json.dumps(spec, sort_keys=True))
+    def __init__(self, make: Callable[[], dict[str, Any]]) -> None:
+        self.make = make
+
+    @functools.cached_property
+    def spec(self) -> dict[str, Any]:
+        return self.make()
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return xxh3_text(json.dumps(self.spec, sort_keys=True))
 
     def __call__(self, task: Any, values: dict[str, Any]) -> bool:
         task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
@@ -303,7 +319,9 @@ def validate_action(ctx: Context) -> dict[str, Any]:
     keep = {a.name for a in ctx.domain.artifacts()}
     ctx.records.drop(keep)
     nix.drop_gc_roots(ctx.gcroots, keep)
-    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files)}
+    # The one fact every eval:<host> consumes: the digest of the flake's inputs.
+    flake = xxh3_files([Path(f) for f in ctx.files], ctx.domain_dir)
+    return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files), "flake": flake}
 
 
 def task_validate(ctx: Context) -> dict[str, Any]:
@@ -317,12 +335,104 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 # -- eval -------------------------------------------------------------------------------------------------------------
 
+class Evaluations:
+    """This run's host evaluations: one `nix eval` process for every host the run needs evaluated.
+
+    The first `eval:<host>` action to run evaluates, in one batch, its own host and every host `plan()` named (the
+    hosts whose eval task this run selected and whose flake digest is stale); later ones find their result here.
+    Each `eval:<host>` still saves only its own drvPaths, so a change to one host rebuilds only that host, and a host
+    whose evaluation failed fails only its own task.  doit's thread pool may run several eval actions at once: the lock
+    makes them share the one evaluation.
+    """
+
+    def __init__(self, domain_dir: Path) -> None:
+        self.domain_dir = domain_dir
+        self._lock = threading.Lock()
+        self._wanted: set[str] = set()
+        self._planned = False
+        self._results: dict[str, nix.EvalOutcome] = {}
+        self.selected: set[str] = set()  # hosts whose eval:<host> this run selected (set by the reporter)
+
+    def plan(self, hosts: set[str]) -> None:
+        """The hosts this run will evaluate (called once, before any eval action runs)."""
+        with self._lock:
+            self._wanted |= hosts
+            self._planned = True
+
+    @property
+    def planned(self) -> bool:
+        return self._planned
+
+    def of(self, host: str) -> dict[str, str]:
+        """The drvPaths of `host`, evaluated (with the rest of the batch) on first demand; raises its NixError."""
+        with self._lock:
+            if host not in self._results:
+                # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
+                # then every selected host is expected to run.
+                wanted = self._wanted if self._planned and host in self._wanted else self.selected
+                todo = sorted((wanted - self._results.keys()) | {host})
+                what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
+                prefix = "eval" if len(todo) > 1 else f"eval:{host}"
+                with step(prefix, what, announce=False), progress(prefix, "nix eval", nix.EVAL_TIMEOUT):
+                    self._results.update(nix.eval_hosts(self.domain_dir, todo))
+            outcome = self._results[host]
+        if isinstance(outcome, CimError):
+            raise CimError(outcome.message, outcome.hint, outcome.detail)
+        return outcome
+
+
+def needed_tasks(tasks: dict[str, Any], selected: list[str]) -> set[str]:
+    """Every task a doit run with these selected tasks reaches through task_dep (getargs and value_dep add theirs)."""
+    seen: set[str] = set()
+    todo = list(selected)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in tasks:
+            continue
+        seen.add(name)
+        todo.extend(tasks[name].task_dep)
+        todo.extend(tasks[name].setup_tasks)
+    return seen
+
+
+def reporter_for(ctx: Context) -> type:
+    """doit's console reporter, which also tells `ctx.evaluations` which eval tasks this run selected."""
+
+    class Reporter(ConsoleReporter):  # type: ignore[misc]
+        def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
+            super().initialize(tasks, selected_tasks)
+            needed = needed_tasks(tasks, selected_tasks)
+            ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
+
+    return Reporter
+
+
+class flake_dep(value_dep):
+    """eval:<host>'s uptodate: the flake digest validate saved.  Its first call plans the run's batch: every selected
+    eval:<host> whose saved digest differs from the current one (what this check says of each of them)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__("validate", "flake")
+        self.ctx = ctx
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        evaluations = self.ctx.evaluations
+        if not evaluations.planned:
+            current = self._current()
+            stale = set()
+            for host in evaluations.selected:
+                saved = self.get_val(f"eval:{host}", "_values_:") or {}
+                if current is None or saved.get(self.saved_as) != current:
+                    stale.add(host)
+            evaluations.plan(stale)
+        return bool(super().__call__(task, values))
+
+
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
-    with step(f"eval:{host}", "evaluated", announce=False), progress(f"eval:{host}", "nix eval", nix.EVAL_TIMEOUT):
-        drvs = nix.eval_host(ctx.domain_dir, host)
-        for attr, drv in sorted(drvs.items()):
-            say(f"eval:{host}", f"{attr} = {drv}")
+    drvs = ctx.evaluations.of(host)
+    for attr, drv in sorted(drvs.items()):
+        say(f"eval:{host}", f"{attr} = {drv}")
     return drvs
 
 
@@ -332,8 +442,7 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
             "name": host,
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
-            "file_dep": ctx.files,
-            "task_dep": ["validate"],
+            "uptodate": [flake_dep(ctx)],
             "verbosity": 2,
         }
 
@@ -450,7 +559,8 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
             # which a change of them re-runs from the kept report without a VM (boot_action).
             "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         spec_dep(boot.spec(artifact, ctx.domain, ctx.domain_dir, ctx.domain.inventory)),
+                         spec_dep(functools.partial(boot.spec, artifact, ctx.domain, ctx.domain_dir,
+                                                    ctx.domain.inventory)),
                          outputs_intact(ctx.artifacts_dir)],
             "verbosity": 2,
         }
@@ -496,7 +606,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         spec_dep(install.spec(host_name, host)),
+                         spec_dep(functools.partial(install.spec, host_name, host)),
                          outputs_intact(ctx.artifacts_dir)],
             "verbosity": 2,
         }

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,8 @@ def test_vmspec_argv_iso_bios(tmp_path: Path) -> None:
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert opt(argv, "-drive") == [f"if=none,id=drive0,file={iso},format=raw,media=cdrom,readonly=on"]
     assert "ide-cd,drive=drive0,bus=ide.1" in opt(argv, "-device")
-    assert opt(argv, "-boot") == ["order=d"]
+    assert opt(argv, "-boot") == ["order=d,menu=off,strict=on"], "no SeaBIOS boot menu wait, no fallback devices"
+    assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device"), "no iPXE option ROM to load"
     (chardev,) = opt(argv, "-chardev")
     assert f"path={spec.console_socket}" in chardev and "server=on,wait=off" in chardev
     assert f"logfile={spec.console_log}" in chardev, "the whole console goes to the log"
@@ -213,7 +215,7 @@ def test_vmspec_argv_port_forwards(tmp_path: Path) -> None:
     # Port 0: QEMU binds a free port itself (no race between parallel VMs); guests are addressed behind the NIC.
     assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:0-10.23.0.12:4222,"
                                     "hostfwd=udp:127.0.0.1:0-10.23.0.11:53,hostfwd=tcp:127.0.0.1:40022-:22"]
-    assert "virtio-net-pci,netdev=net0" in opt(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device")
 
 
 def test_usernet_ports_are_read_back() -> None:
@@ -358,3 +360,33 @@ def test_publish_log_and_atomic_write_text(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "b" / "x.json", "{}\n")
     assert (tmp_path / "b" / "x.json").read_text() == "{}\n"
     assert leftovers(tmp_path) == []
+
+
+# -- processes --------------------------------------------------------------------------------------------------------
+
+def test_a_program_started_in_a_daemon_thread_dies_with_the_interpreter() -> None:
+    """doit's workers are daemon threads: their `with` blocks never finish on ^C, so exit must end their programs."""
+    script = textwrap.dedent("""
+        import sys, threading, time
+        from pipeline.process import spawn
+
+        def worker():
+            with spawn(["sleep", "300"]) as proc:
+                print(proc.pid, flush=True)
+                time.sleep(300)
+
+        threading.Thread(target=worker, daemon=True).start()
+        time.sleep(1)
+        sys.exit(0)  # the main thread leaves while the worker is inside its with block
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError(f"sleep (pid {pid}) outlived the interpreter that started it")

@@ -22,7 +22,9 @@ cp "$boot/isolinux.bin" "$boot/ldlinux.c32" "$tree/isolinux/"
 # systemd-boot in the ISO 9660 tree too: the installer copies it onto the target's ESP from here.
 mkdir -p "$tree/EFI/BOOT"
 cp "$boot/systemd-bootx64.efi" "$tree/EFI/BOOT/BOOTX64.EFI"
-params="console=ttyS0,115200 panic=1"
+# loglevel=6: the console keeps the kernel's notices, warnings and errors (its banner and command line included) but
+# not its informational chatter, every byte of which a TCG guest pays for on the emulated UART.
+params="console=ttyS0,115200 loglevel=6 panic=1"
 cat > "$tree/isolinux/isolinux.cfg" <<CFG
 SERIAL 0 115200
 PROMPT 0

@@ -19,7 +19,7 @@ LABEL nixos-default
   MENU LABEL NixOS - Default ($hostName)
   LINUX ../nixos/Image
   INITRD ../nixos/initrd
-  APPEND console=ttyAMA0,115200 root=LABEL=NIXOS_SD rootfstype=ext4 panic=1
+  APPEND console=ttyAMA0,115200 loglevel=6 root=LABEL=NIXOS_SD rootfstype=ext4 panic=1
 CFG
 echo "/dev/disk/by-label/NIXOS_SD / ext4 defaults 0 1" > "$root/etc/fstab"
 
