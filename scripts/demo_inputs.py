@@ -215,35 +215,55 @@ def single_file(debs: Path, package: str, member: str, out: Path, name: str | No
         shutil.copy2(Path(tmp) / member, out / (name or Path(member).name), follow_symlinks=True)
 
 
+TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+LOADERS = {"amd64": "ld-linux-x86-64.so.2", "arm64": "ld-linux-aarch64.so.1"}
+
+
+def lay_out_tools(debs: Path, root: Path, arch: str, packages: list[str], tools: dict[str, str], out: Path) -> Path:
+    """Extract `packages` into `root`, copy `tools` (name in the input: member of the packages) to out/bin and every
+    library of the packages to out/lib/<triplet>; returns that library directory (pruned later by the caller)."""
+    for package in packages:
+        extract(download(debs, f"{package}:{arch}"), root)
+    (out / "bin").mkdir(parents=True)
+    libdir = out / "lib" / TRIPLETS[arch]
+    libdir.mkdir(parents=True)
+    for name, member in tools.items():
+        shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
+    triplet = TRIPLETS[arch]
+    for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
+        if not (libdir / lib.name).exists() and lib.is_file():
+            shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+    return libdir
+
+
+def loaded_libraries(loader: Path, libdir: Path, tools: Path, what: str) -> set[str]:
+    """The libraries the programs in `tools` load, as Debian's own loader resolves them (an arm64 loader runs under
+    binfmt); a library missing from `libdir` stops the import, naming the package list to extend."""
+    needed: set[str] = set()
+    for tool in sorted(tools.iterdir()):
+        proc = subprocess.run([str(loader), "--library-path", str(libdir), "--list", str(tool)], capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        if proc.returncode != 0 or "not found" in proc.stdout:
+            sys.exit(f"demo_inputs: {tool.name} does not load with the libraries of {what}:\n"
+                     f"{proc.stdout}{proc.stderr}")
+        needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", proc.stdout, re.M)}
+    return needed
+
+
+def prune(libdir: Path, keep: set[str]) -> None:
+    for lib in libdir.iterdir():
+        if lib.name not in keep:
+            lib.unlink()
+
+
 def installer_tools(debs: Path, out: Path) -> None:
     """Debian's sfdisk, mkfs.ext4 and mkfs.vfat with the libraries they link, checked with Debian's own ld.so."""
-    triplet = "x86_64-linux-gnu"
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for package in INSTALLER_PACKAGES:
-            extract(download(debs, f"{package}:amd64"), root)
-        (out / "bin").mkdir(parents=True)
-        libdir = out / "lib" / triplet
-        libdir.mkdir(parents=True)
-        for name, member in INSTALLER_TOOLS.items():
-            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
-        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
-            if not (libdir / lib.name).exists():
-                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        libdir = lay_out_tools(debs, Path(tmp), "amd64", INSTALLER_PACKAGES, INSTALLER_TOOLS, out)
         if os.uname().machine == "x86_64":
             # Prove the closure with Debian's own loader, and keep only the libraries the tools load.
-            loader = libdir / "ld-linux-x86-64.so.2"
-            needed = {loader.name}
-            for tool in (out / "bin").iterdir():
-                listing = run([str(loader), "--library-path", str(libdir), "--list", str(tool)],
-                              capture_output=True).stdout
-                if "not found" in listing:
-                    sys.exit(f"demo_inputs: {tool.name} needs a library no package in INSTALLER_PACKAGES has:\n"
-                             f"{listing}")
-                needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", listing, re.M)}
-            for lib in libdir.iterdir():
-                if lib.name not in needed:
-                    lib.unlink()
+            loader = libdir / LOADERS["amd64"]
+            prune(libdir, {loader.name} | loaded_libraries(loader, libdir, out / "bin", "INSTALLER_PACKAGES"))
 
 
 def image_tools(debs: Path, arch: str, out: Path) -> None:
@@ -252,20 +272,10 @@ def image_tools(debs: Path, arch: str, out: Path) -> None:
     Every library in the packages is laid out, then the closure is proven with Debian's own loader (an arm64 loader
     runs under binfmt) and trimmed to what the tools load; a missing library stops the import.
     """
-    triplet = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}[arch]
-    loader_name = {"amd64": "ld-linux-x86-64.so.2", "arm64": "ld-linux-aarch64.so.1"}[arch]
+    triplet = TRIPLETS[arch]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for package in IMAGE_PACKAGES:
-            extract(download(debs, f"{package}:{arch}"), root)
-        (out / "bin").mkdir(parents=True)
-        libdir = out / "lib" / triplet
-        libdir.mkdir(parents=True)
-        for name, member in IMAGE_TOOLS.items():
-            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
-        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
-            if not (libdir / lib.name).exists():
-                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        libdir = lay_out_tools(debs, root, arch, IMAGE_PACKAGES, IMAGE_TOOLS, out)
         # mtools converts file names through iconv to the FAT code page 850: glibc's IBM850 module, found through
         # GCONV_PATH (the sandbox has no /usr/lib/<triplet>/gconv).
         gconv = out / "lib" / "gconv"
@@ -274,18 +284,8 @@ def image_tools(debs: Path, arch: str, out: Path) -> None:
         (gconv / "gconv-modules").write_text(
             "alias\tCP850//\tIBM850//\nalias\t850//\tIBM850//\n"
             "module\tIBM850//\tINTERNAL\tIBM850\t1\nmodule\tINTERNAL\tIBM850//\tIBM850\t1\n")
-    loader = libdir / loader_name
-    needed = {loader.name}
-    for tool in sorted((out / "bin").iterdir()):
-        proc = subprocess.run([str(loader), "--library-path", str(libdir), "--list", str(tool)], capture_output=True,
-                              text=True, timeout=TIMEOUT)
-        if proc.returncode != 0 or "not found" in proc.stdout:
-            sys.exit(f"demo_inputs: {tool.name} ({arch}) does not load with the libraries of IMAGE_PACKAGES "
-                     f"(an {arch} loader needs binfmt for {arch} on another machine):\n{proc.stdout}{proc.stderr}")
-        needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", proc.stdout, re.M)}
-    for lib in libdir.iterdir():
-        if lib.name not in needed:
-            lib.unlink()
+    loader = libdir / LOADERS[arch]
+    prune(libdir, {loader.name} | loaded_libraries(loader, libdir, out / "bin", f"IMAGE_PACKAGES ({arch})"))
 
 
 def guest_tools(debs: Path, arch: str, out: Path, needed: set[str]) -> set[str]:
@@ -294,28 +294,10 @@ def guest_tools(debs: Path, arch: str, out: Path, needed: set[str]) -> set[str]:
     On an x86_64 machine the amd64 closure is proved with Debian's own loader and pruned to what the tools load;
     `needed` carries those library names to the arm64 set (the same Debian release has the same sonames).
     """
-    triplet = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}[arch]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for package in GUEST_PACKAGES:
-            extract(download(debs, f"{package}:{arch}"), root)
-        (out / "bin").mkdir(parents=True)
-        libdir = out / "lib" / triplet
-        libdir.mkdir(parents=True)
-        for name, member in GUEST_TOOLS.items():
-            shutil.copy2(root / member, out / "bin" / name, follow_symlinks=True)
-        for lib in sorted({*(root / "lib" / triplet).glob("*.so*"), *(root / "usr/lib" / triplet).glob("*.so*")}):
-            if not (libdir / lib.name).exists() and lib.is_file():
-                shutil.copy2(lib, libdir / lib.name, follow_symlinks=True)
+        libdir = lay_out_tools(debs, Path(tmp), arch, GUEST_PACKAGES, GUEST_TOOLS, out)
         if arch == "amd64" and os.uname().machine == "x86_64":
-            loader = libdir / "ld-linux-x86-64.so.2"
-            needed = set()
-            for tool in (out / "bin").iterdir():
-                listing = run([str(loader), "--library-path", str(libdir), "--list", str(tool)],
-                              capture_output=True).stdout
-                if "not found" in listing:
-                    sys.exit(f"demo_inputs: {tool.name} needs a library no package in GUEST_PACKAGES has:\n{listing}")
-                needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", listing, re.M)}
+            needed = loaded_libraries(libdir / LOADERS["amd64"], libdir, out / "bin", "GUEST_PACKAGES")
         for lib in libdir.iterdir():
             if lib.name in GLIBC or (needed and lib.name not in needed):
                 lib.unlink()
