@@ -248,9 +248,11 @@ class RebuildResult:
     output: str = ""  # the output path in the store
     differing: str = ""  # with --keep-failed, where Nix left the differing build (`<output>.check`)
     log: str = ""
+    build_dir: str = ""  # with --keep-failed, the build directory Nix kept as well (the caller removes it)
 
 
 _NOT_DETERMINISTIC = re.compile(r"may not be deterministic: output '([^']+)' differs(?: from '([^']+)')?")
+_KEPT_BUILD_DIR = re.compile(r"keeping build directory '([^']+)'")
 
 
 def rebuild(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT) -> RebuildResult:
@@ -266,7 +268,9 @@ def rebuild(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUIL
         match = _NOT_DETERMINISTIC.search(exc.stderr)
         if not match:
             raise
-        return RebuildResult(drv_path, False, match.group(1), match.group(2) or "", exc.stderr)
+        kept = _KEPT_BUILD_DIR.search(exc.stderr)
+        return RebuildResult(drv_path, False, match.group(1), match.group(2) or "", exc.stderr,
+                             kept.group(1) if kept else "")
     return RebuildResult(drv_path, True, log=proc.stderr)
 
 

@@ -119,6 +119,8 @@ def check(drv_path: str, *, options: Sequence[str] = (), limit: int = 8,
                 # where this user may not).
                 shutil.rmtree(rebuilt.differing, ignore_errors=True)
             result.differs = differs or f"output {rebuilt.output} differs (nix kept no copy to compare)"
+            if rebuilt.build_dir:  # the other half of --keep-failed: the rebuild's directory under /tmp
+                shutil.rmtree(rebuilt.build_dir, ignore_errors=True)
             break
     result.seconds = round(time.monotonic() - started, 1)
     return result

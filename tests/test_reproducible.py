@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cimtest.demo import DEMO, DoitRunner, executed, needs_demo
+from cimtest.procs import nix_build_dirs
 
 from pipeline import nix, reproduce
 from pipeline.process import run
@@ -160,6 +161,7 @@ def test_a_derivation_that_is_not_reproducible_is_caught_with_the_file(tmp_path:
     assert result.derivation == drv and result.derivations == [drv]
     assert result.differs == "b: byte 0 differs" or result.differs.startswith("b: "), result.differs
     assert not Path(nix.build(drv).outputs["out"] + ".check").exists(), "Nix's differing copy is removed"
+    assert nix_build_dirs(drv) == [], "the build directory Nix kept is removed too"
     record = result.record("0" * 64)
     assert record["reproducible"] is False and record["differs"].startswith("b: ")
 

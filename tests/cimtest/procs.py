@@ -2,7 +2,8 @@
 
 `descendants(pid)` takes a snapshot of a process tree (pid → start time, so a reused PID is not mistaken for the
 same process); `survivors()` says which of a snapshot are still running; `mentioning(tag)` finds QEMU and nix
-processes whose command line names a test's private directory.  `wait_for_output` waits for a line in a log a
+processes whose command line names a test's private directory; `nix_build_dirs(drv)` what a nix left in TMPDIR.
+`wait_for_output` waits for a line in a log a
 background run writes.
 """
 
@@ -88,6 +89,12 @@ def wait_gone(snapshot: Snapshot, tag: str, deadline: float) -> dict[int, str]:
         if not left or time.monotonic() > until:
             return left
         time.sleep(0.1)
+
+
+def nix_build_dirs(drv: str) -> list[Path]:
+    """The build directories Nix left for the derivation `drv` (TMPDIR/nix-build-NAME.drv-N)."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return list(tmp.glob(f"nix-build-{drv.split('-', 1)[1]}-*"))
 
 
 def wait_for_output(path: Path, pattern: str, deadline: float) -> re.Match[str]:
