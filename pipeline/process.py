@@ -6,6 +6,9 @@ SIGKILL, which runs no cleanup — the kernel kills its QEMU and nix children.  
 prctl, but it is unsafe in a threaded program such as `doit -n`; the death signal fires when the *thread* that started
 the child exits, which is why a child is used only by the thread that started it.)
 
+nix is started through `pipeline/reaper.py` instead: its sandboxed builders leave nix's process group and would
+outlive a SIGKILLed nix; the reaper (a child subreaper) lets nix stop them and kills whatever is left.
+
 Every live child is in a registry.  `stop_on_signals()` (called once by dodo.py, in the main thread) makes SIGINT,
 SIGTERM and SIGHUP end a run alike: refuse new children, stop every registered process group (SIGTERM, then SIGKILL),
 give the threads whose children died a moment to keep their console logs and records, then exit 128+signal.  That
@@ -31,12 +34,15 @@ from typing import IO, Any
 from pipeline.errors import CimError
 
 SETPRIV = "setpriv"  # util-linux; present wherever Debian's or Ubuntu's base system is
+REAPER = str(Path(__file__).with_name("reaper.py"))
 STOP_GRACE = 5.0  # seconds a stopped process group gets between SIGTERM and SIGKILL
 CLEANUP_GRACE = 15.0  # seconds the threads of an interrupted run get to keep their logs and records
 EXIT_GRACE = 5.0  # seconds doit gets after that to save its state before the process ends regardless
+LEFTOVER_GRACE = 4.0  # seconds a child still registered at interpreter exit gets (more than a reaper needs)
 
 _lock = threading.RLock()  # re-entrant: the signal handler runs in the main thread, which may hold it
 _children: dict[int, subprocess.Popen[Any]] = {}
+_reapers: set[int] = set()  # the registered children that are reapers (they stop their group's nix themselves)
 
 
 @atexit.register
@@ -46,7 +52,7 @@ def _kill_leftovers() -> None:
     with _lock:
         leftovers = list(_children.values())
     for proc in leftovers:
-        kill_group(proc, grace=2.0)
+        kill_group(proc, grace=LEFTOVER_GRACE)
 _busy: set[threading.Thread] = set()
 _stopping: int | None = None  # the signal that ends this run, once one came
 
@@ -81,14 +87,22 @@ def check_interrupted() -> None:
         raise Interrupted(_stopping)
 
 
-def _with_death_signal(argv: Sequence[str], path: str | None = None) -> list[str]:
-    """`argv` started through setpriv so that it gets SIGKILL when the thread that started it dies.
+def is_nix(program: str) -> bool:
+    """Nix's programs (nix, nix-store, nix-instantiate …): the ones whose children leave their process group."""
+    return os.path.basename(program).startswith("nix")
 
-    The program is looked up first, so a missing one is a FileNotFoundError here as it would be without setpriv.
+
+def _with_death_signal(argv: Sequence[str], path: str | None = None) -> list[str]:
+    """`argv` started so that it dies when the thread that started it dies: nix through the reaper (see
+    reaper.py), every other program through setpriv, which gives it SIGKILL.
+
+    The program is looked up first, so a missing one is a FileNotFoundError here as it would be without either.
     """
     program = shutil.which(argv[0], path=path) if os.sep not in argv[0] else argv[0]
     if program is None or not os.access(program, os.X_OK):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    if is_nix(program):
+        return [sys.executable, "-I", "-S", REAPER, str(os.getpid()), "--", program, *argv[1:]]
     setpriv = shutil.which(SETPRIV)
     if setpriv is None:  # without util-linux the signal handlers still stop children; a SIGKILL would not
         return list(argv)
@@ -102,12 +116,15 @@ def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         argv = _with_death_signal(argv, env.get("PATH") if env else None)
         proc: subprocess.Popen[Any] = subprocess.Popen(argv, start_new_session=True, **kwargs)
         _children[proc.pid] = proc
+        if argv[:4] == [sys.executable, "-I", "-S", REAPER]:
+            _reapers.add(proc.pid)
     return proc
 
 
 def _forget(proc: subprocess.Popen[Any]) -> None:
     with _lock:
         _children.pop(proc.pid, None)
+        _reapers.discard(proc.pid)
 
 
 def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = STOP_GRACE) -> None:
@@ -186,7 +203,10 @@ def run(
         out, err = proc.communicate(input=input_text, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        out, err = proc.communicate()
+        try:  # a process outside the group (setsid) may still hold the pipes: this read has a deadline too
+            out, err = proc.communicate(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(its output could not be read: a process it started still holds the pipe)"
         raise ProcessTimeout(argv, timeout, (out or "") + (err or "")) from None
     finally:
         kill_group(proc)
@@ -242,8 +262,8 @@ def _wait_for_busy_threads(deadline: float) -> None:
 def _on_signal(signum: int, _frame: object) -> None:
     global _stopping
     if _stopping is not None:  # a second signal: no more patience
-        with _lock:
-            procs = list(_children.values())
+        with _lock:  # (a reaper is left to end its nix within its own short grace: SIGKILL would orphan builders)
+            procs = [proc for proc in _children.values() if proc.pid not in _reapers]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

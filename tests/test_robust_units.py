@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from cimtest.demo import DEMO, ROOT
-from cimtest.procs import descendants, survivors, wait_for, wait_for_output
+from cimtest.procs import cmdline, descendants, survivors, wait_for, wait_for_output
 
-from pipeline import process
+from pipeline import process, reaper
 from pipeline.artifacts import ArtifactError, atomic_file, publish_file, sweep_temps
 from pipeline.runlock import RunLock, RunLockError, parse_wait
 from pipeline.tasks import READ_ONLY_COMMANDS, doit_command
@@ -41,7 +41,7 @@ def test_children_die_with_a_killed_parent_even_from_a_worker_thread(tmp_path: P
     """SIGKILL runs no cleanup: the kernel's parent-death signal (setpriv) takes the children along."""
     parent = python("""
         import threading, time
-        from pipeline import process
+        from pipeline import process, reaper
         def work():  # a doit -n worker thread starting a long child (as a QEMU)
             process.start(["sleep", "3600"])
             print("started", flush=True)
@@ -66,7 +66,7 @@ def test_a_signal_stops_every_child_and_waits_for_cleanup(tmp_path: Path, signum
     lets it finish its cleanup (here: writing a log), then ends the process with 128+signal."""
     parent = python("""
         import pathlib, subprocess, sys, threading, time
-        from pipeline import process
+        from pipeline import process, reaper
         process.stop_on_signals()
         def work():
             with process.busy():
@@ -96,7 +96,7 @@ def test_a_signal_stops_every_child_and_waits_for_cleanup(tmp_path: Path, signum
 def test_no_child_starts_once_the_run_is_stopping(tmp_path: Path) -> None:
     parent = python("""
         import os, signal, sys
-        from pipeline import process
+        from pipeline import process, reaper
         process.stop_on_signals()
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -115,6 +115,85 @@ def test_no_child_starts_once_the_run_is_stopping(tmp_path: Path) -> None:
 def test_a_missing_program_is_still_file_not_found() -> None:
     with pytest.raises(FileNotFoundError):
         process.run(["cim-no-such-program"], timeout=10)
+
+
+# -- nix runs through the reaper --------------------------------------------------------------------------------------
+# Real nix is in test_robust.py; here a shell named nix-* plays the part that matters: a grandchild in a session of
+# its own that ignores SIGTERM, as a sandboxed builder is (setsid, out of reach of any process-group signal).
+
+def stubborn(tag: str) -> str:
+    """A shell command: start a child in a session of its own that ignores SIGTERM (its command line names `tag`)."""
+    return f"setsid sh -c 'trap \"\" TERM HUP INT; sleep 3601; : {tag}' & echo started"
+
+
+def running(tag: str) -> list[int]:
+    """The stubborn children of `stubborn(tag)` still running."""
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if cmdline(pid).endswith(f": {tag}")]
+
+
+def kill_stubborn(tag: str) -> None:
+    """A failed test's clean-up: the stubborn children ignore SIGTERM."""
+    for pid in running(tag):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def nix_named_shell(tmp_path: Path) -> str:
+    link = tmp_path / "nix-sh"
+    link.symlink_to(shutil.which("sh") or "/bin/sh")
+    assert process.is_nix(str(link))
+    return str(link)
+
+
+def test_a_reaper_ends_before_the_pipeline_would_kill_it() -> None:
+    """The pipeline SIGKILLs a group STOP_GRACE (or, at exit, LEFTOVER_GRACE) seconds after its SIGTERM: a reaper
+    killed then would orphan the builders it is there to stop."""
+    assert min(process.STOP_GRACE, process.LEFTOVER_GRACE) > reaper.NIX_GRACE + reaper.KILL_GRACE
+
+
+def test_nix_keeps_its_output_and_exit_status_through_the_reaper(tmp_path: Path) -> None:
+    sh = nix_named_shell(tmp_path)
+    done = process.run([sh, "-c", "echo out; echo err >&2; exit 7"], timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (7, "out\n", "err\n")
+    assert process.run([sh, "-c", "kill -TERM $$"], timeout=30).returncode == -signal.SIGTERM
+
+
+def test_what_nix_leaves_behind_ends_with_it(tmp_path: Path) -> None:
+    """nix ends (here: exits at once) while its setsid'd child runs on: the reaper, a subreaper, kills the orphan."""
+    sh = nix_named_shell(tmp_path)
+    tag = f"{tmp_path}/orphan"
+    try:
+        done = process.run([sh, "-c", stubborn(tag)], timeout=30)
+        assert done.returncode == 0 and done.stdout == "started\n"
+        wait_for(lambda: not running(tag), "the orphan's death", 5)
+    finally:
+        kill_stubborn(tag)
+
+
+@pytest.mark.parametrize("kill", ["parent", "nix"])
+def test_nix_children_die_when_the_run_or_nix_is_killed(tmp_path: Path, kill: str) -> None:
+    """SIGKILL of the pipeline (the reaper's death signal stops nix and sweeps) or of nix alone (the orphan is
+    re-parented to the reaper, which sweeps it): either way nothing is left within 5 s."""
+    sh = nix_named_shell(tmp_path)
+    tag = f"{tmp_path}/builder"
+    parent = python(f"""
+        import time
+        from pipeline import process, reaper
+        print(process.run([{sh!r}, "-c", {stubborn(tag) + "; sleep 3600"!r}], timeout=3600), flush=True)
+        time.sleep(3600)
+    """, tmp_path)
+    try:
+        wait_for(lambda: running(tag) and any(line == "sleep 3601" for line in
+                                              survivors(descendants(parent.pid)).values()),
+                 "nix and its stubborn child", 30)
+        tree = descendants(parent.pid)
+        os.kill(parent.pid if kill == "parent" else
+                next(pid for pid, line in survivors(tree).items() if line.startswith(sh)), signal.SIGKILL)
+        wait_for(lambda: not survivors(tree), "every child's death", 5)
+        assert not running(tag)
+    finally:
+        process.kill_group(parent)
+        kill_stubborn(tag)
 
 
 # -- atomic publishing -------------------------------------------------------------------------------------------------
