@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cimtest.demo import DEMO, DoitRunner, executed, needs_demo
+from cimtest.demo import DEMO, DoitRunner, busybox_derivation, executed, needs_demo
 from cimtest.procs import nix_build_dirs
 
 from pipeline import nix, reproduce
@@ -136,26 +136,8 @@ def test_check_rebuilds_both_images_bit_for_bit(demo_domain: Path, artifacts_dir
 @needs_demo
 def test_a_derivation_that_is_not_reproducible_is_caught_with_the_file(tmp_path: Path) -> None:
     """A builder that writes chance into one file of two: the check names that file."""
-    flake = tmp_path / "flake"
-    (flake / "lib").mkdir(parents=True)
-    shutil.copy(DEMO / "lib" / "inputs.nix", flake / "lib" / "inputs.nix")
-    shutil.copy(DEMO / "inputs.json", flake / "inputs.json")
-    system = nix.local_facts().system
-    (flake / "flake.nix").write_text(f"""{{
-  outputs = {{ self }}:
-    let bb = "${{(import ./lib/inputs.nix "{system}").busybox}}/bin/busybox";
-    in {{
-      chance = derivation {{
-        name = "cim-test-chance-{uuid.uuid4().hex[:8]}";
-        system = "{system}";
-        builder = bb;
-        args = [ "sh" "-c"
-          "${{bb}} mkdir $out && echo same > $out/a && ${{bb}} cat /proc/sys/kernel/random/uuid > $out/b" ];
-      }};
-    }};
-}}
-""")
-    drv = nix.eval_json(f"path:{flake}#chance.drvPath")
+    chance = "${bb} mkdir $out && echo same > $out/a && ${bb} cat /proc/sys/kernel/random/uuid > $out/b"
+    drv = busybox_derivation(tmp_path / "flake", "cim-test-chance", chance)
     result = reproduce.check(drv)
     assert result.reproducible is False
     assert result.derivation == drv and result.derivations == [drv]

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cimtest.demo import DEMO, ROOT, executed, needs_demo
+from cimtest.demo import ROOT, busybox_derivation, executed, needs_demo
 from cimtest.procs import cmdline, descendants, mentioning, nix_build_dirs, wait_for, wait_for_output, wait_gone
 from test_pipeline import manifest, sha256sum_check, snapshot
 from test_robust_units import mounted, needs_root
 
-from pipeline import nix, process
+from pipeline import process
 from pipeline.runlock import lock_path
 from pipeline.tasks import run_state_dir, state_dir_for
 
@@ -97,28 +97,6 @@ def wait_until_ready(phase: str, proc: subprocess.Popen[bytes], domain: Path, ar
         wait_for(lambda: console_shows(domain, artifacts, "Linux version"), "the guest kernel on the console", 120)
 
 
-def sleeping_derivation(flake: Path, system: str, tag: str) -> str:
-    """A derivation whose sandboxed builder (busybox sh, naming `tag`) would sleep for an hour: its .drv path."""
-    (flake / "lib").mkdir(parents=True)
-    shutil.copy(DEMO / "lib" / "inputs.nix", flake / "lib" / "inputs.nix")
-    shutil.copy(DEMO / "inputs.json", flake / "inputs.json")
-    (flake / "flake.nix").write_text(f"""{{
-  outputs = {{ self }}:
-    let bb = "${{(import ./lib/inputs.nix "{system}").busybox}}/bin/busybox";
-    in {{
-      sleeper = derivation {{
-        name = "cim-test-sleeper-{uuid.uuid4().hex[:8]}";
-        system = "{system}";
-        builder = bb;
-        args = [ "sh" "-c" "${{bb}} sleep 3600; : {tag}" ];
-      }};
-    }};
-}}
-""")
-    drv: str = nix.eval_json(f"path:{flake}#sleeper.drvPath")
-    return drv
-
-
 @pytest.mark.parametrize("kill", ["parent", "nix"])
 @pytest.mark.parametrize("system", ["build machine", "aarch64-linux"])
 def test_a_sandboxed_builder_dies_with_the_run_or_with_nix(tmp_path: Path, system: str, kill: str) -> None:
@@ -126,8 +104,8 @@ def test_a_sandboxed_builder_dies_with_the_run_or_with_nix(tmp_path: Path, syste
     calls setsid(), so a SIGKILLed nix left it building.  Through the reaper, a SIGKILL of the pipeline lets nix stop
     its builder (and remove its build directory); a SIGKILL of nix alone leaves an orphan the reaper kills."""
     tag = f"cim-sleeper-{uuid.uuid4().hex}"
-    drv = sleeping_derivation(tmp_path / "flake", nix.local_facts().system if system == "build machine" else system,
-                              tag)
+    drv = busybox_derivation(tmp_path / "flake", "cim-test-sleeper", f"${{bb}} sleep 3600; : {tag}",
+                             "" if system == "build machine" else system)
     out = (tmp_path / "out.txt").open("wb")
     parent = process.start([sys.executable, "-c", f"from pipeline import nix; nix.build({drv!r}); "
                             "import time; time.sleep(3600)"], stdout=out, env={**os.environ, "PYTHONPATH": str(ROOT)})

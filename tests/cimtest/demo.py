@@ -2,7 +2,8 @@
 
 Integration tests work on a private copy of the demo domain and a private artifacts directory, so they run in parallel
 (`pytest -n auto`) without sharing doit state, artifacts, ports or VM names.  Tests import the helpers (`executed`,
-`needs_demo`, `DoitRunner`) from here; the fixtures reach them through `pytest_plugins` in conftest.py.
+`needs_demo`, `DoitRunner`, `busybox_derivation`) from here; the fixtures reach them through `pytest_plugins` in
+conftest.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline import process
+from pipeline import nix, process
 from pipeline.runlock import lock_path
 from pipeline.tasks import state_dir_for
 
@@ -77,3 +79,27 @@ def doit(artifacts_dir: Path) -> DoitRunner:
 def executed(output: str) -> list[str]:
     """Task names doit ran (lines '.  name'), as opposed to up-to-date ones ('-- name')."""
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
+
+
+def busybox_derivation(flake: Path, name: str, script: str, system: str = "") -> str:
+    """A new derivation (NAME-<random>) whose builder is the demo's busybox running `sh -c SCRIPT` in the sandbox,
+    written as a flake in `flake`; its .drv path.  SCRIPT is a Nix string: `${bb}` is busybox, `$out` the output."""
+    (flake / "lib").mkdir(parents=True)
+    shutil.copy(DEMO / "lib" / "inputs.nix", flake / "lib" / "inputs.nix")
+    shutil.copy(DEMO / "inputs.json", flake / "inputs.json")
+    system = system or nix.local_facts().system
+    (flake / "flake.nix").write_text(f"""{{
+  outputs = {{ self }}:
+    let bb = "${{(import ./lib/inputs.nix "{system}").busybox}}/bin/busybox";
+    in {{
+      it = derivation {{
+        name = "{name}-{uuid.uuid4().hex[:8]}";
+        system = "{system}";
+        builder = bb;
+        args = [ "sh" "-c" "{script}" ];
+      }};
+    }};
+}}
+""")
+    drv: str = nix.eval_json(f"path:{flake}#it.drvPath")
+    return drv
