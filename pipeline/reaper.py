@@ -53,12 +53,20 @@ def _prctl(option: int, value: int) -> None:
 def children() -> list[int]:
     """The PIDs whose parent is this process (nix, and builders re-parented here)."""
     me = os.getpid()
+    # (open, not pathlib: the reaper imports as little as it can.)  Single-threaded, so the main thread's list is all
+    # of its children (CONFIG_PROC_CHILDREN); else every process's parent is read.
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as listing:
+            return [int(pid) for pid in listing.read().split()]
+    except FileNotFoundError:
+        pass
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            text = open(f"/proc/{name}/stat").read()  # noqa: SIM115 (pathlib costs start-up time here)
+            with open(f"/proc/{name}/stat") as stat:
+                text = stat.read()
         except OSError:
             continue
         fields = text[text.rindex(")") + 2:].split()
