@@ -30,6 +30,7 @@ from pipeline.log import say
 
 DEFAULT_WAIT = 6 * 3600.0
 POLL = 0.5
+INTRODUCTION = 2.0  # seconds a lock's new holder gets to write who it is, between its flock and its write
 
 
 class RunLockError(CimError):
@@ -81,6 +82,29 @@ def _holder(handle: IO[str]) -> Holder | None:
         return None  # being written, or never written
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def current_holder(handle: IO[str], within: float = INTRODUCTION) -> Holder | None:
+    """Who holds the lock now, waiting up to `within` seconds for a new holder to write itself in: between its flock
+    and its write, the file is empty or still names the previous (ended) run."""
+    until = time.monotonic() + within
+    while True:
+        holder = _holder(handle)
+        if holder is not None and _alive(holder.pid):
+            return holder
+        if time.monotonic() >= until:
+            return None
+        time.sleep(0.05)
+
+
 def owner_of(artifacts_dir: Path) -> str | None:
     """The domain directory whose release `artifacts_dir` holds (from its manifest), or None when unclaimed."""
     try:
@@ -116,15 +140,15 @@ class RunLock:
         except BaseException:
             handle.close()
             raise
-        owner = owner_of(self.artifacts_dir)
-        if owner is not None and Path(owner).resolve() != self.domain_dir:
-            handle.close()
-            raise _refuse_foreign(self.artifacts_dir, self.domain_dir, owner)
-        handle.seek(0)
+        handle.seek(0)  # who holds it, first: a run waiting for this one names it (see current_holder)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "domain_dir": str(self.domain_dir),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         handle.flush()
+        owner = owner_of(self.artifacts_dir)
+        if owner is not None and Path(owner).resolve() != self.domain_dir:
+            handle.close()
+            raise _refuse_foreign(self.artifacts_dir, self.domain_dir, owner)
         self._handle = handle
 
     def _take(self, handle: IO[str], wait: float) -> None:
@@ -133,7 +157,7 @@ class RunLock:
             return
         except BlockingIOError:
             pass
-        holder = _holder(handle)
+        holder = current_holder(handle)
         who = holder.describe() if holder else "another run"
         if holder is not None and Path(holder.domain_dir).resolve() != self.domain_dir:
             raise _refuse_foreign(self.artifacts_dir, self.domain_dir, holder.domain_dir)

@@ -22,7 +22,7 @@ from cimtest.procs import cmdline, descendants, survivors, wait_for, wait_for_ou
 
 from pipeline import process, reaper
 from pipeline.artifacts import ArtifactError, atomic_file, publish_file, sweep_temps
-from pipeline.runlock import RunLock, RunLockError, parse_wait
+from pipeline.runlock import RunLock, RunLockError, lock_path, parse_wait
 from pipeline.tasks import READ_ONLY_COMMANDS, doit_command
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a read-only bind needs root")
@@ -344,6 +344,34 @@ def test_a_second_run_waits_or_refuses_naming_the_first(tmp_path: Path, capsys: 
     second = RunLock(tmp_path, domain, artifacts)
     second.acquire(5)  # the kernel dropped the killed holder's lock
     second.release()
+
+
+def test_a_run_that_has_just_taken_the_lock_is_still_named(tmp_path: Path) -> None:
+    """Between a run's flock and the line that says who it is, the lock file is empty or names the run before (here:
+    PID 1 is alive, so a dead PID is used): a second run waits for the introduction rather than say "another run"."""
+    domain, artifacts = tmp_path / "demo", tmp_path / "artifacts"
+    domain.mkdir()
+    path = lock_path(tmp_path, artifacts)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 2**22 + 1, "domain_dir": str(domain), "started": "earlier"}))  # > pid_max
+    first = python("""
+        import fcntl, json, os, sys, time
+        with open(sys.argv[1], "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print("locked", flush=True)
+            time.sleep(0.8)  # a slow introduction
+            lock.seek(0), lock.truncate()
+            lock.write(json.dumps({"pid": os.getpid(), "domain_dir": sys.argv[2], "started": "now"}))
+            lock.flush()
+            time.sleep(3600)
+    """, tmp_path, str(path), str(domain))
+    try:
+        wait_for_output(tmp_path / "out.txt", "locked", 30)
+        with pytest.raises(RunLockError) as refused:
+            RunLock(tmp_path, domain, artifacts).acquire(0)
+        assert f"run {first.pid} (domain {domain}" in str(refused.value)
+    finally:
+        process.kill_group(first)
 
 
 def test_another_domain_is_refused_an_artifacts_directory(tmp_path: Path) -> None:
