@@ -153,8 +153,11 @@ def test_a_reaper_ends_before_the_pipeline_would_kill_it() -> None:
 
 def test_nix_keeps_its_output_and_exit_status_through_the_reaper(tmp_path: Path) -> None:
     sh = nix_named_shell(tmp_path)
-    done = process.run([sh, "-c", "echo out; echo err >&2; exit 7"], timeout=30)
-    assert (done.returncode, done.stdout, done.stderr) == (7, "out\n", "err\n")
+    done = process.run([sh, "-c", "echo out; echo err >&2; echo scratch > $TMPDIR/file; echo $TMPDIR; exit 7"],
+                       timeout=30)
+    out, scratch = done.stdout.splitlines()
+    assert (done.returncode, out, done.stderr) == (7, "out", "err\n")
+    assert Path(scratch).name.startswith("cim-nix-") and not Path(scratch).exists(), "nix's TMPDIR is removed"
     assert process.run([sh, "-c", "kill -TERM $$"], timeout=30).returncode == -signal.SIGTERM
 
 

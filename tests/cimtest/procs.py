@@ -92,9 +92,11 @@ def wait_gone(snapshot: Snapshot, tag: str, deadline: float) -> dict[int, str]:
 
 
 def nix_build_dirs(drv: str) -> list[Path]:
-    """The build directories Nix left for the derivation `drv` (TMPDIR/nix-build-NAME.drv-N)."""
+    """The build directories Nix left for the derivation `drv`: TMPDIR/nix-build-NAME.drv-N, or inside the scratch
+    directory a reaper gives its nix (TMPDIR/cim-nix-*/)."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return list(tmp.glob(f"nix-build-{drv.split('-', 1)[1]}-*"))
+    name = f"nix-build-{drv.split('-', 1)[1]}-*"
+    return [*tmp.glob(name), *tmp.glob(f"cim-nix-*/{name}")]
 
 
 def wait_for_output(path: Path, pattern: str, deadline: float) -> re.Match[str]:
