@@ -29,12 +29,12 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict, Unpack
 
 from pipeline.errors import CimError
 
 SETPRIV = "setpriv"  # util-linux; present wherever Debian's or Ubuntu's base system is
-REAPER = str(Path(__file__).with_name("reaper.py"))
+REAPER = [sys.executable, "-I", "-S", str(Path(__file__).with_name("reaper.py"))]  # then: PARENT_PID -- PROGRAM …
 STOP_GRACE = 5.0  # seconds a stopped process group gets between SIGTERM and SIGKILL
 CLEANUP_GRACE = 15.0  # seconds the threads of an interrupted run get to keep their logs and records
 EXIT_GRACE = 5.0  # seconds doit gets after that to save its state before the process ends regardless
@@ -102,7 +102,7 @@ def _with_death_signal(argv: Sequence[str], path: str | None = None) -> list[str
     if program is None or not os.access(program, os.X_OK):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     if is_nix(program):
-        return [sys.executable, "-I", "-S", REAPER, str(os.getpid()), "--", program, *argv[1:]]
+        return [*REAPER, str(os.getpid()), "--", program, *argv[1:]]
     setpriv = shutil.which(SETPRIV)
     if setpriv is None:  # without util-linux the signal handlers still stop children; a SIGKILL would not
         return list(argv)
@@ -116,7 +116,7 @@ def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         argv = _with_death_signal(argv, env.get("PATH") if env else None)
         proc: subprocess.Popen[Any] = subprocess.Popen(argv, start_new_session=True, **kwargs)
         _children[proc.pid] = proc
-        if argv[:4] == [sys.executable, "-I", "-S", REAPER]:
+        if argv[:len(REAPER)] == REAPER:
             _reapers.add(proc.pid)
     return proc
 
@@ -146,36 +146,33 @@ def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: flo
         _forget(proc)
 
 
-def start(
-    argv: Sequence[str],
-    *,
-    stdout: IO[bytes] | int | None = subprocess.DEVNULL,
-    stderr: IO[bytes] | int | None = subprocess.STDOUT,
-    stdin: int | None = subprocess.DEVNULL,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
+class Options(TypedDict, total=False):
+    """How a long-lived program is started: its standard streams (default: no input, stderr into stdout, stdout
+    discarded), environment and working directory."""
+
+    stdout: IO[bytes] | int | None
+    stderr: IO[bytes] | int | None
+    stdin: int | None
+    env: Mapping[str, str] | None
+    cwd: Path | None
+
+
+def start(argv: Sequence[str], **options: Unpack[Options]) -> subprocess.Popen[bytes]:
     """Start a long-lived program in its own session, registered; the caller ends it with `kill_group`.
 
     Raises FileNotFoundError when the program is not installed, `Interrupted` once the run is stopping.
     """
-    proc: subprocess.Popen[bytes] = _popen(argv, stdout=stdout, stderr=stderr, stdin=stdin,
-                                           env=dict(env) if env else None, cwd=cwd)
+    env = options.get("env")
+    proc: subprocess.Popen[bytes] = _popen(
+        argv, stdout=options.get("stdout", subprocess.DEVNULL), stderr=options.get("stderr", subprocess.STDOUT),
+        stdin=options.get("stdin", subprocess.DEVNULL), env=dict(env) if env else None, cwd=options.get("cwd"))
     return proc
 
 
 @contextlib.contextmanager
-def spawn(
-    argv: Sequence[str],
-    *,
-    stdout: IO[bytes] | int | None = subprocess.DEVNULL,
-    stderr: IO[bytes] | int | None = subprocess.STDOUT,
-    stdin: int | None = subprocess.DEVNULL,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a long-lived program in its own session; its whole process group dies when the block ends."""
-    proc = start(argv, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd)
+def spawn(argv: Sequence[str], **options: Unpack[Options]) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a long-lived program in its own session (as `start`); its whole process group dies when the block ends."""
+    proc = start(argv, **options)
     try:
         yield proc
     finally:
