@@ -10,6 +10,7 @@ parallel.  `manifest.json` is a `Manifest`; `cim schema manifest` prints its JSO
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import hashlib
@@ -244,21 +245,35 @@ class BootResult(Record):
     reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
 
 
-class InventoryDifference(Record):
-    """One fact where the detected hardware is not what domain.json declares."""
+class InventoryKind(enum.StrEnum):
+    missing = "missing"  # declared, not detected
+    unexpected = "unexpected"  # detected, not declared
+    differs = "differs"  # both, with different values
 
+
+class InventoryDifference(Record):
+    """One fact where the detected hardware is not what domain.json declares (inventory.reconcile makes them)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
     field: str
     declared: str
     detected: str
-    kind: Literal["missing", "unexpected", "differs"]
+    kind: InventoryKind
+
+    def describe(self) -> str:
+        return f"{self.field}: declared {self.declared}, detected {self.detected} ({self.kind.value})"
 
 
 class InventoryUnchecked(Record):
     """A declared fact the boot VM cannot be (e.g. 128 GiB, a passed-through GPU): not compared, never a match."""
 
+    model_config = ConfigDict(extra="ignore", frozen=True)
     field: str
     declared: str
     reason: str
+
+    def describe(self) -> str:
+        return f"{self.field}: declared {self.declared}, unchecked: {self.reason}"
 
 
 class InventoryResult(Record):

@@ -20,7 +20,6 @@ from typing import Any
 from pipeline import inventory, probes
 from pipeline.artifacts import (
     BootResult,
-    InventoryDifference,
     InventoryResult,
     InventoryUnchecked,
     ProbeResult,
@@ -230,8 +229,9 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
         atomic_write_text(published, text)
         machine = inventory.boot_machine(host)
         if accel == "kvm" and "cpu.model" not in machine.unchecked_fields:
-            machine = dataclasses.replace(machine, unchecked=(*machine.unchecked, inventory.Unchecked(
-                "cpu.model", host.hardware.cpu.model, "under KVM the boot VM's CPU is the build machine's")))
+            machine = dataclasses.replace(machine, unchecked=(*machine.unchecked, InventoryUnchecked(
+                field="cpu.model", declared=host.hardware.cpu.model,
+                reason="under KVM the boot VM's CPU is the build machine's")))
         result = inventory.verdict(host.hardware, detected, policy, machine)
     say(name, f"inventory: {result.summary()}; report {published}")
     for line in result.lines():
@@ -242,9 +242,7 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
         result="pass" if result.passed else "fail", verdict="match" if result.matches else "differs",
         policy=policy.value, report=report_name, image_xxh3=image_xxh3, summary=result.summary(), log=log_name,
         seconds=reconciled.seconds, error=failure.message if failure else None, at=utc_now(),
-        differences=[InventoryDifference(field=d.field, declared=d.declared, detected=d.detected, kind=d.kind.value)
-                     for d in result.differences],
-        unchecked=[InventoryUnchecked(field=u.field, declared=u.declared, reason=u.reason) for u in result.unchecked])
+        differences=list(result.differences), unchecked=list(result.unchecked))
     record(outcome)
     if failure is not None:
         raise failure

@@ -19,12 +19,14 @@ detected one ("Intel Xeon Gold 6230" matches "Intel(R) Xeon(R) Gold 6230 CPU @ 2
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.artifacts import InventoryDifference as Difference
+from pipeline.artifacts import InventoryKind as Kind
+from pipeline.artifacts import InventoryUnchecked as Unchecked
 from pipeline.domain import DiskBus, Display, Gpu, Hardware, Host, InventoryPolicy
 from pipeline.errors import CimError
 
@@ -40,33 +42,6 @@ GIB = 1 << 30
 
 class InventoryError(CimError):
     """A hardware report that cannot be read, or an inventory that the `enforce` policy refuses."""
-
-
-class Kind(enum.StrEnum):
-    missing = "missing"  # declared, not detected
-    unexpected = "unexpected"  # detected, not declared
-    differs = "differs"  # both, with different values
-
-
-@dataclass(frozen=True)
-class Difference:
-    field: str
-    declared: str
-    detected: str
-    kind: Kind
-
-    def describe(self) -> str:
-        return f"{self.field}: declared {self.declared}, detected {self.detected} ({self.kind.value})"
-
-
-@dataclass(frozen=True)
-class Unchecked:
-    field: str
-    declared: str
-    reason: str
-
-    def describe(self) -> str:
-        return f"{self.field}: declared {self.declared}, unchecked: {self.reason}"
 
 
 # -- what the boot VM is ------------------------------------------------------------------------------------------
@@ -114,39 +89,40 @@ def boot_machine(host: Host) -> BootMachine:
     declared_mib = int(hw.memory_gib * 1024)
     if declared_mib > VM_MAX_MEMORY_MIB:
         memory = boot.memory_mib or VM_DEFAULT_MEMORY_MIB
-        unchecked.append(Unchecked("memory_gib", _gib(hw.memory_gib),
-                                   f"a boot VM gets at most {VM_MAX_MEMORY_MIB // 1024} GiB (this one {memory} MiB); "
-                                   "the machine's own report checks it (`cim inventory --facter`)"))
+        unchecked.append(Unchecked(
+            field="memory_gib", declared=_gib(hw.memory_gib),
+            reason=f"a boot VM gets at most {VM_MAX_MEMORY_MIB // 1024} GiB (this one {memory} MiB); "
+                   "the machine's own report checks it (`cim inventory --facter`)"))
     else:
         memory = boot.memory_mib or declared_mib
     declared_cpus = hw.cpu.threads or hw.cpu.cores
     if declared_cpus > VM_MAX_CPUS:
         cpus = boot.cpus or 1
-        unchecked.append(Unchecked("cpu.cores", f"{hw.cpu.cores} cores / {declared_cpus} threads",
-                                   f"a boot VM gets at most {VM_MAX_CPUS} CPUs (this one {cpus})"))
+        unchecked.append(Unchecked(field="cpu.cores", declared=f"{hw.cpu.cores} cores / {declared_cpus} threads",
+                                   reason=f"a boot VM gets at most {VM_MAX_CPUS} CPUs (this one {cpus})"))
     else:
         cpus = boot.cpus or declared_cpus
     if not is_virtual(hw):
         reason = "a boot VM is a QEMU machine; the real machine's report checks it (`cim inventory --facter`)"
-        unchecked.append(Unchecked("model", f"{hw.vendor} {hw.model}".strip(), reason))
-        unchecked.append(Unchecked("cpu.model", hw.cpu.model, reason))
+        unchecked.append(Unchecked(field="model", declared=f"{hw.vendor} {hw.model}".strip(), reason=reason))
+        unchecked.append(Unchecked(field="cpu.model", declared=hw.cpu.model, reason=reason))
 
     disks: list[VmDisk] = []
     for disk in hw.disks:
         fieldname = f"disks.{disk.name}"
         if disk.image:
-            unchecked.append(Unchecked(f"{fieldname}.size_gib", _gib(disk.size_gib),
-                                       "this disk is the image itself: the VM's disk is the image file's size"))
+            unchecked.append(Unchecked(field=f"{fieldname}.size_gib", declared=_gib(disk.size_gib),
+                                       reason="this disk is the image itself: the VM's disk is the image file's size"))
             continue
         bus = DiskBus.for_device(disk.device)
         if boot.disks is not None:
             continue
         if bus is None:
-            unchecked.append(Unchecked(fieldname, f"{disk.device} {_gib(disk.size_gib)}",
-                                       f"the boot VM has no disk that the guest names {disk.device}"))
+            unchecked.append(Unchecked(field=fieldname, declared=f"{disk.device} {_gib(disk.size_gib)}",
+                                       reason=f"the boot VM has no disk that the guest names {disk.device}"))
         elif disk.size_gib > VM_MAX_DISK_GIB:
-            unchecked.append(Unchecked(fieldname, _gib(disk.size_gib),
-                                       f"a boot VM's blank disk is at most {VM_MAX_DISK_GIB} GiB"))
+            unchecked.append(Unchecked(field=fieldname, declared=_gib(disk.size_gib),
+                                       reason=f"a boot VM's blank disk is at most {VM_MAX_DISK_GIB} GiB"))
         else:
             disks.append(VmDisk(disk.size_gib, bus))
     if boot.disks is not None:
@@ -156,12 +132,13 @@ def boot_machine(host: Host) -> BootMachine:
     for index, gpu in enumerate(hw.gpus):
         display = _display_for(gpu)
         if gpu.passthrough:
-            unchecked.append(Unchecked(f"gpus[{index}]", gpu.model,
-                                       "a passed-through GPU cannot be given to a boot VM"))
+            unchecked.append(Unchecked(field=f"gpus[{index}]", declared=gpu.model,
+                                       reason="a passed-through GPU cannot be given to a boot VM"))
         elif display is None:
-            unchecked.append(Unchecked(f"gpus[{index}]", gpu.model,
-                                       "QEMU has no such display adapter (give pci_id of one it has, or check the "
-                                       "real machine's report)"))
+            unchecked.append(Unchecked(
+                field=f"gpus[{index}]", declared=gpu.model,
+                reason="QEMU has no such display adapter (give pci_id of one it has, or check the real machine's "
+                       "report)"))
         elif boot.displays is None:
             displays.append(display)
     if boot.displays is not None:
@@ -317,7 +294,7 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
 
     def differs(name: str, declared: str, found: str) -> None:
         if name not in unchecked:
-            out.append(Difference(name, declared, found, Kind.differs))
+            out.append(Difference(field=name, declared=declared, detected=found, kind=Kind.differs))
 
     if "model" not in unchecked:
         if hw.vendor and not model_matches(hw.vendor, detected.vendor):
@@ -343,14 +320,15 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
             continue
         match = found.pop(disk.device.removeprefix("/dev/"), None)
         if match is None:
-            out.append(Difference(name, f"{disk.device} {_gib(disk.size_gib)}", "(none)", Kind.missing))
+            out.append(Difference(field=name, declared=f"{disk.device} {_gib(disk.size_gib)}", detected="(none)",
+                                  kind=Kind.missing))
         elif (f"{name}.size_gib" not in unchecked
               and abs(match.size_bytes - disk.size_gib * GIB) > DISK_TOLERANCE * disk.size_gib * GIB):
-            out.append(Difference(f"{name}.size_gib", _gib(disk.size_gib), _gib(round(match.size_gib, 2)),
-                                  Kind.differs))
+            out.append(Difference(field=f"{name}.size_gib", declared=_gib(disk.size_gib),
+                                  detected=_gib(round(match.size_gib, 2)), kind=Kind.differs))
     for extra in found.values():
-        out.append(Difference(f"disks.{extra.name}", "(none)", f"/dev/{extra.name} {_gib(round(extra.size_gib, 2))}"
-                              + (f" {extra.model}" if extra.model else ""), Kind.unexpected))
+        seen = f"/dev/{extra.name} {_gib(round(extra.size_gib, 2))}" + (f" {extra.model}" if extra.model else "")
+        out.append(Difference(field=f"disks.{extra.name}", declared="(none)", detected=seen, kind=Kind.unexpected))
 
     gpus = list(detected.gpus)
     for index, gpu in enumerate(hw.gpus):
@@ -362,11 +340,12 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
             continue
         declared = f"{gpu.model}" + (f" [{gpu.pci_id}]" if gpu.pci_id else "")
         if card is None:
-            out.append(Difference(name, declared, "(none)", Kind.missing))
+            out.append(Difference(field=name, declared=declared, detected="(none)", kind=Kind.missing))
         elif gpu.pci_id and not model_matches(gpu.model, card.model):
-            out.append(Difference(f"{name}.model", gpu.model, card.model, Kind.differs))
+            out.append(Difference(field=f"{name}.model", declared=gpu.model, detected=card.model, kind=Kind.differs))
     for other in gpus:
-        out.append(Difference("gpus", "(none)", f"{other.model} [{other.pci_id}] at {other.bus_id}", Kind.unexpected))
+        out.append(Difference(field="gpus", declared="(none)",
+                              detected=f"{other.model} [{other.pci_id}] at {other.bus_id}", kind=Kind.unexpected))
     return out
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from pipeline import inventory
+from pipeline.artifacts import InventoryDifference
+from pipeline.artifacts import InventoryKind as Kind
 from pipeline.domain import DiskBus, Display, Hardware, InventoryPolicy, load_domain, parse_domain
-from pipeline.inventory import Kind
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTER = Path(__file__).parent / "data" / "facter-precision-7920.json"  # written from nixos-facter's documented format
@@ -122,7 +123,8 @@ def test_differences_name_field_declared_detected_and_kind() -> None:
     found = inventory.parse_report(qemu_pc_report(memory_mib=2048, disks=(("vda", 1024), ("vdb", 1024)),
                                                   gpus=("1234:1111",)), "r")
     diffs = {d.field: d for d in inventory.reconcile(hardware(), found)}
-    assert diffs["memory_gib"] == inventory.Difference("memory_gib", "1 GiB", "2 GiB", Kind.differs)
+    assert diffs["memory_gib"] == InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB",
+                                                      kind=Kind.differs)
     assert diffs["disks.vdb"].kind is Kind.unexpected and diffs["disks.vdb"].declared == "(none)"
     assert diffs["gpus"].kind is Kind.unexpected and "[1234:1111]" in diffs["gpus"].detected
     assert len(diffs) == 3
