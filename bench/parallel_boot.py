@@ -13,56 +13,30 @@ fails.  The copy, its artifacts and its doit state are removed afterwards unless
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchlib
+from benchlib import ROOT, BenchError, executed
 
-from pipeline.domain import load_domain  # noqa: E402 - after the path set-up, so the script runs from a checkout
-from pipeline.process import run  # noqa: E402
-from pipeline.tasks import make_context  # noqa: E402
+from pipeline.domain import load_domain
+from pipeline.tasks import make_context
 
 BUILD_TIMEOUT = 3 * 3600.0
 BOOT_TIMEOUT = 1800.0
 
 
-class BenchError(Exception):
-    """A doit run failed; the message carries the tail of its output."""
-
-
 def doit(domain: Path, artifacts: Path, *args: str, timeout: float) -> tuple[float, str]:
-    """Run `doit ARGS domain=… artifacts=…` from the checkout; returns (seconds, output).
-
-    Passed boots are kept under CIM_RESULTS and reused for the same image and spec without a VM; each run gets an
-    empty one of its own, so every boot in the comparison is a real one.
-    """
-    argv = [sys.executable, "-m", "doit", *args, f"domain={domain}", f"artifacts={artifacts}"]
+    """benchlib.doit with an empty pass store of its own (CIM_RESULTS): a kept pass would be reused without a VM,
+    and every boot in the comparison is to be a real one."""
     results = Path(tempfile.mkdtemp(prefix="cim-bench-results-"))
-    started = time.monotonic()
     try:
-        proc = run(argv, timeout=timeout, cwd=ROOT, env={**os.environ, "CIM_RESULTS": str(results)})
+        return benchlib.doit(domain, artifacts, *args, timeout=timeout, env={"CIM_RESULTS": str(results)})
     finally:
         shutil.rmtree(results, ignore_errors=True)
-    seconds = time.monotonic() - started
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        tail = "\n".join(output.splitlines()[-30:])
-        raise BenchError(f"doit {' '.join(args)} failed (exit {proc.returncode}) after {seconds:.1f} s:\n{tail}")
-    return seconds, output
-
-
-def executed(output: str) -> set[str]:
-    """The tasks doit ran ('.  name'), not those it found up to date ('-- name').
-
-    Searched anywhere in a line: under -n 2 doit's '.  boot:b' can land inside a line task a is printing.
-    """
-    return set(re.findall(r"\.  (\S+)$", output, re.M))
 
 
 def artifacts_of(domain: Path) -> list[str]:
@@ -82,7 +56,7 @@ def bench(domain: Path, artifacts: Path, jobs: list[int]) -> dict[int, float]:
         doit(domain, artifacts, "forget", *boots, timeout=120)
         started = time.time()
         seconds, output = doit(domain, artifacts, "-n", str(n), "boot", timeout=BOOT_TIMEOUT)
-        ran = executed(output)
+        ran = set(executed(output))
         stale = [a for a in artifacts_of(domain) if not written_since(artifacts / a / "boot.log", started)]
         if stale or any(t.startswith(("build:", "eval:")) for t in ran):
             raise BenchError(f"doit -n {n} boot ran {sorted(ran)} and left {stale} unbooted; expected every boot "

@@ -29,14 +29,12 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchlib
+from benchlib import ROOT, BenchError, executed
 
-from pipeline.process import run  # noqa: E402 - after the path set-up, so the script runs from a checkout
-from pipeline.tasks import state_dir_for  # noqa: E402
+from pipeline.tasks import state_dir_for
 
 TIMEOUT = 900.0
 
@@ -69,10 +67,6 @@ FLAKE = """\
 """
 
 
-class BenchError(Exception):
-    """A doit run failed; the message carries the tail of its output."""
-
-
 def make_domain(directory: Path, hosts: int) -> Path:
     """A domain directory of `hosts` x86_64 hosts, each with an ISO image."""
     directory.mkdir(parents=True)
@@ -99,22 +93,12 @@ def cpu_of_children() -> float:
 
 
 def doit(domain: Path, artifacts: Path, *args: str) -> tuple[float, str]:
-    """`doit ARGS domain=… artifacts=…` from the checkout; (wall seconds, output).  CPU["last"] is its CPU time."""
-    argv = [sys.executable, "-m", "doit", *args, f"domain={domain}", f"artifacts={artifacts}"]
+    """benchlib.doit; CPU["last"] is its CPU time."""
     cpu = cpu_of_children()
-    started = time.monotonic()
-    proc = run(argv, timeout=TIMEOUT, cwd=ROOT)
-    seconds = time.monotonic() - started
-    CPU["last"] = cpu_of_children() - cpu
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        tail = "\n".join(output.splitlines()[-30:])
-        raise BenchError(f"doit {' '.join(args)} failed (exit {proc.returncode}) after {seconds:.2f} s:\n{tail}")
-    return seconds, output
-
-
-def ran(output: str) -> list[str]:
-    return re.findall(r"^\.  (\S+)$", output, re.M)
+    try:
+        return benchlib.doit(domain, artifacts, *args, timeout=TIMEOUT)
+    finally:
+        CPU["last"] = cpu_of_children() - cpu
 
 
 def measure(work: Path, hosts: int) -> dict[str, float]:
@@ -124,19 +108,19 @@ def measure(work: Path, hosts: int) -> dict[str, float]:
         load, _ = doit(domain, artifacts, "list", "--all")
         cold, out = doit(domain, artifacts, "eval")
         cold_cpu = CPU["last"]
-        evaluated = [t for t in ran(out) if t.startswith("eval:")]
+        evaluated = [t for t in executed(out) if t.startswith("eval:")]
         if len(evaluated) != hosts:
             raise BenchError(f"cold eval ran {len(evaluated)} eval tasks, not {hosts}:\n{out[-2000:]}")
         batch = re.search(r"\[eval\] evaluated (\d+) hosts in one nix eval in ([\d.]+) s", out)
         warm, out = doit(domain, artifacts, "eval")
         warm_cpu = CPU["last"]
-        if ran(out):
-            raise BenchError(f"warm no-op ran {ran(out)}")
+        if executed(out):
+            raise BenchError(f"warm no-op ran {executed(out)}")
         with (domain / "flake.nix").open("a") as f:
             f.write("# a comment changes no derivation\n")
         one, out = doit(domain, artifacts, "eval:host-0000")
-        if ran(out) != ["validate", "eval:host-0000"]:
-            raise BenchError(f"one-host eval ran {ran(out)}")
+        if executed(out) != ["validate", "eval:host-0000"]:
+            raise BenchError(f"one-host eval ran {executed(out)}")
     finally:
         shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
     return {"hosts": hosts, "load": load, "cold": cold, "warm": warm, "one": one, "cold_cpu": cold_cpu,
