@@ -30,6 +30,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import CimError
+from pipeline.hashing import remember_xxh3
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -166,6 +167,7 @@ def publish_file(source: Path, dest: Path) -> tuple[str, str, int]:
             xxh.update(chunk)
             out.write(chunk)
             size += len(chunk)
+    remember_xxh3(dest, xxh.hexdigest())  # the task's stamp of this output need not read it again
     return sha.hexdigest(), xxh.hexdigest(), size
 
 

@@ -45,9 +45,27 @@ def _file_digest(path: Path, digest: _Digest) -> str:
     return digest.hexdigest()
 
 
+# Digests taken while a file was written (publish_file hashes what it copies): (device, inode, size, mtime in ns) →
+# xxh3, so the stamp a task keeps of its published image does not read the image a second time.
+_known: dict[tuple[int, int, int, int], str] = {}
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remember_xxh3(path: Path, digest: str) -> None:
+    """`digest` is the xxh3-128 of `path` as it is now: xxh3_file returns it while the file stays as it is."""
+    _known[_identity(os.stat(path))] = digest
+
+
 def xxh3_file(path: Path) -> str:
-    """The xxh3-128 hex digest of a file's bytes."""
-    return _file_digest(path, xxhash.xxh3_128())
+    """The xxh3-128 hex digest of a file's bytes (remembered for a file this process just wrote and hashed)."""
+    try:
+        known = _known.get(_identity(os.stat(path)))
+    except OSError:
+        known = None  # reading it says what is wrong
+    return known or _file_digest(path, xxhash.xxh3_128())
 
 
 def sha256_file(path: Path) -> str:

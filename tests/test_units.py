@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pipeline import nix, qemu
+from pipeline import hashing, nix, qemu
 from pipeline.artifacts import atomic_write_text, publish_file, publish_log
 from pipeline.domain import System
 from pipeline.hashing import XXH3Checker, sha256_file, xxh3_file, xxh3_files, xxh3_text
@@ -41,6 +41,19 @@ def test_xxh3_text_separates_parts() -> None:
     assert xxh3_text("a", "b") == xxh3_text("a", "b")
     assert xxh3_text("ab") != xxh3_text("a", "b")
     assert xxh3_text("a", "bc") != xxh3_text("ab", "c")
+
+
+def test_a_published_file_is_not_read_again_for_its_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, dest = tmp_path / "image", tmp_path / "out" / "image"
+    source.write_bytes(os.urandom(1 << 16))
+    dest.parent.mkdir()
+    _sha, xxh3, _size = publish_file(source, dest)
+    reads: list[Path] = []
+    real = hashing._file_digest
+    monkeypatch.setattr(hashing, "_file_digest", lambda path, digest: reads.append(path) or real(path, digest))
+    assert xxh3_file(dest) == xxh3 and reads == [], "the digest taken while copying is reused"
+    dest.write_bytes(b"other bytes")  # a changed file (size, mtime) is read
+    assert xxh3_file(dest) == xxhash.xxh3_128(b"other bytes").hexdigest() and reads == [dest]
 
 
 def test_xxh3_files_is_stable_and_content_addressed(tmp_path: Path) -> None:
