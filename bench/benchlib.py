@@ -23,8 +23,9 @@ class BenchError(Exception):
     """A measurement could not be taken (a doit run failed, a VM did not come up); the message says why."""
 
 
-def doit(domain: Path, artifacts: Path, *args: str, timeout: float,
-         env: Mapping[str, str] | None = None) -> tuple[float, str]:
+def doit(
+    domain: Path, artifacts: Path, *args: str, timeout: float, env: Mapping[str, str] | None = None
+) -> tuple[float, str]:
     """`doit ARGS domain=… artifacts=…` from the checkout; (wall seconds, stdout + stderr).  BenchError with the
     tail of its output when it fails."""
     argv = [sys.executable, "-m", "doit", *args, f"domain={domain}", f"artifacts={artifacts}"]

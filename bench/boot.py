@@ -113,8 +113,13 @@ class StampedStdout(io.TextIOBase):
 
 
 def markers(host: str) -> dict[str, str]:
-    return {"loader": r"ISOLINUX|cim installer for", "loading": r"Loading /boot/bzImage", "kernel": r"Linux version",
-            "userland": r"cim stage 1", "complete": probes.boot_complete_pattern(host)}
+    return {
+        "loader": r"ISOLINUX|cim installer for",
+        "loading": r"Loading /boot/bzImage",
+        "kernel": r"Linux version",
+        "userland": r"cim stage 1",
+        "complete": probes.boot_complete_pattern(host),
+    }
 
 
 def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
@@ -122,8 +127,22 @@ def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
     isolinux entry, read out of the ISO with xorriso."""
     files = work / "iso-files"
     files.mkdir()
-    proc = run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/isolinux/isolinux.cfg",
-                str(files / "isolinux.cfg"), "-extract", "/boot", str(files / "boot")], timeout=120)
+    proc = run(
+        [
+            "xorriso",
+            "-osirrox",
+            "on",
+            "-indev",
+            str(iso),
+            "-extract",
+            "/isolinux/isolinux.cfg",
+            str(files / "isolinux.cfg"),
+            "-extract",
+            "/boot",
+            str(files / "boot"),
+        ],
+        timeout=120,
+    )
     if proc.returncode != 0:
         raise BenchError(f"xorriso could not read {iso}: {proc.stderr[-500:]}")
     config = (files / "isolinux.cfg").read_text()
@@ -141,7 +160,7 @@ def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
     cmdline = " ".join(a for a in args if not a.startswith("initrd="))
     combined = work / "initrd.combined"
     with combined.open("wb") as out:
-        for name in (initrds[0] if initrds else []):
+        for name in initrds[0] if initrds else []:
             with (files / name.lstrip("/")).open("rb") as part:
                 shutil.copyfileobj(part, out)
     return files / kernel.group(1).lstrip("/"), combined, cmdline
@@ -149,23 +168,37 @@ def extract_direct_boot(iso: Path, work: Path) -> tuple[Path, Path, str]:
 
 def bare_boot(argv: list[str], log: Path, host: str, started: float) -> dict[str, float]:
     """QEMU with `argv`, stamps until the boot-complete line, then killed."""
-    with ConsoleWatch(log, markers(host), started) as watch, \
-            spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as qemu:
+    with (
+        ConsoleWatch(log, markers(host), started) as watch,
+        spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as qemu,
+    ):
         watch.wait_for("complete", TIMEOUT, qemu)
     return dict(watch.seen)
 
 
-def harness_run(artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, xxh3: str,
-                work: Path) -> dict[str, float]:
+def harness_run(
+    artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, xxh3: str, work: Path
+) -> dict[str, float]:
     """The pipeline's boot test, as doit runs it; stamps from the console and from the harness's own probe lines."""
     workdir = work / "harness"
     started = time.monotonic()
     stamped = StampedStdout(sys.stdout, started)  # type: ignore[arg-type]
-    with ConsoleWatch(workdir / "console.log", markers(artifact.host), started) as watch, \
-            contextlib.redirect_stdout(stamped):
-        outcome = boot.boot_test(artifact, domain, domain_dir, iso, xxh3, workdir=workdir,
-                                 log_dest=work / "harness-boot.log", log_name="boot.log",
-                                 machine_state=work / "state", record=lambda result: None)
+    with (
+        ConsoleWatch(workdir / "console.log", markers(artifact.host), started) as watch,
+        contextlib.redirect_stdout(stamped),
+    ):
+        outcome = boot.boot_test(
+            artifact,
+            domain,
+            domain_dir,
+            iso,
+            xxh3,
+            workdir=workdir,
+            log_dest=work / "harness-boot.log",
+            log_name="boot.log",
+            machine_state=work / "state",
+            record=lambda result: None,
+        )
     row = dict(watch.seen)
     probe_lines = [(t, line) for t, line in stamped.stamps if "probe " in line and ": ok" in line]
     if not probe_lines:
@@ -176,8 +209,9 @@ def harness_run(artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path,
     return row
 
 
-def bare_run(artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, work: Path,
-             extra: tuple[str, ...]) -> dict[str, float]:
+def bare_run(
+    artifact: Artifact, domain: Domain, domain_dir: Path, iso: Path, work: Path, extra: tuple[str, ...]
+) -> dict[str, float]:
     """QEMU started by hand with the boot test's argv (plus `extra`), watched until the boot-complete line."""
     host = domain.hosts[artifact.host]
     forwards = probes.forwards_for(boot.boot_probes(domain, artifact.host, domain_dir), host)
@@ -211,12 +245,17 @@ def main() -> int:
     try:
         record = json.loads(manifest.read_text())["artifacts"][artifact.name]
     except (OSError, KeyError, ValueError):
-        print(f"error: {artifact.name} is not published in {manifest}: run "
-              f".venv/bin/doit domain={args.domain} build:{artifact.name} first", file=sys.stderr)
+        print(
+            f"error: {artifact.name} is not published in {manifest}: run "
+            f".venv/bin/doit domain={args.domain} build:{artifact.name} first",
+            file=sys.stderr,
+        )
         return 1
     iso = args.artifacts / record["file"]
-    print(f"{iso.name} ({iso.stat().st_size / 2**20:.0f} MiB), TCG; load average {os.getloadavg()[0]:.2f}, "
-          f"{len(os.sched_getaffinity(0))} cores")
+    print(
+        f"{iso.name} ({iso.stat().st_size / 2**20:.0f} MiB), TCG; load average {os.getloadavg()[0]:.2f}, "
+        f"{len(os.sched_getaffinity(0))} cores"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="cim-bootbench-"))
     rows: dict[str, dict[str, float]] = {}
@@ -246,28 +285,40 @@ def main() -> int:
     def cell(row: dict[str, float], key: str) -> str:
         return f"{row[key]:7.2f}" if key in row else "      -"
 
-    print(f"\n{'seconds since QEMU start':<26}{'loader':>8}{'loading':>8}{'kernel':>8}{'userland':>9}{'complete':>9}"
-          f"{'detected':>9}{'probes':>8}")
+    print(
+        f"\n{'seconds since QEMU start':<26}{'loader':>8}{'loading':>8}{'kernel':>8}{'userland':>9}{'complete':>9}"
+        f"{'detected':>9}{'probes':>8}"
+    )
     for name, row in rows.items():
-        print(f"{name:<26}{cell(row, 'loader')} {cell(row, 'loading')} {cell(row, 'kernel')} {cell(row, 'userland')}  "
-              f"{cell(row, 'complete')}  {cell(row, 'detected')} {cell(row, 'probes')}")
+        print(
+            f"{name:<26}{cell(row, 'loader')} {cell(row, 'loading')} {cell(row, 'kernel')} {cell(row, 'userland')}  "
+            f"{cell(row, 'complete')}  {cell(row, 'detected')} {cell(row, 'probes')}"
+        )
     print("(loader: the boot loader's first line; loading: it starts reading the kernel, after its prompt's wait)")
-    print("\nphases (s): firmware+loader = start -> 'Linux version'; kernel = -> 'cim stage 1'; "
-          "userland = -> boot complete; probes = boot complete -> last probe ok")
+    print(
+        "\nphases (s): firmware+loader = start -> 'Linux version'; kernel = -> 'cim stage 1'; "
+        "userland = -> boot complete; probes = boot complete -> last probe ok"
+    )
     for name, row in rows.items():
         phases = [row["kernel"], row["userland"] - row["kernel"], row["complete"] - row["userland"]]
         extra = f", probes {row['probes'] - row['complete']:.2f}" if "probes" in row else ""
         if "loader" in row and "loading" in row:
             prompt, loading = row["loading"] - row["loader"], row["kernel"] - row["loading"]
-            extra += (f" (of firmware+loader: firmware {row['loader']:.2f}, boot prompt {prompt:.2f}, "
-                      f"loading+decompressing {loading:.2f})")
+            extra += (
+                f" (of firmware+loader: firmware {row['loader']:.2f}, boot prompt {prompt:.2f}, "
+                f"loading+decompressing {loading:.2f})"
+            )
         print(f"  {name:<8} firmware+loader {phases[0]:.2f}, kernel {phases[1]:.2f}, userland {phases[2]:.2f}{extra}")
     iso_line, direct_line = rows["harness"]["complete"], rows["direct"]["complete"]
-    print(f"\nISO boot-complete / direct -kernel boot-complete: {iso_line:.2f} / {direct_line:.2f} = "
-          f"{iso_line / direct_line:.2f}x (target <= 1.25)")
+    print(
+        f"\nISO boot-complete / direct -kernel boot-complete: {iso_line:.2f} / {direct_line:.2f} = "
+        f"{iso_line / direct_line:.2f}x (target <= 1.25)"
+    )
     detected, bare = rows["harness"]["detected"], rows["bare"]["complete"]
-    print(f"harness (line detected by the boot test) / bare QEMU (same argv): {detected:.2f} / {bare:.2f} = "
-          f"{detected / bare:.2f}x (target <= 1.10)")
+    print(
+        f"harness (line detected by the boot test) / bare QEMU (same argv): {detected:.2f} / {bare:.2f} = "
+        f"{detected / bare:.2f}x (target <= 1.10)"
+    )
     return 0
 
 

@@ -33,8 +33,11 @@ DEMO = ROOT / "configs" / "demo"
 
 def build(domain: Path, artifacts: Path) -> tuple[Path, int]:
     """The ISO of the copy's vhost-dev, and the size of the initrd inside it (bytes)."""
-    proc = run([sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", "build:vhost-dev-iso"],
-               timeout=3600, cwd=ROOT)
+    proc = run(
+        [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", "build:vhost-dev-iso"],
+        timeout=3600,
+        cwd=ROOT,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"build failed:\n{proc.stdout}\n{proc.stderr}")
     record = json.loads((artifacts / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]
@@ -76,14 +79,19 @@ def main() -> int:
                 (copy / "domain.json").write_text(json.dumps(data, indent=2))
         built = {name: build(copy, tmp / f"artifacts-{name}") for name, copy in copies.items()}
         complete = r"cim: vhost-dev boot complete"
-        with_guests = boot(copies["guests"], built["guests"][0], tmp / "vm-guests",
-                           [complete, r"cim: stats: publishing"])
+        with_guests = boot(
+            copies["guests"], built["guests"][0], tmp / "vm-guests", [complete, r"cim: stats: publishing"]
+        )
         without = boot(copies["none"], built["none"][0], tmp / "vm-none", [complete])
         print(f"initrd: {built['guests'][1] / 2**20:.1f} MiB with guests, {built['none'][1] / 2**20:.1f} MiB without")
-        print(f"boot complete: {with_guests[0]:.1f} s with guests, {without[0]:.1f} s without "
-              f"(ratio {with_guests[0] / without[0]:.2f})")
-        print(f"first statistics message published (every guest up): {with_guests[1]:.1f} s "
-              f"(ratio to the guest-less boot complete {with_guests[1] / without[0]:.2f})")
+        print(
+            f"boot complete: {with_guests[0]:.1f} s with guests, {without[0]:.1f} s without "
+            f"(ratio {with_guests[0] / without[0]:.2f})"
+        )
+        print(
+            f"first statistics message published (every guest up): {with_guests[1]:.1f} s "
+            f"(ratio to the guest-less boot complete {with_guests[1] / without[0]:.2f})"
+        )
     finally:
         if not args.keep:
             for copy in copies.values():

@@ -69,8 +69,10 @@ def main() -> int:
     args = parser.parse_args()
     manifest = args.artifacts / "manifest.json"
     if not manifest.is_file():
-        print(f"error: {manifest} not found: publish the images first (.venv/bin/doit domain=configs/demo build)",
-              file=sys.stderr)
+        print(
+            f"error: {manifest} not found: publish the images first (.venv/bin/doit domain=configs/demo build)",
+            file=sys.stderr,
+        )
         return 1
     images = [args.artifacts / r["file"] for r in json.loads(manifest.read_text())["artifacts"].values()]
     print(f"load average {os.getloadavg()[0]:.2f}; best of {args.repeat} runs, page cache warm")
@@ -87,8 +89,10 @@ def main() -> int:
             cells.append(f"{name} {size / seconds / 2**20:8.0f} MiB/s")
         print(f"{image.name} ({size / 2**20:.0f} MiB): " + ", ".join(cells))
     speed = {name: size_total / seconds for name, seconds in totals.items()}
-    print(f"all images: xxh3 = {speed['xxh3'] / speed['plain read']:.2f}x plain read (target >= 0.8), "
-          f"{speed['xxh3'] / speed['md5']:.1f}x MD5 (target >= 5)")
+    print(
+        f"all images: xxh3 = {speed['xxh3'] / speed['plain read']:.2f}x plain read (target >= 0.8), "
+        f"{speed['xxh3'] / speed['md5']:.1f}x MD5 (target >= 5)"
+    )
     return 0
 
 

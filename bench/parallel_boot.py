@@ -59,8 +59,10 @@ def bench(domain: Path, artifacts: Path, jobs: list[int]) -> dict[int, float]:
         ran = set(executed(output))
         stale = [a for a in artifacts_of(domain) if not written_since(artifacts / a / "boot.log", started)]
         if stale or any(t.startswith(("build:", "eval:")) for t in ran):
-            raise BenchError(f"doit -n {n} boot ran {sorted(ran)} and left {stale} unbooted; expected every boot "
-                             "to run and every build to be up to date")
+            raise BenchError(
+                f"doit -n {n} boot ran {sorted(ran)} and left {stale} unbooted; expected every boot "
+                "to run and every build to be up to date"
+            )
         times[n] = seconds
         print(f"doit -n {n} boot: {seconds:.1f} s ({', '.join(boots)})", flush=True)
     return times

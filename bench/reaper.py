@@ -43,17 +43,24 @@ def main() -> None:
     argv = [nix, "--version"]
     ways = {
         "reaper": lambda: process.run(argv, timeout=60),
-        "setpriv": lambda: subprocess.run([setpriv, "--pdeathsig", "KILL", "--", *argv], capture_output=True,
-                                          timeout=60, check=True, start_new_session=True),
+        "setpriv": lambda: subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", *argv],
+            capture_output=True,
+            timeout=60,
+            check=True,
+            start_new_session=True,
+        ),
         "bare": lambda: subprocess.run(argv, capture_output=True, timeout=60, check=True, start_new_session=True),
     }
     print(f"load average {os.getloadavg()[0]:.2f}; mean of {args.calls} calls after one warm-up")
     times = {name: mean_ms(call, args.calls) for name, call in ways.items()}
     for name, ms in times.items():
         print(f"{name:8} {ms:7.1f} ms per `nix --version`")
-    print(f"reaper/setpriv {times['reaper'] / times['setpriv']:.2f}x  "
-          f"reaper/bare {times['reaper'] / times['bare']:.2f}x  "
-          f"extra {times['reaper'] - times['setpriv']:.1f} ms per nix call")
+    print(
+        f"reaper/setpriv {times['reaper'] / times['setpriv']:.2f}x  "
+        f"reaper/bare {times['reaper'] / times['bare']:.2f}x  "
+        f"extra {times['reaper'] - times['setpriv']:.1f} ms per nix call"
+    )
 
 
 if __name__ == "__main__":

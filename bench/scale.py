@@ -72,13 +72,22 @@ def make_domain(directory: Path, hosts: int) -> Path:
     directory.mkdir(parents=True)
     host = {
         "system": "x86_64-linux",
-        "hardware": {"vendor": "QEMU", "model": "pc", "cpu": {"model": "qemu64", "cores": 1}, "memory_gib": 1,
-                     "disks": [{"name": "main", "device": "/dev/vda", "size_gib": 1}]},
+        "hardware": {
+            "vendor": "QEMU",
+            "model": "pc",
+            "cpu": {"model": "qemu64", "cores": 1},
+            "memory_gib": 1,
+            "disks": [{"name": "main", "device": "/dev/vda", "size_gib": 1}],
+        },
         "images": ["iso"],
     }
-    domain = {"name": f"scale {hosts}", "fqdn": "scale.local",
-              "hosts": {f"host-{i:04d}": {**host, "address": str(ipaddress.IPv4Address("10.0.0.1") + i)}
-                        for i in range(hosts)}}
+    domain = {
+        "name": f"scale {hosts}",
+        "fqdn": "scale.local",
+        "hosts": {
+            f"host-{i:04d}": {**host, "address": str(ipaddress.IPv4Address("10.0.0.1") + i)} for i in range(hosts)
+        },
+    }
     (directory / "domain.json").write_text(json.dumps(domain, indent=1) + "\n")
     (directory / "flake.nix").write_text(FLAKE)
     return directory
@@ -123,9 +132,16 @@ def measure(work: Path, hosts: int) -> dict[str, float]:
             raise BenchError(f"one-host eval ran {executed(out)}")
     finally:
         shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
-    return {"hosts": hosts, "load": load, "cold": cold, "warm": warm, "one": one, "cold_cpu": cold_cpu,
-            "warm_cpu": warm_cpu,
-            "nix_eval": float(batch.group(2)) if batch else float("nan")}
+    return {
+        "hosts": hosts,
+        "load": load,
+        "cold": cold,
+        "warm": warm,
+        "one": one,
+        "cold_cpu": cold_cpu,
+        "warm_cpu": warm_cpu,
+        "nix_eval": float(batch.group(2)) if batch else float("nan"),
+    }
 
 
 def main() -> int:
@@ -137,17 +153,22 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.2f}, {len(os.sched_getaffinity(0))} cores; domains in {work}")
     print("wall seconds, and in brackets the CPU seconds of doit and all it ran (on a busy machine wall time")
     print("stretches; CPU time is close to what an idle machine's wall time would be)")
-    print(f"{'hosts':>6} {'graph load':>11} {'cold eval':>18} {'(nix eval)':>11} {'warm no-op':>18} "
-          f"{'one host':>9} {'cold ms/host':>13} {'warm ms/host':>13}")
+    print(
+        f"{'hosts':>6} {'graph load':>11} {'cold eval':>18} {'(nix eval)':>11} {'warm no-op':>18} "
+        f"{'one host':>9} {'cold ms/host':>13} {'warm ms/host':>13}"
+    )
     rows = []
     try:
         for size in args.sizes:
             row = measure(work, size)
             rows.append(row)
-            print(f"{size:>6} {row['load']:>10.2f}s {row['cold']:>9.2f}s ({row['cold_cpu']:5.2f}s) "
-                  f"{row['nix_eval']:>10.2f}s {row['warm']:>9.2f}s ({row['warm_cpu']:5.2f}s) "
-                  f"{row['one']:>8.2f}s {1000 * row['cold'] / size:>13.2f} "
-                  f"{1000 * row['warm'] / size:>13.2f}", flush=True)
+            print(
+                f"{size:>6} {row['load']:>10.2f}s {row['cold']:>9.2f}s ({row['cold_cpu']:5.2f}s) "
+                f"{row['nix_eval']:>10.2f}s {row['warm']:>9.2f}s ({row['warm_cpu']:5.2f}s) "
+                f"{row['one']:>8.2f}s {1000 * row['cold'] / size:>13.2f} "
+                f"{1000 * row['warm'] / size:>13.2f}",
+                flush=True,
+            )
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -156,22 +177,32 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     # Cost per host as the slope between sizes (the fixed cost of starting python and doit cancels out): flat means
     # each host costs the same whether it is the 51st or the 1,000th.
-    for key, label in (("cold", "cold eval"), ("warm", "warm no-op"), ("cold_cpu", "cold eval CPU"),
-                       ("warm_cpu", "warm no-op CPU")):
+    for key, label in (
+        ("cold", "cold eval"),
+        ("warm", "warm no-op"),
+        ("cold_cpu", "cold eval CPU"),
+        ("warm_cpu", "warm no-op CPU"),
+    ):
         pairs = list(itertools.pairwise(rows))
         slopes = [(b[key] - a[key]) / (b["hosts"] - a["hosts"]) for a, b in pairs]
         if slopes:
-            spans = ", ".join(f"{a['hosts']:.0f}->{b['hosts']:.0f}: {1000 * m:.2f} ms/host"
-                              for (a, b), m in zip(pairs, slopes, strict=True))
+            spans = ", ".join(
+                f"{a['hosts']:.0f}->{b['hosts']:.0f}: {1000 * m:.2f} ms/host"
+                for (a, b), m in zip(pairs, slopes, strict=True)
+            )
             flat = slopes[-1] / slopes[0] if len(slopes) > 1 and slopes[0] > 0 else None
             print(f"{label} per host: {spans}" + (f" (last/first {flat:.2f}x; flat = 1.0)" if flat else ""))
     by_size = {int(r["hosts"]): r for r in rows}
     if 500 in by_size:
-        print(f"cold eval, 500 hosts: {by_size[500]['cold']:.2f} s wall, {by_size[500]['cold_cpu']:.2f} s CPU "
-              "(target <= 2 s)")
+        print(
+            f"cold eval, 500 hosts: {by_size[500]['cold']:.2f} s wall, {by_size[500]['cold_cpu']:.2f} s CPU "
+            "(target <= 2 s)"
+        )
     if 1000 in by_size:
-        print(f"warm no-op, 1,000 hosts: {by_size[1000]['warm']:.2f} s wall, {by_size[1000]['warm_cpu']:.2f} s CPU "
-              "(target < 1 s)")
+        print(
+            f"warm no-op, 1,000 hosts: {by_size[1000]['warm']:.2f} s wall, {by_size[1000]['warm_cpu']:.2f} s CPU "
+            "(target < 1 s)"
+        )
     return 0
 
 

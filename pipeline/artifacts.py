@@ -45,15 +45,20 @@ def write_error(path: Path, exc: OSError) -> ArtifactError:
     """The one message for a file that cannot be written: the path, the system's reason, the fix."""
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = (f"Free space on the file system of {path.parent} (`df -h {path.parent}`), or pass another "
-                "directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again.")
+        hint = (
+            f"Free space on the file system of {path.parent} (`df -h {path.parent}`), or pass another "
+            "directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again."
+        )
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = (f"Make {path.parent} writable (read-only mount? `lsattr -d` shows an immutable flag), or pass "
-                "another directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again.")
+        hint = (
+            f"Make {path.parent} writable (read-only mount? `lsattr -d` shows an immutable flag), or pass "
+            "another directory with `doit artifacts=DIR` / CIM_ARTIFACTS=DIR; then run again."
+        )
     else:
         hint = "Fix that path or pass another directory with `doit artifacts=DIR`; then run again."
-    return ArtifactError(f"cannot write {path}: {reason}. Nothing was replaced: the files already there are "
-                         "unchanged.", hint=hint)
+    return ArtifactError(
+        f"cannot write {path}: {reason}. Nothing was replaced: the files already there are unchanged.", hint=hint
+    )
 
 
 _TEMP = re.compile(r"^\..+\.\d+(\.\d+)?\.tmp$")
@@ -74,7 +79,7 @@ class _Writer:
         view = memoryview(data)
         try:
             while view:  # unbuffered: a short write (the disk filling up) writes the rest, or fails, here
-                view = view[self._out.write(view) or 0:]
+                view = view[self._out.write(view) or 0 :]
         except OSError as exc:
             raise write_error(self._dest, exc) from None
         return len(data)
@@ -193,6 +198,7 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 # -- the records ------------------------------------------------------------------------------------------------------
+
 
 class Record(BaseModel):
     """Base of every record: fields unknown to this version (an older or newer record) are ignored when read."""
@@ -388,9 +394,15 @@ class Records:
         with _locked(self.state_dir):
             old = self.load(artifact)
             if old is not None and old.xxh3 == record.xxh3:
-                record = record.model_copy(update={"boot": old.boot, "inventory": old.inventory,
-                                                   "install": old.install, "reproducible": old.reproducible,
-                                                   "check": old.check})
+                record = record.model_copy(
+                    update={
+                        "boot": old.boot,
+                        "inventory": old.inventory,
+                        "install": old.install,
+                        "reproducible": old.reproducible,
+                        "check": old.check,
+                    }
+                )
             self._write(artifact, record)
 
     def save_boot(self, artifact: str, result: BootResult) -> None:
@@ -406,16 +418,20 @@ class Records:
         with _locked(self.state_dir):
             record = self.load(artifact)
             if record is None:
-                raise ArtifactError(f"{artifact} has no build record in {self.dir}, so its check cannot be kept.",
-                                    hint="Run `doit` again: the build re-publishes the image and its record.")
+                raise ArtifactError(
+                    f"{artifact} has no build record in {self.dir}, so its check cannot be kept.",
+                    hint="Run `doit` again: the build re-publishes the image and its record.",
+                )
             self._write(artifact, record.model_copy(update={"reproducible": result.reproducible, "check": result}))
 
     def _save_result(self, artifact: str, **results: Record) -> None:
         with _locked(self.state_dir):
             record = self.load(artifact)
             if record is None:
-                raise ArtifactError(f"{artifact} has no build record in {self.dir}, so its results cannot be kept.",
-                                    hint="Run `doit` again: the build re-publishes the image and its record.")
+                raise ArtifactError(
+                    f"{artifact} has no build record in {self.dir}, so its results cannot be kept.",
+                    hint="Run `doit` again: the build re-publishes the image and its record.",
+                )
             self._write(artifact, record.model_copy(update=results))
 
     def _write(self, artifact: str, record: ArtifactRecord) -> None:
@@ -540,8 +556,14 @@ def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp
                 _check_case(suite, artifact, stage, checked, artifacts_dir)
         cases = suite.findall("testcase")
         counts = {kind: sum(1 for c in cases if c.find(kind) is not None) for kind in ("failure", "skipped")}
-        suite.attrib.update(errors="0", failures=str(counts["failure"]), skipped=str(counts["skipped"]),
-                            tests=str(len(cases)), time=f"{sum(float(c.get('time', 0)) for c in cases):.3f}",
-                            timestamp=timestamp, hostname=hostname)
+        suite.attrib.update(
+            errors="0",
+            failures=str(counts["failure"]),
+            skipped=str(counts["skipped"]),
+            tests=str(len(cases)),
+            time=f"{sum(float(c.get('time', 0)) for c in cases):.3f}",
+            timestamp=timestamp,
+            hostname=hostname,
+        )
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -39,8 +39,9 @@ class BootFailed(VmError):
     """The image booted (or not) but some probes failed; the record lists every probe's result."""
 
 
-def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: tuple[Forward, ...],
-              published_log: Path) -> VmSpec:
+def boot_spec(
+    artifact: Artifact, host: Host, image: Path, workdir: Path, forwards: tuple[Forward, ...], published_log: Path
+) -> VmSpec:
     """The boot test's VM; `forwards` reach the probes' guests from 127.0.0.1 (QEMU picks the ports)."""
     machine = inventory.boot_machine(host)
     if artifact.format is Format.iso:
@@ -51,13 +52,23 @@ def boot_spec(artifact: Artifact, host: Host, image: Path, workdir: Path, forwar
         firmware, order = Firmware.uboot, ""
     # The declared disks (or boot.disks) as sparse blank images, in order: the guest names them vda, vdb, … after
     # the boot medium, as the inventory declares them.
-    drives += tuple(Drive(blank_disk_path(workdir, i), bus=d.bus.value, serial=f"cim-disk{i}")
-                    for i, d in enumerate(machine.disks))
-    return VmSpec(name=f"{artifact.name}-boot", system=artifact.system, workdir=workdir,
-                  console_log=workdir / "console.log", memory_mib=machine.memory_mib, cpus=machine.cpus,
-                  published_log=published_log, firmware=firmware, drives=drives, boot_order=order,
-                  displays=tuple(d.value for d in machine.displays),
-                  port_forwards=forwards)
+    drives += tuple(
+        Drive(blank_disk_path(workdir, i), bus=d.bus.value, serial=f"cim-disk{i}") for i, d in enumerate(machine.disks)
+    )
+    return VmSpec(
+        name=f"{artifact.name}-boot",
+        system=artifact.system,
+        workdir=workdir,
+        console_log=workdir / "console.log",
+        memory_mib=machine.memory_mib,
+        cpus=machine.cpus,
+        published_log=published_log,
+        firmware=firmware,
+        drives=drives,
+        boot_order=order,
+        displays=tuple(d.value for d in machine.displays),
+        port_forwards=forwards,
+    )
 
 
 def blank_disk_path(workdir: Path, index: int) -> Path:
@@ -88,8 +99,9 @@ def inventory_forward(host: Host) -> Forward | None:
     return Forward("tcp", probes.PORTS.nats, str(nats.address)) if nats is not None else None
 
 
-def spec(artifact: Artifact, domain: Domain, domain_dir: Path,
-         policy: InventoryPolicy = InventoryPolicy.record) -> dict[str, Any]:
+def spec(
+    artifact: Artifact, domain: Domain, domain_dir: Path, policy: InventoryPolicy = InventoryPolicy.record
+) -> dict[str, Any]:
     """What, besides the image, decides a boot test, keyed as in domain.json so that a change can be named
     (`hosts.vhost-dev.boot.memory_mib`): the VM (`boot`, as resolved from the declared hardware), the effective probes
     (declared, else the defaults) and the names and addresses the dns probe checks, and what the hardware report is
@@ -97,15 +109,29 @@ def spec(artifact: Artifact, domain: Domain, domain_dir: Path,
     host = domain.hosts[artifact.host]
     machine = inventory.boot_machine(host)
     checks = boot_probes(domain, artifact.host, domain_dir)
-    names = ({name: str(address) for name, address in domain.records().items()}
-             if any(p.kind is ProbeKind.dns for p in checks) else {})
-    return {"hosts": {artifact.host: {
-        "boot": {"memory_mib": machine.memory_mib, "cpus": machine.cpus,
-                 "disks": [{"size_gib": d.size_gib, "bus": d.bus.value} for d in machine.disks],
-                 "displays": [d.value for d in machine.displays], "inventory_report": reports_inventory(host),
-                 "probes": [p.model_dump(mode="json") for p in checks], "dns_names": names},
-        "hardware": host.hardware.model_dump(mode="json")}},
-        "format": artifact.format.value, "inventory": policy.value}
+    names = (
+        {name: str(address) for name, address in domain.records().items()}
+        if any(p.kind is ProbeKind.dns for p in checks)
+        else {}
+    )
+    return {
+        "hosts": {
+            artifact.host: {
+                "boot": {
+                    "memory_mib": machine.memory_mib,
+                    "cpus": machine.cpus,
+                    "disks": [{"size_gib": d.size_gib, "bus": d.bus.value} for d in machine.disks],
+                    "displays": [d.value for d in machine.displays],
+                    "inventory_report": reports_inventory(host),
+                    "probes": [p.model_dump(mode="json") for p in checks],
+                    "dns_names": names,
+                },
+                "hardware": host.hardware.model_dump(mode="json"),
+            }
+        },
+        "format": artifact.format.value,
+        "inventory": policy.value,
+    }
 
 
 def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
@@ -115,9 +141,20 @@ def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
     return xxh3_text(json.dumps([vm["format"], vm["hosts"][artifact.host]["boot"]], sort_keys=True))
 
 
-def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
-              log_dest: Path, log_name: str, machine_state: Path, record: Callable[[BootResult], None],
-              report_keep: Path | None = None) -> BootResult:
+def boot_test(
+    artifact: Artifact,
+    domain: Domain,
+    domain_dir: Path,
+    image: Path,
+    image_xxh3: str,
+    *,
+    workdir: Path,
+    log_dest: Path,
+    log_name: str,
+    machine_state: Path,
+    record: Callable[[BootResult], None],
+    report_keep: Path | None = None,
+) -> BootResult:
     """Boot `image`, run the probes, receive the host's hardware report into `report_keep` (when it publishes one);
     `record` gets the result (pass or fail) before this returns or raises.
 
@@ -156,8 +193,10 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
                 remaining = max(1.0, deadline - time.monotonic())
                 timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
                 result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), ctx)
-                say(name, f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — "
-                          f"{result.detail}")
+                say(
+                    name,
+                    f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — {result.detail}",
+                )
                 return result
 
             results += [run(p) for p in consoles]
@@ -170,27 +209,46 @@ def boot_test(artifact: Artifact, domain: Domain, domain_dir: Path, image: Path,
                     report = _receive_report(vm, artifact.host, ports[report_forward], deadline, report_keep)
                     results.append(report.model_copy(update={"guest": report_guest, "port": ports[report_forward]}))
                 except probes.ProbeFailed as exc:
-                    results.append(ProbeResult(probe="inventory", ok=False, guest=report_guest,
-                                               port=ports[report_forward], detail=f"probe inventory failed: {exc}",
-                                               seconds=round(time.monotonic() - received, 2)))
-                say(name, f"probe inventory: {'ok' if results[-1].ok else 'FAILED'} in {results[-1].seconds} s — "
-                          f"{results[-1].detail}")
+                    results.append(
+                        ProbeResult(
+                            probe="inventory",
+                            ok=False,
+                            guest=report_guest,
+                            port=ports[report_forward],
+                            detail=f"probe inventory failed: {exc}",
+                            seconds=round(time.monotonic() - received, 2),
+                        )
+                    )
+                say(
+                    name,
+                    f"probe inventory: {'ok' if results[-1].ok else 'FAILED'} in {results[-1].seconds} s — "
+                    f"{results[-1].detail}",
+                )
             tail = vm.tail()
         failed = [r for r in results if not r.ok]
         if failed:
             error = f"{name}: {len(failed)} of {len(results)} probe(s) failed: " + "; ".join(r.detail for r in failed)
-            raise BootFailed(f"{error}. Console log {log_dest}; its last lines:\n{tail}",
-                             hint="Each probe's result is in the artifact's record (cim status / manifest.json).")
+            raise BootFailed(
+                f"{error}. Console log {log_dest}; its last lines:\n{tail}",
+                hint="Each probe's result is in the artifact's record (cim status / manifest.json).",
+            )
     except VmError as exc:
         error = error or str(exc).splitlines()[0]
         raise
     finally:
         complete = len(results) == len(checks) + inventory_planned
-        outcome = BootResult(result="fail" if error is not None or not complete else "pass",
-                             accel=accel, log=log_name, image_xxh3=image_xxh3,
-                             seconds=round(time.monotonic() - started, 1), probes=results,
-                             planned=[*map(probes.label, checks), *(["inventory"] if inventory_planned else [])],
-                             error=error, at=utc_now(), fingerprint=fingerprint(artifact, domain, domain_dir))
+        outcome = BootResult(
+            result="fail" if error is not None or not complete else "pass",
+            accel=accel,
+            log=log_name,
+            image_xxh3=image_xxh3,
+            seconds=round(time.monotonic() - started, 1),
+            probes=results,
+            planned=[*map(probes.label, checks), *(["inventory"] if inventory_planned else [])],
+            error=error,
+            at=utc_now(),
+            fingerprint=fingerprint(artifact, domain, domain_dir),
+        )
         publish_log(spec.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -207,8 +265,10 @@ def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Pa
         data = probes.receive_inventory(port, host_name, wait=min(10.0, max(1.0, deadline - time.monotonic())))
         detected = inventory.parse_report(json.loads(data), f"the report on {subject}")
         atomic_write_text(keep, data.decode())
-        return (f"{len(data)} bytes on {subject}: {detected.cpu_model}, {detected.memory_gib:.2f} GiB, "
-                f"{len(detected.disks)} disk(s), {len(detected.gpus)} GPU(s)")
+        return (
+            f"{len(data)} bytes on {subject}: {detected.cpu_model}, {detected.memory_gib:.2f} GiB, "
+            f"{len(detected.disks)} disk(s), {len(detected.gpus)} GPU(s)"
+        )
 
     try:
         detail = probes.retry(attempt, max(1.0, deadline - time.monotonic()))
@@ -217,9 +277,20 @@ def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Pa
     return ProbeResult(probe="inventory", ok=True, seconds=round(time.monotonic() - started, 2), detail=detail)
 
 
-def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy, *, report: Path, published: Path,
-                        report_name: str, image_xxh3: str, accel: str, log_dest: Path, log_name: str,
-                        record: Callable[[InventoryResult], None]) -> InventoryResult:
+def reconcile_inventory(
+    artifact: Artifact,
+    host: Host,
+    policy: InventoryPolicy,
+    *,
+    report: Path,
+    published: Path,
+    report_name: str,
+    image_xxh3: str,
+    accel: str,
+    log_dest: Path,
+    log_name: str,
+    record: Callable[[InventoryResult], None],
+) -> InventoryResult:
     """Reconcile the kept report with the declared hardware; publish inventory.json, the verdict in boot.log and the
     record; under `enforce` a difference raises InventoryError naming each (after the record is kept)."""
     name = artifact.name
@@ -229,9 +300,17 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
         atomic_write_text(published, text)
         machine = inventory.boot_machine(host)
         if accel == "kvm" and "cpu.model" not in machine.unchecked_fields:
-            machine = dataclasses.replace(machine, unchecked=(*machine.unchecked, InventoryUnchecked(
-                field="cpu.model", declared=host.hardware.cpu.model,
-                reason="under KVM the boot VM's CPU is the build machine's")))
+            machine = dataclasses.replace(
+                machine,
+                unchecked=(
+                    *machine.unchecked,
+                    InventoryUnchecked(
+                        field="cpu.model",
+                        declared=host.hardware.cpu.model,
+                        reason="under KVM the boot VM's CPU is the build machine's",
+                    ),
+                ),
+            )
         result = inventory.verdict(host.hardware, detected, policy, machine)
     say(name, f"inventory: {result.summary()}; report {published}")
     for line in result.lines():
@@ -239,10 +318,19 @@ def reconcile_inventory(artifact: Artifact, host: Host, policy: InventoryPolicy,
     _log_verdict(log_dest, result)
     failure = None if result.passed else inventory.enforce_error(artifact.host, result)
     outcome = InventoryResult(
-        result="pass" if result.passed else "fail", verdict="match" if result.matches else "differs",
-        policy=policy.value, report=report_name, image_xxh3=image_xxh3, summary=result.summary(), log=log_name,
-        seconds=reconciled.seconds, error=failure.message if failure else None, at=utc_now(),
-        differences=list(result.differences), unchecked=list(result.unchecked))
+        result="pass" if result.passed else "fail",
+        verdict="match" if result.matches else "differs",
+        policy=policy.value,
+        report=report_name,
+        image_xxh3=image_xxh3,
+        summary=result.summary(),
+        log=log_name,
+        seconds=reconciled.seconds,
+        error=failure.message if failure else None,
+        at=utc_now(),
+        differences=list(result.differences),
+        unchecked=list(result.unchecked),
+    )
     record(outcome)
     if failure is not None:
         raise failure

@@ -25,8 +25,11 @@ from pipeline.validate import load_checked, validate
 DEFAULT_DOMAIN = "configs/cim"
 
 # What `cim schema NAME` prints: the JSON Schema of each document the pipeline reads or writes.
-SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {"domain": json_schema, "manifest": manifest_schema,
-                                                    "stats": stats_schema}
+SCHEMAS: dict[str, Callable[[], dict[str, Any]]] = {
+    "domain": json_schema,
+    "manifest": manifest_schema,
+    "stats": stats_schema,
+}
 
 
 @click.group()
@@ -47,8 +50,9 @@ def validate_cmd(domain_dir: Path) -> None:
     """Check DOMAIN_DIR as `doit validate` does (domain.json, flake.nix, named files, .nix syntax); list it."""
     checked = validate(domain_dir)
     domain = checked.domain
-    click.echo(f"{domain.name} ({domain.fqdn}): {len(domain.hosts)} host(s), {len(checked.nix_files)} .nix file(s) "
-               "parse")
+    click.echo(
+        f"{domain.name} ({domain.fqdn}): {len(domain.hosts)} host(s), {len(checked.nix_files)} .nix file(s) parse"
+    )
     for name, host in domain.hosts.items():
         images = ", ".join(f"{name}-{fmt.value}" for fmt in host.images) or "no images"
         guests = ", ".join(g.name for g in host.guests) or "no guests"
@@ -62,8 +66,10 @@ def disk_plan(host: str, domain_dir: Path) -> None:
     """Show how HOST's disk-config.nix would be installed (partitions, sizes, file systems)."""
     domain = load_checked(domain_dir)
     if host not in domain.hosts:
-        raise DomainError(f"{domain_dir / 'domain.json'}: no host {host!r}.",
-                          hint=f"Name one of its hosts: {', '.join(domain.hosts)}.")
+        raise DomainError(
+            f"{domain_dir / 'domain.json'}: no host {host!r}.",
+            hint=f"Name one of its hosts: {', '.join(domain.hosts)}.",
+        )
     plan = plan_for(domain_dir, host, domain.hosts[host])
     kind = target_kind(domain_dir, host, domain.hosts[host], plan)
     click.echo(f"disk {plan.disk} ({plan.disk_mib} MiB), attached as {kind.value} ({kind.device}):")
@@ -77,15 +83,25 @@ def _context(domain_dir: Path | None, artifacts_dir: Path | None) -> Any:
     from pipeline.tasks import make_context
 
     root = Path(__file__).resolve().parent.parent
-    return make_context(root, (domain_dir or root / DEFAULT_DOMAIN).resolve(),
-                        (artifacts_dir or root / "artifacts").resolve())
+    return make_context(
+        root, (domain_dir or root / DEFAULT_DOMAIN).resolve(), (artifacts_dir or root / "artifacts").resolve()
+    )
 
 
-DOMAIN_OPTION = click.option("--domain", "domain_dir", type=click.Path(path_type=Path), envvar="CIM_DOMAIN",
-                             help=f"the domain directory (or CIM_DOMAIN; default {DEFAULT_DOMAIN})")
-ARTIFACTS_OPTION = click.option("--artifacts", "artifacts_dir", type=click.Path(path_type=Path),
-                                envvar="CIM_ARTIFACTS", help="the artifacts directory (or CIM_ARTIFACTS; default "
-                                                             "artifacts/ of the checkout)")
+DOMAIN_OPTION = click.option(
+    "--domain",
+    "domain_dir",
+    type=click.Path(path_type=Path),
+    envvar="CIM_DOMAIN",
+    help=f"the domain directory (or CIM_DOMAIN; default {DEFAULT_DOMAIN})",
+)
+ARTIFACTS_OPTION = click.option(
+    "--artifacts",
+    "artifacts_dir",
+    type=click.Path(path_type=Path),
+    envvar="CIM_ARTIFACTS",
+    help="the artifacts directory (or CIM_ARTIFACTS; default artifacts/ of the checkout)",
+)
 
 
 @cli.command()
@@ -127,22 +143,30 @@ def _read_json(path: Path, what: str) -> Any:
     except FileNotFoundError:
         raise inventory.InventoryError(f"{path}: no such {what}.", hint="Give the path of an existing file.") from None
     except json.JSONDecodeError as exc:
-        raise inventory.InventoryError(f"{path}: not a JSON {what} ({exc}).",
-                                       hint="Give the file as the tool wrote it.") from None
+        raise inventory.InventoryError(
+            f"{path}: not a JSON {what} ({exc}).", hint="Give the file as the tool wrote it."
+        ) from None
     except UnicodeDecodeError as exc:
-        raise inventory.InventoryError(f"{path}: not UTF-8 text ({exc.reason}).",
-                                       hint="Give the file as the tool wrote it.") from None
+        raise inventory.InventoryError(
+            f"{path}: not UTF-8 text ({exc.reason}).", hint="Give the file as the tool wrote it."
+        ) from None
 
 
 @cli.command("inventory")
 @click.argument("host")
 @DOMAIN_OPTION
 @ARTIFACTS_OPTION
-@click.option("--facter", "facter", type=click.Path(path_type=Path), default=None,
-              help="A facter.json from the real machine (nixos-facter) instead of the last boot test's report.")
+@click.option(
+    "--facter",
+    "facter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A facter.json from the real machine (nixos-facter) instead of the last boot test's report.",
+)
 @click.option("--write", is_flag=True, help="Merge the detected facts into domain.json (validated, atomic).")
-def inventory_cmd(host: str, domain_dir: Path | None, artifacts_dir: Path | None, facter: Path | None,
-                  write: bool) -> None:
+def inventory_cmd(
+    host: str, domain_dir: Path | None, artifacts_dir: Path | None, facter: Path | None, write: bool
+) -> None:
     """Show HOST's declared hardware beside what it detected (the last boot's report, or --facter FILE); --write
     brings domain.json in line."""
     root = Path(__file__).resolve().parent.parent
@@ -150,8 +174,9 @@ def inventory_cmd(host: str, domain_dir: Path | None, artifacts_dir: Path | None
     artifacts_dir = artifacts_dir or root / "artifacts"
     domain = load_checked(domain_dir)
     if host not in domain.hosts:
-        raise DomainError(f"{domain_dir / DOMAIN_FILE}: no host {host!r}.",
-                          hint=f"Name one of its hosts: {', '.join(domain.hosts)}.")
+        raise DomainError(
+            f"{domain_dir / DOMAIN_FILE}: no host {host!r}.", hint=f"Name one of its hosts: {', '.join(domain.hosts)}."
+        )
     declared = domain.hosts[host]
     machine: inventory.BootMachine | None = None
     if facter is not None:
@@ -163,7 +188,10 @@ def inventory_cmd(host: str, domain_dir: Path | None, artifacts_dir: Path | None
             raise inventory.InventoryError(
                 f"no hardware report for {host}: none of {', '.join(map(str, reports)) or '(no images)'} exists.",
                 hint=f"Boot it first (`doit domain={domain_dir} boot:{host}-{declared.images[0].value}`) or give "
-                     "--facter FILE." if declared.images else "Give --facter FILE.")
+                "--facter FILE."
+                if declared.images
+                else "Give --facter FILE.",
+            )
         source = found[0]
         machine = inventory.boot_machine(declared)  # a boot VM: what it cannot be stays unchecked
     detected = inventory.parse_report(_read_json(source, "hardware report"), str(source))
@@ -180,15 +208,17 @@ def inventory_cmd(host: str, domain_dir: Path | None, artifacts_dir: Path | None
         _write_inventory(domain_dir, host, detected, machine)
 
 
-def _write_inventory(domain_dir: Path, host: str, detected: inventory.Detected,
-                     machine: inventory.BootMachine | None) -> None:
+def _write_inventory(
+    domain_dir: Path, host: str, detected: inventory.Detected, machine: inventory.BootMachine | None
+) -> None:
     """Merge `detected` into domain.json: validated first, written atomically, other fields and their order kept."""
     path = domain_dir / DOMAIN_FILE
     data = _read_json(path, "domain file")
     if detected.system and detected.system != data["hosts"][host]["system"]:
         raise inventory.InventoryError(
             f"{host} is {data['hosts'][host]['system']} in {path}, but the report is from a {detected.system} machine.",
-            hint="Give the report of this host's machine.")
+            hint="Give the report of this host's machine.",
+        )
     unchecked = machine.unchecked_fields if machine is not None else set()
     data["hosts"][host]["hardware"] = inventory.merged_hardware(data["hosts"][host]["hardware"], detected, unchecked)
     merged = parse_domain(data, f"{path} (with the detected hardware merged in)")

@@ -123,12 +123,12 @@ def check_domain_copy(domain_dir: Path) -> None:
     try:
         theirs = json.loads(copy.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContractError(f"{copy}: not valid JSON ({exc}).",
-                            hint=f"Copy {CONTRACT_FILE} over it.") from None
+        raise ContractError(f"{copy}: not valid JSON ({exc}).", hint=f"Copy {CONTRACT_FILE} over it.") from None
     ours = json.loads(CONTRACT_FILE.read_text(encoding="utf-8"))
     if theirs != ours:
         keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ContractError(
             f"{copy}: the image contract differs from the pipeline's in {', '.join(keys)}; the images this domain "
             "builds would print or read names the pipeline does not look for.",
-            hint=f"Copy {CONTRACT_FILE} to {copy} (and rebuild the images).")
+            hint=f"Copy {CONTRACT_FILE} to {copy} (and rebuild the images).",
+        )

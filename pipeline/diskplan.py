@@ -70,7 +70,7 @@ class DiskPlan:
         lines = ["label: gpt", f"first-lba: {ALIGN_MIB * 2048}"]
         for part in self.partitions:
             size = f"size={part.size_mib}MiB, " if part.size_mib is not None else ""
-            lines.append(f"{size}type={part.type_guid}, name=\"{part.label}\"")
+            lines.append(f'{size}type={part.type_guid}, name="{part.label}"')
         return "\n".join(lines) + "\n"
 
     def installer_text(self) -> str:
@@ -83,8 +83,11 @@ class DiskPlan:
         return "\n".join(out) + "\n"
 
     def describe(self) -> list[str]:
-        return [f"{p.number}: {p.label} {self.partition_mib(p)} MiB {p.format}"
-                + (f" on {p.mountpoint}" if p.mountpoint else "") for p in self.partitions]
+        return [
+            f"{p.number}: {p.label} {self.partition_mib(p)} MiB {p.format}"
+            + (f" on {p.mountpoint}" if p.mountpoint else "")
+            for p in self.partitions
+        ]
 
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$", re.I)
@@ -96,8 +99,9 @@ def parse_size(value: Any, where: str) -> int | None:
         return None
     match = _SIZE.match(str(value))
     if not match:
-        raise DiskPlanError(f"{where} = {value!r}: not a size the installer understands (use e.g. \"512M\", "
-                            "\"16G\" or \"100%\")")
+        raise DiskPlanError(
+            f'{where} = {value!r}: not a size the installer understands (use e.g. "512M", "16G" or "100%")'
+        )
     number, unit = float(match.group(1)), match.group(2).upper()
     mib = number * {"": 1 / 2**20, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
     if mib < 1:
@@ -122,20 +126,25 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
     prefix = "disko.devices"
     for kind in devices:
         if kind != "disk" and devices[kind]:
-            raise DiskPlanError(f"{source}: {prefix}.{kind} is not supported by the installer (only disk with gpt, "
-                                "filesystem and swap). Remove it or install this host with disko itself.")
+            raise DiskPlanError(
+                f"{source}: {prefix}.{kind} is not supported by the installer (only disk with gpt, "
+                "filesystem and swap). Remove it or install this host with disko itself."
+            )
     disks = devices.get("disk") or {}
     if disk not in disks:
-        raise DiskPlanError(f"{source}: {prefix}.disk.{disk} is missing (domain.json install.disk names it); "
-                            f"the config has: {', '.join(sorted(disks)) or 'no disks'}.")
+        raise DiskPlanError(
+            f"{source}: {prefix}.disk.{disk} is missing (domain.json install.disk names it); "
+            f"the config has: {', '.join(sorted(disks)) or 'no disks'}."
+        )
     spec = disks[disk]
     where = f"{prefix}.disk.{disk}"
     if spec.get("type", "disk") != "disk":
-        raise DiskPlanError(f"{source}: {where}.type = {spec.get('type')!r} is not supported (use \"disk\").")
+        raise DiskPlanError(f'{source}: {where}.type = {spec.get("type")!r} is not supported (use "disk").')
     content = spec.get("content") or {}
     if content.get("type") != "gpt":
-        raise DiskPlanError(f"{source}: {where}.content.type = {content.get('type')!r} is not supported by the "
-                            "installer (use \"gpt\").")
+        raise DiskPlanError(
+            f'{source}: {where}.content.type = {content.get("type")!r} is not supported by the installer (use "gpt").'
+        )
     raw = content.get("partitions") or {}
     if not raw:
         raise DiskPlanError(f"{source}: {where}.content.partitions is empty.")
@@ -143,8 +152,19 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
     parts = []
     for number, (name, part) in enumerate(ordered, start=1):
         pwhere = f"{where}.content.partitions.{name}"
-        unknown = set(part) - {"size", "type", "content", "priority", "label", "name", "start", "end", "alignment",
-                               "device", "_index"}
+        unknown = set(part) - {
+            "size",
+            "type",
+            "content",
+            "priority",
+            "label",
+            "name",
+            "start",
+            "end",
+            "alignment",
+            "device",
+            "_index",
+        }
         if unknown:
             raise DiskPlanError(f"{source}: {pwhere}.{sorted(unknown)[0]} is not supported by the installer.")
         pcontent = part.get("content") or {}
@@ -152,28 +172,36 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
         if ctype == "filesystem":
             fmt = pcontent.get("format")
             if fmt not in FORMATS:
-                raise DiskPlanError(f"{source}: {pwhere}.content.format = {fmt!r} is not supported by the installer "
-                                    f"(supported: {', '.join(sorted(FORMATS))}).")
+                raise DiskPlanError(
+                    f"{source}: {pwhere}.content.format = {fmt!r} is not supported by the installer "
+                    f"(supported: {', '.join(sorted(FORMATS))})."
+                )
             mountpoint = pcontent.get("mountpoint")
             default_type = "EF00" if mountpoint == "/boot" and fmt == "vfat" else "8300"
         elif ctype == "swap":
             fmt, mountpoint, default_type = "swap", None, "8200"
         else:
-            raise DiskPlanError(f"{source}: {pwhere}.content.type = {ctype!r} is not supported by the installer "
-                                "(supported: filesystem, swap).")
+            raise DiskPlanError(
+                f"{source}: {pwhere}.content.type = {ctype!r} is not supported by the installer "
+                "(supported: filesystem, swap)."
+            )
         type_code = str(part.get("type", default_type)).upper()
         if type_code not in TYPE_GUIDS:
-            raise DiskPlanError(f"{source}: {pwhere}.type = {type_code!r} is not a GPT type the installer knows "
-                                f"({', '.join(TYPE_GUIDS)}).")
+            raise DiskPlanError(
+                f"{source}: {pwhere}.type = {type_code!r} is not a GPT type the installer knows "
+                f"({', '.join(TYPE_GUIDS)})."
+            )
         if "size" not in part:
-            raise DiskPlanError(f"{source}: {pwhere}.size is required (e.g. \"512M\" or \"100%\").")
+            raise DiskPlanError(f'{source}: {pwhere}.size is required (e.g. "512M" or "100%").')
         size = parse_size(part["size"], f"{pwhere}.size")
         label = str(part.get("label") or f"disk-{disk}-{name}")
         parts.append(Partition(number, name, label, size, type_code, fmt, mountpoint))
     rest = [p for p in parts if p.size_mib is None]
     if len(rest) > 1:
-        raise DiskPlanError(f"{source}: {where}.content.partitions: only one partition can take \"100%\" "
-                            f"({', '.join(p.name for p in rest)} do).")
+        raise DiskPlanError(
+            f'{source}: {where}.content.partitions: only one partition can take "100%" '
+            f"({', '.join(p.name for p in rest)} do)."
+        )
     plan = DiskPlan(disk, str(spec.get("device", "")), disk_mib, tuple(parts))
     fixed = sum(p.size_mib or 0 for p in parts)
     need = ALIGN_MIB + fixed + GPT_BACKUP_MIB + (1 if rest else 0)
@@ -185,12 +213,12 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
             "install.size_gib or the hardware disk's size_gib)."
         )
     if plan.by_mountpoint("/") is None:
-        raise DiskPlanError(f"{source}: no partition of {where} is mounted on \"/\".")
+        raise DiskPlanError(f'{source}: no partition of {where} is mounted on "/".')
     return plan
 
 
 # Accept both a plain attrset and a disko-style function ({ lib ? …, ... }: { disko.devices = …; }).
-_APPLY = "c: let v = if builtins.isFunction c then c { } else c; in v.disko.devices or (throw \"no disko.devices\")"
+_APPLY = 'c: let v = if builtins.isFunction c then c { } else c; in v.disko.devices or (throw "no disko.devices")'
 
 
 def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
@@ -200,8 +228,9 @@ def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
     try:
         devices = nix.eval_file_json(disk_config, apply=_APPLY)
     except nix.NixError as exc:
-        raise DiskPlanError(f"{disk_config}: cannot be evaluated as a disko config. {exc}", exc.hint,
-                            exc.detail) from None
+        raise DiskPlanError(
+            f"{disk_config}: cannot be evaluated as a disko config. {exc}", exc.hint, exc.detail
+        ) from None
     if not isinstance(devices, dict):
         raise DiskPlanError(f"{disk_config}: disko.devices is not an attribute set.")
     return plan_from_devices(devices, disk, disk_mib, str(disk_config))

@@ -165,8 +165,10 @@ class Disk(Model):
         named = DiskBus.for_device(self.device)
         if self.kind in DiskBus.__members__ and named is not None and named.value != self.kind:
             bus = DiskBus(self.kind)
-            raise ValueError(f"disk {self.name!r}: kind {self.kind!r} attaches as {bus.device}, but device is "
-                             f"{self.device!r} (a {named.value} name); make them agree")
+            raise ValueError(
+                f"disk {self.name!r}: kind {self.kind!r} attaches as {bus.device}, but device is "
+                f"{self.device!r} (a {named.value} name); make them agree"
+            )
         return self
 
     @property
@@ -269,8 +271,9 @@ class ProbeKind(enum.StrEnum):
     @property
     def guest_kind(self) -> GuestKind | None:
         """The kind of guest this probe talks to by default (None: the console, or a port of the host)."""
-        return {"dns": GuestKind.dns, "nats": GuestKind.nats, "stats": GuestKind.nats,
-                "ssh": GuestKind.dev}.get(self.value)
+        return {"dns": GuestKind.dns, "nats": GuestKind.nats, "stats": GuestKind.nats, "ssh": GuestKind.dev}.get(
+            self.value
+        )
 
     @property
     def default_port(self) -> int | None:
@@ -395,8 +398,10 @@ class Host(Model):
         names = {g.name for g in self.guests}
         for probe in self.boot.probes:
             if probe.guest is not None and probe.guest not in names:
-                raise ValueError(f"boot.probes: a {probe.kind.value} probe names guest {probe.guest!r}, which this "
-                                 f"host does not have (its guests: {', '.join(sorted(names)) or 'none'})")
+                raise ValueError(
+                    f"boot.probes: a {probe.kind.value} probe names guest {probe.guest!r}, which this "
+                    f"host does not have (its guests: {', '.join(sorted(names)) or 'none'})"
+                )
         return self
 
     @model_validator(mode="after")
@@ -404,8 +409,7 @@ class Host(Model):
         known = {d.name for d in self.hardware.disks}
         if self.install is not None and self.install.size_gib is None and self.install.disk not in known:
             raise ValueError(
-                f"install.disk {self.install.disk!r} is not among hardware.disks; add it there or set "
-                "install.size_gib"
+                f"install.disk {self.install.disk!r} is not among hardware.disks; add it there or set install.size_gib"
             )
         return self
 
@@ -488,8 +492,11 @@ class Domain(Model):
 
     def artifacts(self) -> list[Artifact]:
         """Every image the domain asks for, in host order."""
-        return [Artifact(host=name, format=fmt, system=host.system) for name, host in self.hosts.items()
-                for fmt in host.images]
+        return [
+            Artifact(host=name, format=fmt, system=host.system)
+            for name, host in self.hosts.items()
+            for fmt in host.images
+        ]
 
 
 class Artifact(Model):
@@ -538,38 +545,49 @@ def load_domain(directory: Path) -> Domain:
     """Read and validate `<directory>/domain.json`."""
     path = directory / DOMAIN_FILE
     if not directory.is_dir():
-        raise DomainError(f"{directory}: no such domain directory.",
-                          hint="Pass an existing one with `doit domain=DIR` or CIM_DOMAIN=DIR (the demo is "
-                               "configs/demo).")
+        raise DomainError(
+            f"{directory}: no such domain directory.",
+            hint="Pass an existing one with `doit domain=DIR` or CIM_DOMAIN=DIR (the demo is configs/demo).",
+        )
     if not path.is_file():
         raise DomainError(f"{path}: file not found.", hint="A domain directory holds domain.json beside its flake.nix.")
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_DOMAIN_BYTES + 1)  # never more than the cap, whatever the file's size
     except OSError as exc:
-        raise DomainError(f"{path}: cannot be read ({exc.strerror or exc}).",
-                          hint="Check the file's permissions and that it is a regular file.") from None
+        raise DomainError(
+            f"{path}: cannot be read ({exc.strerror or exc}).",
+            hint="Check the file's permissions and that it is a regular file.",
+        ) from None
     if len(raw) > MAX_DOMAIN_BYTES:
-        raise DomainError(f"{path}: larger than {MAX_DOMAIN_BYTES // 2**20} MiB; a domain description is a few "
-                          "kilobytes (is it the right file?).",
-                          hint="Point domain=DIR at a directory whose domain.json describes the domain "
-                               "(`cim schema` shows what it holds).")
+        raise DomainError(
+            f"{path}: larger than {MAX_DOMAIN_BYTES // 2**20} MiB; a domain description is a few "
+            "kilobytes (is it the right file?).",
+            hint="Point domain=DIR at a directory whose domain.json describes the domain "
+            "(`cim schema` shows what it holds).",
+        )
     nul = raw.find(b"\0")
     if nul >= 0:
-        raise DomainError(f"{path}: binary data (a NUL byte at offset {nul}), not JSON text.",
-                          hint="domain.json must be UTF-8 JSON text (`cim schema` shows what it holds).")
+        raise DomainError(
+            f"{path}: binary data (a NUL byte at offset {nul}), not JSON text.",
+            hint="domain.json must be UTF-8 JSON text (`cim schema` shows what it holds).",
+        )
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise DomainError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}).", hint="Save it as UTF-8.") \
-            from None
+        raise DomainError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}).", hint="Save it as UTF-8."
+        ) from None
     except json.JSONDecodeError as exc:
-        raise DomainError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.",
-                          hint="Fix the syntax there (`python3 -m json.tool` shows it too).") from None
+        raise DomainError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.",
+            hint="Fix the syntax there (`python3 -m json.tool` shows it too).",
+        ) from None
     except RecursionError:
-        raise DomainError(f"{path}: JSON nested too deeply to read (thousands of levels of arrays or objects).",
-                          hint="A domain.json is a few levels deep (`cim schema` shows its shape); fix the "
-                               "file.") from None
+        raise DomainError(
+            f"{path}: JSON nested too deeply to read (thousands of levels of arrays or objects).",
+            hint="A domain.json is a few levels deep (`cim schema` shows its shape); fix the file.",
+        ) from None
     return parse_domain(data, str(path))
 
 

@@ -39,7 +39,7 @@ def _file_digest(path: Path, digest: _Digest) -> str:
             view = memoryview(mapped)
             try:
                 for start in range(0, len(view), _MAP_CHUNK):
-                    digest.update(view[start:start + _MAP_CHUNK])
+                    digest.update(view[start : start + _MAP_CHUNK])
             finally:
                 view.release()
     return digest.hexdigest()

@@ -69,10 +69,20 @@ def spec(host_name: str, host: Host) -> dict[str, Any]:
     """What, besides the ISO and the disk-config file, decides an install test, keyed as in domain.json."""
     assert host.install is not None
     declared = next((d for d in host.hardware.disks if d.name == host.install.disk), None)
-    attached = {"hardware": {"disks": {declared.name: {"kind": declared.bus.value if declared.bus else None}}}} \
-        if declared is not None else {}
-    return {"hosts": {host_name: {"install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
-                                  "boot": {"memory_mib": vm_size(host)[0]}, **attached}}}
+    attached = (
+        {"hardware": {"disks": {declared.name: {"kind": declared.bus.value if declared.bus else None}}}}
+        if declared is not None
+        else {}
+    )
+    return {
+        "hosts": {
+            host_name: {
+                "install": {"disk": host.install.disk, "disk_mib": disk_mib(host)},
+                "boot": {"memory_mib": vm_size(host)[0]},
+                **attached,
+            }
+        }
+    }
 
 
 def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
@@ -94,20 +104,25 @@ def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) ->
             f"{config}: {where} = {plan.device!r} names no disk kind the install VM can attach "
             f"({', '.join(f'{k.value} {k.device}' for k in DiskBus)}).",
             hint=f"Give domain.json hosts.{host_name}.hardware.disks '{host.install.disk}' a 'kind' and the "
-                 "disk-config the device that kind appears as.")
+            "disk-config the device that kind appears as.",
+        )
     if declared is not None and declared.device != plan.device:
         raise DiskPlanError(
             f"{config}: {where} = {plan.device!r}, but domain.json hosts.{host_name}.hardware.disks "
-            f"'{declared.name}' is {declared.device!r}.", hint="Make the two name the same device.")
+            f"'{declared.name}' is {declared.device!r}.",
+            hint="Make the two name the same device.",
+        )
     if plan.device != kind.device:
         raise DiskPlanError(
             f"{config}: {where} = {plan.device!r}, but the host's disk is {kind.value}, which the install VM (like "
             f"the real machine's first {kind.value} disk) shows as {kind.device}.",
-            hint=f"Use {kind.device} in the disk-config, or change the disk's kind in domain.json.")
+            hint=f"Use {kind.device} in the disk-config, or change the disk's kind in domain.json.",
+        )
     return kind
 
 
 # -- checking the installed system from its console ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Mounted:
@@ -161,14 +176,25 @@ def check_installed(plan: DiskPlan, console: str) -> list[str]:
 
 # -- the flow ------------------------------------------------------------------------------------------------------
 
+
 def _phase_error(exc: VmError, phase: str) -> InstallError:
     kind = "stalled" if isinstance(exc, VmTimeout) else "failed"
     return InstallError(f"install phase '{phase}' {kind}: {exc}")
 
 
-def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3: str, *, workdir: Path,
-           log_dest: Path, log_name: str, record: Callable[[InstallResult], None],
-           machine_state: Path | None = None) -> InstallResult:
+def verify(
+    host_name: str,
+    host: Host,
+    domain_dir: Path,
+    image: Path,
+    image_xxh3: str,
+    *,
+    workdir: Path,
+    log_dest: Path,
+    log_name: str,
+    record: Callable[[InstallResult], None],
+    machine_state: Path | None = None,
+) -> InstallResult:
     """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it.
 
     `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
@@ -190,16 +216,28 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
     say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})")
 
     installer = VmSpec(
-        name=f"{host_name}-installer", system=System.x86_64_linux, workdir=workdir / "installer",
-        console_log=workdir / "installer.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
-        firmware=Firmware.bios, boot_order="d", published_log=log_dest,
+        name=f"{host_name}-installer",
+        system=System.x86_64_linux,
+        workdir=workdir / "installer",
+        console_log=workdir / "installer.log",
+        memory_mib=vm_size(host)[0],
+        cpus=vm_size(host)[1],
+        firmware=Firmware.bios,
+        boot_order="d",
+        published_log=log_dest,
         drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
         extra=tuple(contract.install_request()),
     )
     disk_boot = VmSpec(
-        name=f"{host_name}-disk", system=System.x86_64_linux, workdir=workdir / "disk-boot",
-        console_log=workdir / "disk-boot.log", memory_mib=vm_size(host)[0], cpus=vm_size(host)[1],
-        firmware=Firmware.uefi, drives=(Drive(disk, format="qcow2", bus=kind.value),), published_log=log_dest,
+        name=f"{host_name}-disk",
+        system=System.x86_64_linux,
+        workdir=workdir / "disk-boot",
+        console_log=workdir / "disk-boot.log",
+        memory_mib=vm_size(host)[0],
+        cpus=vm_size(host)[1],
+        firmware=Firmware.uefi,
+        drives=(Drive(disk, format="qcow2", bus=kind.value),),
+        published_log=log_dest,
     )
     if machine_state is not None:
         # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.
@@ -216,11 +254,20 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
     checks: list[str] = []
     error: str | None = None
     try:
-        with step(task, f"phase installer: {image.name} (BIOS) beside the blank disk, install requested "
-                        f"({names.credential} credential)") as phase, Vm(installer) as vm:
+        with (
+            step(
+                task,
+                f"phase installer: {image.name} (BIOS) beside the blank disk, install requested "
+                f"({names.credential} credential)",
+            ) as phase,
+            Vm(installer) as vm,
+        ):
             try:
-                first = vm.wait_for_console(f"{started_re}|{failed_re}|{probes.boot_complete_pattern(host_name)}",
-                                            timeout, "the installer's started line")
+                first = vm.wait_for_console(
+                    f"{started_re}|{failed_re}|{probes.boot_complete_pattern(host_name)}",
+                    timeout,
+                    "the installer's started line",
+                )
                 if re.match(probes.boot_complete_pattern(host_name), first.group(0)):
                     grace = min(LIVE_GRACE_S, max(1.0, timeout - phase.seconds))
                     try:
@@ -230,7 +277,8 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
                             f"install phase 'installer' failed: the ISO booted its live system and no installer "
                             f"started within {grace:g} s of its boot-complete line: the image does not act on the "
                             f"install request (SMBIOS type {names.smbios_type} '{names.smbios_value}'); log "
-                            f"{log_dest}") from None
+                            f"{log_dest}"
+                        ) from None
                 remaining = max(1.0, timeout - phase.seconds)
                 if re.match(failed_re, first.group(0), re.M):
                     # The reason may still be on its way: give the installer its power-off, then read the line.
@@ -246,13 +294,17 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
             console = vm.console.replace("\r", "")
             failed = re.search(failed_re, console, re.M)
             if failed or not re.search(done_re, console, re.M):
-                raise InstallError(f"install phase 'installer' failed: "
-                                   f"{failed.group(0) if failed else 'powered off without the done line'}; "
-                                   f"log {log_dest}")
+                raise InstallError(
+                    f"install phase 'installer' failed: "
+                    f"{failed.group(0) if failed else 'powered off without the done line'}; "
+                    f"log {log_dest}"
+                )
         phases["installer"] = phase.seconds
 
-        with step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase, \
-                Vm(disk_boot) as vm:
+        with (
+            step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase,
+            Vm(disk_boot) as vm,
+        ):
             try:
                 vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
             except VmError as exc:
@@ -266,10 +318,18 @@ def verify(host_name: str, host: Host, domain_dir: Path, image: Path, image_xxh3
         error = str(exc).splitlines()[0]
         raise
     finally:
-        outcome = InstallResult(result="fail" if error is not None or not checks else "pass", log=log_name,
-                                image_xxh3=image_xxh3, disk_mib=plan.disk_mib, plan=plan.describe(),
-                                seconds=round(time.monotonic() - started, 1), phases=phases, checks=checks,
-                                error=error, at=utc_now())
+        outcome = InstallResult(
+            result="fail" if error is not None or not checks else "pass",
+            log=log_name,
+            image_xxh3=image_xxh3,
+            disk_mib=plan.disk_mib,
+            plan=plan.describe(),
+            seconds=round(time.monotonic() - started, 1),
+            phases=phases,
+            checks=checks,
+            error=error,
+            at=utc_now(),
+        )
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
         record(outcome)
     shutil.rmtree(workdir, ignore_errors=True)

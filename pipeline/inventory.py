@@ -46,6 +46,7 @@ class InventoryError(CimError):
 
 # -- what the boot VM is ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class VmDisk:
     """A disk the boot VM has besides its boot medium: a sparse blank image on `bus`."""
@@ -89,17 +90,26 @@ def boot_machine(host: Host) -> BootMachine:
     declared_mib = int(hw.memory_gib * 1024)
     if declared_mib > VM_MAX_MEMORY_MIB:
         memory = boot.memory_mib or VM_DEFAULT_MEMORY_MIB
-        unchecked.append(Unchecked(
-            field="memory_gib", declared=_gib(hw.memory_gib),
-            reason=f"a boot VM gets at most {VM_MAX_MEMORY_MIB // 1024} GiB (this one {memory} MiB); "
-                   "the machine's own report checks it (`cim inventory --facter`)"))
+        unchecked.append(
+            Unchecked(
+                field="memory_gib",
+                declared=_gib(hw.memory_gib),
+                reason=f"a boot VM gets at most {VM_MAX_MEMORY_MIB // 1024} GiB (this one {memory} MiB); "
+                "the machine's own report checks it (`cim inventory --facter`)",
+            )
+        )
     else:
         memory = boot.memory_mib or declared_mib
     declared_cpus = hw.cpu.threads or hw.cpu.cores
     if declared_cpus > VM_MAX_CPUS:
         cpus = boot.cpus or 1
-        unchecked.append(Unchecked(field="cpu.cores", declared=f"{hw.cpu.cores} cores / {declared_cpus} threads",
-                                   reason=f"a boot VM gets at most {VM_MAX_CPUS} CPUs (this one {cpus})"))
+        unchecked.append(
+            Unchecked(
+                field="cpu.cores",
+                declared=f"{hw.cpu.cores} cores / {declared_cpus} threads",
+                reason=f"a boot VM gets at most {VM_MAX_CPUS} CPUs (this one {cpus})",
+            )
+        )
     else:
         cpus = boot.cpus or declared_cpus
     if not is_virtual(hw):
@@ -111,18 +121,33 @@ def boot_machine(host: Host) -> BootMachine:
     for disk in hw.disks:
         fieldname = f"disks.{disk.name}"
         if disk.image:
-            unchecked.append(Unchecked(field=f"{fieldname}.size_gib", declared=_gib(disk.size_gib),
-                                       reason="this disk is the image itself: the VM's disk is the image file's size"))
+            unchecked.append(
+                Unchecked(
+                    field=f"{fieldname}.size_gib",
+                    declared=_gib(disk.size_gib),
+                    reason="this disk is the image itself: the VM's disk is the image file's size",
+                )
+            )
             continue
         bus = DiskBus.for_device(disk.device)
         if boot.disks is not None:
             continue
         if bus is None:
-            unchecked.append(Unchecked(field=fieldname, declared=f"{disk.device} {_gib(disk.size_gib)}",
-                                       reason=f"the boot VM has no disk that the guest names {disk.device}"))
+            unchecked.append(
+                Unchecked(
+                    field=fieldname,
+                    declared=f"{disk.device} {_gib(disk.size_gib)}",
+                    reason=f"the boot VM has no disk that the guest names {disk.device}",
+                )
+            )
         elif disk.size_gib > VM_MAX_DISK_GIB:
-            unchecked.append(Unchecked(field=fieldname, declared=_gib(disk.size_gib),
-                                       reason=f"a boot VM's blank disk is at most {VM_MAX_DISK_GIB} GiB"))
+            unchecked.append(
+                Unchecked(
+                    field=fieldname,
+                    declared=_gib(disk.size_gib),
+                    reason=f"a boot VM's blank disk is at most {VM_MAX_DISK_GIB} GiB",
+                )
+            )
         else:
             disks.append(VmDisk(disk.size_gib, bus))
     if boot.disks is not None:
@@ -132,22 +157,33 @@ def boot_machine(host: Host) -> BootMachine:
     for index, gpu in enumerate(hw.gpus):
         display = _display_for(gpu)
         if gpu.passthrough:
-            unchecked.append(Unchecked(field=f"gpus[{index}]", declared=gpu.model,
-                                       reason="a passed-through GPU cannot be given to a boot VM"))
+            unchecked.append(
+                Unchecked(
+                    field=f"gpus[{index}]",
+                    declared=gpu.model,
+                    reason="a passed-through GPU cannot be given to a boot VM",
+                )
+            )
         elif display is None:
-            unchecked.append(Unchecked(
-                field=f"gpus[{index}]", declared=gpu.model,
-                reason="QEMU has no such display adapter (give pci_id of one it has, or check the real machine's "
-                       "report)"))
+            unchecked.append(
+                Unchecked(
+                    field=f"gpus[{index}]",
+                    declared=gpu.model,
+                    reason="QEMU has no such display adapter (give pci_id of one it has, or check the real machine's "
+                    "report)",
+                )
+            )
         elif boot.displays is None:
             displays.append(display)
     if boot.displays is not None:
         displays = list(boot.displays)
-    return BootMachine(memory_mib=memory, cpus=cpus, disks=tuple(disks), displays=tuple(displays),
-                       unchecked=tuple(unchecked))
+    return BootMachine(
+        memory_mib=memory, cpus=cpus, disks=tuple(disks), displays=tuple(displays), unchecked=tuple(unchecked)
+    )
 
 
 # -- what a machine detected --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DetectedDisk:
@@ -231,26 +267,47 @@ def _memory_bytes(data: dict[str, Any]) -> int:
     installed = sum(int(d.get("size", 0) or 0) for d in devices) * 1024
     if installed:
         return installed
-    return sum(int(res.get("range", 0)) for mem in (data.get("hardware") or {}).get("memory", [])
-               for res in mem.get("resources", []) if res.get("type") == "phys_mem")
+    return sum(
+        int(res.get("range", 0))
+        for mem in (data.get("hardware") or {}).get("memory", [])
+        for res in mem.get("resources", [])
+        if res.get("type") == "phys_mem"
+    )
 
 
 def parse_report(data: Any, source: str) -> Detected:
     """A facter.json (nixos-facter, or the demo images' cim-inventory) → `Detected`; InventoryError if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("hardware"), dict) or "version" not in data:
-        raise InventoryError(f"{source}: not a hardware report (no top-level 'version' and 'hardware').",
-                             hint="Give a facter.json from `nixos-facter` or an inventory.json from a boot test.")
+        raise InventoryError(
+            f"{source}: not a hardware report (no top-level 'version' and 'hardware').",
+            hint="Give a facter.json from `nixos-facter` or an inventory.json from a boot test.",
+        )
     hw = data["hardware"]
     try:
         cpus = hw.get("cpu") or []
         cpu_model = next((str(c["model_name"]) for c in cpus if c.get("model_name")), "")
         cores = sum(int(c.get("cores") or c.get("siblings") or 1) for c in cpus)
         threads = sum(int(c.get("siblings") or c.get("cores") or 1) for c in cpus)
-        disks = tuple(DetectedDisk(_device_name(d), _disk_bytes(d), str(d.get("model", "")), str(d.get("serial", "")),
-                                   str(d.get("driver", ""))) for d in hw.get("disk", []))
-        gpus = tuple(DetectedGpu(f"{_hex4(g.get('vendor'))}:{_hex4(g.get('device'))}", str(g.get("model", "")),
-                                 str(g.get("sysfs_bus_id", "")), str(g.get("driver", "")),
-                                 g.get("sysfs_iommu_group_id")) for g in hw.get("graphics_card", []))
+        disks = tuple(
+            DetectedDisk(
+                _device_name(d),
+                _disk_bytes(d),
+                str(d.get("model", "")),
+                str(d.get("serial", "")),
+                str(d.get("driver", "")),
+            )
+            for d in hw.get("disk", [])
+        )
+        gpus = tuple(
+            DetectedGpu(
+                f"{_hex4(g.get('vendor'))}:{_hex4(g.get('device'))}",
+                str(g.get("model", "")),
+                str(g.get("sysfs_bus_id", "")),
+                str(g.get("driver", "")),
+                g.get("sysfs_iommu_group_id"),
+            )
+            for g in hw.get("graphics_card", [])
+        )
         nics = []
         for n in hw.get("network_interface", []):
             names = n.get("unix_device_names") or [str(n.get("sysfs_id", "")).rsplit("/", 1)[-1]]
@@ -260,18 +317,29 @@ def parse_report(data: Any, source: str) -> Detected:
             nics.append(DetectedNic(str(names[0]), str(n.get("driver", "")), mac))
         smbios_system = (data.get("smbios") or {}).get("system") or {}
         return Detected(
-            system=str(data.get("system", "")), virtualisation=str(data.get("virtualisation", "")),
-            vendor=str(smbios_system.get("manufacturer", "")), model=str(smbios_system.get("product", "")),
-            cpu_model=cpu_model, cpu_cores=cores, cpu_threads=threads,
+            system=str(data.get("system", "")),
+            virtualisation=str(data.get("virtualisation", "")),
+            vendor=str(smbios_system.get("manufacturer", "")),
+            model=str(smbios_system.get("product", "")),
+            cpu_model=cpu_model,
+            cpu_cores=cores,
+            cpu_threads=threads,
             architecture=str(cpus[0].get("architecture", "")) if cpus else "",
-            memory_bytes=_memory_bytes(data), disks=disks, gpus=gpus, nics=tuple(nics),
-            firmware=str((data.get("firmware") or {}).get("type", "")))
+            memory_bytes=_memory_bytes(data),
+            disks=disks,
+            gpus=gpus,
+            nics=tuple(nics),
+            firmware=str((data.get("firmware") or {}).get("type", "")),
+        )
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        raise InventoryError(f"{source}: a hardware report whose fields are not as facter writes them ({exc}).",
-                             hint="Give the facter.json unchanged, as nixos-facter wrote it.") from None
+        raise InventoryError(
+            f"{source}: a hardware report whose fields are not as facter writes them ({exc}).",
+            hint="Give the facter.json unchanged, as nixos-facter wrote it.",
+        ) from None
 
 
 # -- declared vs detected -----------------------------------------------------------------------------------------
+
 
 def _words(text: str) -> set[str]:
     text = re.sub(r"\((r|tm|c)\)|@.*$", " ", text.lower())
@@ -320,12 +388,23 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
             continue
         match = found.pop(disk.device.removeprefix("/dev/"), None)
         if match is None:
-            out.append(Difference(field=name, declared=f"{disk.device} {_gib(disk.size_gib)}", detected="(none)",
-                                  kind=Kind.missing))
-        elif (f"{name}.size_gib" not in unchecked
-              and abs(match.size_bytes - disk.size_gib * GIB) > DISK_TOLERANCE * disk.size_gib * GIB):
-            out.append(Difference(field=f"{name}.size_gib", declared=_gib(disk.size_gib),
-                                  detected=_gib(round(match.size_gib, 2)), kind=Kind.differs))
+            out.append(
+                Difference(
+                    field=name, declared=f"{disk.device} {_gib(disk.size_gib)}", detected="(none)", kind=Kind.missing
+                )
+            )
+        elif (
+            f"{name}.size_gib" not in unchecked
+            and abs(match.size_bytes - disk.size_gib * GIB) > DISK_TOLERANCE * disk.size_gib * GIB
+        ):
+            out.append(
+                Difference(
+                    field=f"{name}.size_gib",
+                    declared=_gib(disk.size_gib),
+                    detected=_gib(round(match.size_gib, 2)),
+                    kind=Kind.differs,
+                )
+            )
     for extra in found.values():
         seen = f"/dev/{extra.name} {_gib(round(extra.size_gib, 2))}" + (f" {extra.model}" if extra.model else "")
         out.append(Difference(field=f"disks.{extra.name}", declared="(none)", detected=seen, kind=Kind.unexpected))
@@ -344,8 +423,14 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
         elif gpu.pci_id and not model_matches(gpu.model, card.model):
             out.append(Difference(field=f"{name}.model", declared=gpu.model, detected=card.model, kind=Kind.differs))
     for other in gpus:
-        out.append(Difference(field="gpus", declared="(none)",
-                              detected=f"{other.model} [{other.pci_id}] at {other.bus_id}", kind=Kind.unexpected))
+        out.append(
+            Difference(
+                field="gpus",
+                declared="(none)",
+                detected=f"{other.model} [{other.pci_id}] at {other.bus_id}",
+                kind=Kind.unexpected,
+            )
+        )
     return out
 
 
@@ -365,8 +450,9 @@ class Verdict:
         return self.matches or self.policy is not InventoryPolicy.enforce
 
     def summary(self) -> str:
-        checked = ("matches the inventory" if self.matches
-                   else f"{len(self.differences)} difference(s) from the inventory")
+        checked = (
+            "matches the inventory" if self.matches else f"{len(self.differences)} difference(s) from the inventory"
+        )
         extra = f", {len(self.unchecked)} fact(s) unchecked" if self.unchecked else ""
         return f"{checked}{extra} (policy {self.policy.value})"
 
@@ -384,13 +470,16 @@ def verdict(hw: Hardware, detected: Detected, policy: InventoryPolicy, machine: 
 def enforce_error(host: str, result: Verdict) -> InventoryError:
     """The boot failure under `enforce`: each difference as declared vs detected."""
     return InventoryError(
-        f"{host}: the detected hardware is not what domain.json declares: " + "; ".join(
-            d.describe() for d in result.differences) + ".",
+        f"{host}: the detected hardware is not what domain.json declares: "
+        + "; ".join(d.describe() for d in result.differences)
+        + ".",
         hint="Unknown hardware does not pass under inventory policy 'enforce': fix domain.json (`cim inventory "
-             f"{host} --domain DIR --write`) or the machine, or set \"inventory\": \"record\".")
+        f'{host} --domain DIR --write`) or the machine, or set "inventory": "record".',
+    )
 
 
 # -- side by side, and bringing domain.json in line ---------------------------------------------------------------
+
 
 def side_by_side(hw: Hardware, detected: Detected, result: Verdict) -> list[tuple[str, str, str, str]]:
     """Rows (fact, declared, detected, status) for `cim inventory`."""
@@ -400,12 +489,18 @@ def side_by_side(hw: Hardware, detected: Detected, result: Verdict) -> list[tupl
     def st(name: str) -> str:
         return status.get(name, "ok")
 
-    rows = [("machine", f"{hw.vendor} {hw.model}".strip(), f"{detected.vendor} {detected.model}".strip(),
-             st("model") if "model" in status else st("vendor")),
-            ("cpu.model", hw.cpu.model, detected.cpu_model, st("cpu.model")),
-            ("cpu.cores", str(hw.cpu.cores), str(detected.cpu_cores), st("cpu.cores")),
-            ("cpu.threads", str(hw.cpu.threads or "-"), str(detected.cpu_threads), st("cpu.threads")),
-            ("memory_gib", f"{hw.memory_gib:g}", f"{detected.memory_gib:.2f}", st("memory_gib"))]
+    rows = [
+        (
+            "machine",
+            f"{hw.vendor} {hw.model}".strip(),
+            f"{detected.vendor} {detected.model}".strip(),
+            st("model") if "model" in status else st("vendor"),
+        ),
+        ("cpu.model", hw.cpu.model, detected.cpu_model, st("cpu.model")),
+        ("cpu.cores", str(hw.cpu.cores), str(detected.cpu_cores), st("cpu.cores")),
+        ("cpu.threads", str(hw.cpu.threads or "-"), str(detected.cpu_threads), st("cpu.threads")),
+        ("memory_gib", f"{hw.memory_gib:g}", f"{detected.memory_gib:.2f}", st("memory_gib")),
+    ]
     seen = set()
     for disk in hw.disks:
         name = disk.device.removeprefix("/dev/")
@@ -413,16 +508,28 @@ def side_by_side(hw: Hardware, detected: Detected, result: Verdict) -> list[tupl
         got = next((d for d in detected.disks if d.name == name), None)
         shown = f"/dev/{got.name} {got.size_gib:.2f} GiB {got.model}".strip() if got else "(none)"
         key = f"disks.{disk.name}"
-        rows.append((key, f"{disk.device} {disk.size_gib:g} GiB" + (" (image)" if disk.image else ""), shown,
-                     status.get(key, status.get(f"{key}.size_gib", "ok"))))
+        rows.append(
+            (
+                key,
+                f"{disk.device} {disk.size_gib:g} GiB" + (" (image)" if disk.image else ""),
+                shown,
+                status.get(key, status.get(f"{key}.size_gib", "ok")),
+            )
+        )
     for got in detected.disks:
         if got.name not in seen:
             rows.append((f"disks.{got.name}", "(none)", f"/dev/{got.name} {got.size_gib:.2f} GiB", "unexpected"))
     for index, gpu in enumerate(hw.gpus):
         key = f"gpus[{index}]"
         match = next((g for g in detected.gpus if _gpu_matches(gpu, g)), None)
-        rows.append((key, gpu.model, f"{match.model} [{match.pci_id}]" if match else "(none)",
-                     status.get(key, status.get(f"{key}.model", "ok"))))
+        rows.append(
+            (
+                key,
+                gpu.model,
+                f"{match.model} [{match.pci_id}]" if match else "(none)",
+                status.get(key, status.get(f"{key}.model", "ok")),
+            )
+        )
     for card in detected.gpus:
         if not any(_gpu_matches(g, card) for g in hw.gpus):
             rows.append(("gpus", "(none)", f"{card.model} [{card.pci_id}] at {card.bus_id}", "unexpected"))
@@ -471,8 +578,14 @@ def merged_hardware(hw_json: dict[str, Any], detected: Detected, unchecked: Coll
         elif got is not None:
             disks.append({**disk, "size_gib": round(got.size_gib, 2)})
     for got in found.values():
-        disks.append({"name": re.sub(r"[^a-z0-9-]", "-", got.name.lower()), "device": f"/dev/{got.name}",
-                      "size_gib": round(got.size_gib, 2), "kind": _disk_kind(got.name)})
+        disks.append(
+            {
+                "name": re.sub(r"[^a-z0-9-]", "-", got.name.lower()),
+                "device": f"/dev/{got.name}",
+                "size_gib": round(got.size_gib, 2),
+                "kind": _disk_kind(got.name),
+            }
+        )
     out["disks"] = disks
     gpus_found = list(detected.gpus)
     gpus = []

@@ -94,6 +94,7 @@ def step(prefix: str, what: str, *, announce: bool = True) -> Iterator[Step]:
 
 # -- progress ---------------------------------------------------------------------------------------------------------
 
+
 def printable(text: str) -> str:
     """`text` without terminal escape sequences or control characters (a guest's console is full of them)."""
     return _ESCAPES.sub("", text).strip()
@@ -164,8 +165,9 @@ def _tick() -> None:
 
 
 @contextlib.contextmanager
-def progress(prefix: str, phase: str, deadline_s: float | None = None,
-             last_line: Callable[[], str] | None = None) -> Iterator[Wait]:
+def progress(
+    prefix: str, phase: str, deadline_s: float | None = None, last_line: Callable[[], str] | None = None
+) -> Iterator[Wait]:
     """Show that the wait inside the block is alive (see the module's doc); yields the Wait (its phase may change)."""
     global _ticker
     with _lock:

@@ -66,8 +66,9 @@ def output_installable(drv_path: str, output: str = "out") -> str:
     return f"{drv_path}^{output}" if version() >= (2, 13) else drv_path
 
 
-def _run_nix(args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (),
-             hint: str = "") -> subprocess.CompletedProcess[str]:
+def _run_nix(
+    args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (), hint: str = ""
+) -> subprocess.CompletedProcess[str]:
     """The funnel: `nix <options> <args>` with flakes on, a deadline, and NixError carrying nix's own words."""
     argv = ["nix", *FEATURES, *options, *args]
     try:
@@ -97,8 +98,9 @@ def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVA
 
 
 # The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.
-_HOST_ATTRS = ("b: builtins.mapAttrs (n: v: v.drvPath) "
-               "(builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)")
+_HOST_ATTRS = (
+    "b: builtins.mapAttrs (n: v: v.drvPath) (builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)"
+)
 
 
 def _unreachable(exc: NixError) -> bool:
@@ -269,8 +271,9 @@ def rebuild(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUIL
         if not match:
             raise
         kept = _KEPT_BUILD_DIR.search(exc.stderr)
-        return RebuildResult(drv_path, False, match.group(1), match.group(2) or "", exc.stderr,
-                             kept.group(1) if kept else "")
+        return RebuildResult(
+            drv_path, False, match.group(1), match.group(2) or "", exc.stderr, kept.group(1) if kept else ""
+        )
     return RebuildResult(drv_path, True, log=proc.stderr)
 
 
@@ -283,7 +286,7 @@ def _read_drv(drv_path: str) -> tuple[bool, list[str]]:
     text = Path(drv_path).read_text()
     outputs_end = text.find("],[")  # Derive([outputs],[inputDrvs],…
     fixed = any(m.group(3) for m in _DRV_OUTPUT.finditer(text[:outputs_end]))
-    return fixed, sorted(set(_DRV_INPUTS.findall(text[outputs_end:text.find("],[", outputs_end + 3)])))
+    return fixed, sorted(set(_DRV_INPUTS.findall(text[outputs_end : text.find("],[", outputs_end + 3)])))
 
 
 # What an image is assembled from (NixOS's names), checked before the packages it contains.
@@ -343,6 +346,7 @@ def hydra_product(out_path: Path, product_type: str) -> Path:
 
 # --- How a system gets built: native, local emulation (binfmt), or a remote builder. ---------------------------------
 
+
 class Strategy(enum.StrEnum):
     native = "native"
     emulation = "emulation"
@@ -394,8 +398,12 @@ def local_facts() -> NixFacts:
     if isinstance(platforms, str):
         platforms = platforms.split()
     builders = config.get("builders", "")
-    return NixFacts(system=str(config.get("system", "")), extra_platforms=tuple(platforms),
-                    builders=str(builders or "").strip(), binfmt=_binfmt_entries())
+    return NixFacts(
+        system=str(config.get("system", "")),
+        extra_platforms=tuple(platforms),
+        builders=str(builders or "").strip(),
+        binfmt=_binfmt_entries(),
+    )
 
 
 def _machines_systems(builders: str) -> set[str]:
@@ -423,18 +431,25 @@ def plan_build(system: System, facts: NixFacts, domain_builders: Sequence[Builde
         return BuildPlan(Strategy.native, system, f"the local Nix is {facts.system}")
     emulator = next((name for name in facts.binfmt if name == f"qemu-{system.arch}"), None)
     if system.value in facts.extra_platforms and emulator:
-        return BuildPlan(Strategy.emulation, system,
-                         f"local Nix lists {system.value} in extra-platforms and binfmt runs it with "
-                         f"{facts.binfmt[emulator] or emulator}")
+        return BuildPlan(
+            Strategy.emulation,
+            system,
+            f"local Nix lists {system.value} in extra-platforms and binfmt runs it with "
+            f"{facts.binfmt[emulator] or emulator}",
+        )
     ours = [b for b in domain_builders if system in b.systems]
     if ours:
         machines = builders_option(ours)
-        return BuildPlan(Strategy.remote, system,
-                         "remote builder(s) from domain.json: " + ", ".join(b.uri for b in ours),
-                         ("--option", "builders", machines, "--option", "builders-use-substitutes", "false"))
+        return BuildPlan(
+            Strategy.remote,
+            system,
+            "remote builder(s) from domain.json: " + ", ".join(b.uri for b in ours),
+            ("--option", "builders", machines, "--option", "builders-use-substitutes", "false"),
+        )
     if system.value in _machines_systems(facts.builders):
-        return BuildPlan(Strategy.remote, system,
-                         f"remote builder(s) from Nix's own builders setting ({facts.builders})")
+        return BuildPlan(
+            Strategy.remote, system, f"remote builder(s) from Nix's own builders setting ({facts.builders})"
+        )
     local = facts.system or "this machine's system"
     why = []
     if system.value not in facts.extra_platforms:
@@ -444,10 +459,10 @@ def plan_build(system: System, facts: NixFacts, domain_builders: Sequence[Builde
     raise NixError(
         f"a '{system.value}' build is required but this machine is a '{local}' ({'; '.join(why)}), and no remote "
         f"builder offers {system.value}. Two fixes: (1) emulate it locally: install qemu-user-static (Debian/Ubuntu; "
-        f"on NixOS boot.binfmt.emulatedSystems = [ \"{system.value}\" ]), make sure "
+        f'on NixOS boot.binfmt.emulatedSystems = [ "{system.value}" ]), make sure '
         f"{BINFMT_DIR}/qemu-{system.arch} is enabled (`mount -t binfmt_misc binfmt_misc {BINFMT_DIR}` then "
         f"`update-binfmts --enable qemu-{system.arch}`), and add `extra-platforms = {system.value}` to "
         f"/etc/nix/nix.conf — scripts/setup.sh does all of this; or (2) use a remote builder: add one to domain.json "
-        f"(\"builders\": [{{\"uri\": \"ssh-ng://nix@builder\", \"systems\": [\"{system.value}\"], "
-        f"\"ssh_key\": \"/root/.ssh/id_builder\"}}]) or to Nix's own `builders` setting / /etc/nix/machines."
+        f'("builders": [{{"uri": "ssh-ng://nix@builder", "systems": ["{system.value}"], '
+        f'"ssh_key": "/root/.ssh/id_builder"}}]) or to Nix\'s own `builders` setting / /etc/nix/machines.'
     )

@@ -92,8 +92,9 @@ def default_probes(domain: Domain, host_name: str, domain_dir: Path) -> list[Pro
         probes.append(Probe(kind=ProbeKind.dns, guest=kinds[GuestKind.dns]))
     if GuestKind.nats in kinds:
         probes.append(Probe(kind=ProbeKind.nats, guest=kinds[GuestKind.nats]))
-        probes.append(Probe(kind=ProbeKind.stats, guest=kinds[GuestKind.nats],
-                            timeout_s=max(60.0, 4.0 * host.stats_interval_s)))
+        probes.append(
+            Probe(kind=ProbeKind.stats, guest=kinds[GuestKind.nats], timeout_s=max(60.0, 4.0 * host.stats_interval_s))
+        )
     key = demo_key(domain, domain_dir)
     if GuestKind.dev in kinds and key is not None:
         probes.append(Probe(kind=ProbeKind.ssh, guest=kinds[GuestKind.dev], account=key[0], key=key[1]))
@@ -149,6 +150,7 @@ def retry(attempt: Callable[[], str], timeout: float, interval: float = 0.5) -> 
 
 # -- the checks: each one try, raising on failure -------------------------------------------------------------------
 
+
 def tcp_connect(port: int) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
         sock.settimeout(3)
@@ -190,8 +192,9 @@ def _bounded(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
 async def _nats_connect(port: int) -> Any:
     import nats  # nats-py
 
-    return await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0,
-                              allow_reconnect=False, error_cb=_quiet)
+    return await nats.connect(
+        f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False, error_cb=_quiet
+    )
 
 
 def nats_round_trip(port: int, subject: str) -> str:
@@ -215,8 +218,10 @@ def stats_problems(message: Any, host_name: str, guests: list[str]) -> list[str]
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(stats_schema())
-    problems = [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-                for e in sorted(validator.iter_errors(message), key=lambda e: list(map(str, e.absolute_path)))]
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in sorted(validator.iter_errors(message), key=lambda e: list(map(str, e.absolute_path)))
+    ]
     if problems:
         return [f"does not validate against pipeline/schemas/stats.json: {p}" for p in problems[:3]]
     if message["host"] != host_name:
@@ -246,8 +251,13 @@ def receive_inventory(port: int, host: str, wait: float) -> bytes:
         """Connection errors are retried by `retry`."""
 
     async def go() -> bytes:
-        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=3, max_reconnect_attempts=0,
-                                allow_reconnect=False, error_cb=quiet)
+        nc = await nats.connect(
+            f"nats://127.0.0.1:{port}",
+            connect_timeout=3,
+            max_reconnect_attempts=0,
+            allow_reconnect=False,
+            error_cb=quiet,
+        )
         try:
             sub = await nc.subscribe(inventory_subject(host))
             msg = await sub.next_msg(timeout=wait)
@@ -288,8 +298,10 @@ def stats_check(port: int, host_name: str, guests: list[str], timeout: float) ->
     problems = stats_problems(message, host_name, guests)
     if problems:
         raise StatsRejected(f"the message on {subject} {'; '.join(problems)}")
-    running = ", ".join(f"{g['name']} (pid {g['pid']}, {g.get('pid_namespace', '?')}, hostname "
-                        f"{g.get('hostname', '?')})" for g in message["guests"])
+    running = ", ".join(
+        f"{g['name']} (pid {g['pid']}, {g.get('pid_namespace', '?')}, hostname {g.get('hostname', '?')})"
+        for g in message["guests"]
+    )
     return f"{subject}: valid, guests running: {running or 'none declared'}"
 
 
@@ -334,21 +346,32 @@ def ssh_check(port: int, account: str, key: Path, expect: str) -> str:
     # The guest made its host key at this boot; nothing to check it against, and only loopback is dialled.
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     try:
-        client.connect("127.0.0.1", port=port, username=account, key_filename=str(key), timeout=5,
-                       banner_timeout=10, auth_timeout=10, look_for_keys=False, allow_agent=False)
+        client.connect(
+            "127.0.0.1",
+            port=port,
+            username=account,
+            key_filename=str(key),
+            timeout=5,
+            banner_timeout=10,
+            auth_timeout=10,
+            look_for_keys=False,
+            allow_agent=False,
+        )
         _stdin, stdout, stderr = client.exec_command("hostname", timeout=10)
         name = stdout.read().decode(errors="replace").strip()
         status = stdout.channel.recv_exit_status()
         if status != 0 or name != expect:
             said = stderr.read().decode(errors="replace").strip()
-            raise ProbeFailed(f"`hostname` as {account} printed {name!r} (exit {status}{', ' + said if said else ''}), "
-                              f"not {expect!r}")
+            raise ProbeFailed(
+                f"`hostname` as {account} printed {name!r} (exit {status}{', ' + said if said else ''}), not {expect!r}"
+            )
     finally:
         client.close()
     return f"{account} logged in with {key.name}; hostname: {name}"
 
 
 # -- running one probe ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ProbeContext:
@@ -423,9 +446,13 @@ def run_probe(vm: Vm, probe: Probe, ctx: ProbeContext) -> ProbeResult:
                 detail, ok = _check(vm, probe, ctx, port or 0), True
     except CimError as exc:  # ProbeFailed, or the VM's own errors (QEMU gone, console timeout)
         where = f"guest {guest}" if guest else f"host {ctx.host_name}"
-        via = (f" at {forward.address or 'the VM'}:{forward.guest_port}/{forward.proto}, forwarded from "
-               f"127.0.0.1:{port}" if forward is not None else "")
+        via = (
+            f" at {forward.address or 'the VM'}:{forward.guest_port}/{forward.proto}, forwarded from 127.0.0.1:{port}"
+            if forward is not None
+            else ""
+        )
         first = str(exc).split("\n")[0]
         detail, ok = f"probe {label(probe)} ({where}{via}) failed: {first}", False
-    return ProbeResult(probe=label(probe), ok=ok, seconds=round(time.monotonic() - started, 2), detail=detail,
-                       guest=guest, port=port)
+    return ProbeResult(
+        probe=label(probe), ok=ok, seconds=round(time.monotonic() - started, 2), detail=detail, guest=guest, port=port
+    )

@@ -53,6 +53,8 @@ def _kill_leftovers() -> None:
         leftovers = list(_children.values())
     for proc in leftovers:
         kill_group(proc, grace=LEFTOVER_GRACE)
+
+
 _busy: set[threading.Thread] = set()
 _stopping: int | None = None  # the signal that ends this run, once one came
 
@@ -72,8 +74,10 @@ class Interrupted(CimError):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
-        super().__init__(f"the run was interrupted by {signal.Signals(signum).name}; its VMs and nix processes "
-                         "were stopped", hint="Run it again: it continues from what completed.")
+        super().__init__(
+            f"the run was interrupted by {signal.Signals(signum).name}; its VMs and nix processes were stopped",
+            hint="Run it again: it continues from what completed.",
+        )
 
 
 def stopping() -> int | None:
@@ -116,7 +120,7 @@ def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         argv = _with_death_signal(argv, env.get("PATH") if env else None)
         proc: subprocess.Popen[Any] = subprocess.Popen(argv, start_new_session=True, **kwargs)
         _children[proc.pid] = proc
-        if argv[:len(REAPER)] == REAPER:
+        if argv[: len(REAPER)] == REAPER:
             _reapers.add(proc.pid)
     return proc
 
@@ -164,8 +168,13 @@ def start(argv: Sequence[str], **options: Unpack[Options]) -> subprocess.Popen[b
     """
     env = options.get("env")
     proc: subprocess.Popen[bytes] = _popen(
-        argv, stdout=options.get("stdout", subprocess.DEVNULL), stderr=options.get("stderr", subprocess.STDOUT),
-        stdin=options.get("stdin", subprocess.DEVNULL), env=dict(env) if env else None, cwd=options.get("cwd"))
+        argv,
+        stdout=options.get("stdout", subprocess.DEVNULL),
+        stderr=options.get("stderr", subprocess.STDOUT),
+        stdin=options.get("stdin", subprocess.DEVNULL),
+        env=dict(env) if env else None,
+        cwd=options.get("cwd"),
+    )
     return proc
 
 
@@ -192,9 +201,13 @@ def run(
     A run stopped by a signal raises `Interrupted` (its output is incomplete and no caller should judge it).
     """
     proc: subprocess.Popen[str] = _popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-        env=dict(env) if env else None, cwd=cwd,
+        env=dict(env) if env else None,
+        cwd=cwd,
     )
     try:
         out, err = proc.communicate(input=input_text, timeout=timeout)
@@ -212,6 +225,7 @@ def run(
 
 
 # -- ending a run on a signal -----------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def busy() -> Iterator[None]:
@@ -272,8 +286,10 @@ def _on_signal(signum: int, _frame: object) -> None:
     sys.stderr.flush()
     count = stop_all()
     _wait_for_busy_threads(time.monotonic() + CLEANUP_GRACE)
-    sys.stderr.write(f"[cim] {name}: stopped {count} process group(s); console logs are kept, nothing "
-                     "half-published. Run again to continue.\n")
+    sys.stderr.write(
+        f"[cim] {name}: stopped {count} process group(s); console logs are kept, nothing "
+        "half-published. Run again to continue.\n"
+    )
     sys.stderr.flush()
     # A thread still blocked in a network wait (a probe of a VM that is gone) must not hold the exit: once doit has
     # had EXIT_GRACE seconds to save its state, the process ends with the signal's code whatever else still waits.

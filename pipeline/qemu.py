@@ -161,8 +161,19 @@ class VmSpec:
         >>> VmSpec("t", System.x86_64_linux, Path("/w"), Path("/w/log")).argv()[:3]
         ['qemu-system-x86_64', '-name', 't']
         """
-        argv = [self.system.qemu_binary, "-name", self.name, "-nodefaults", "-display", "none", "-no-reboot",
-                "-m", str(self.memory_mib), "-smp", str(self.cpus)]
+        argv = [
+            self.system.qemu_binary,
+            "-name",
+            self.name,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-m",
+            str(self.memory_mib),
+            "-smp",
+            str(self.cpus),
+        ]
         if self.system is System.aarch64_linux:
             argv += ["-machine", f"virt,accel={self.accel}", "-cpu", "cortex-a57" if self.accel == "tcg" else "host"]
         else:
@@ -173,12 +184,20 @@ class VmSpec:
             argv += ["-bios", str(UBOOT_ARM64)]
         elif self.firmware is Firmware.uefi:
             code = _first(OVMF_CODE)
-            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
-                     "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}"]
-        argv += ["-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off,"
-                             f"logfile={self.console_log},logappend=on",
-                 "-serial", "chardev:console",
-                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+            argv += [
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}",
+            ]
+        argv += [
+            "-chardev",
+            f"socket,id=console,path={self.console_socket},server=on,wait=off,logfile={self.console_log},logappend=on",
+            "-serial",
+            "chardev:console",
+            "-qmp",
+            f"unix:{self.qmp_socket},server=on,wait=off",
+        ]
         sata_ports = 0
         for index, drive in enumerate(self.drives):
             drive_id = f"drive{index}"
@@ -323,8 +342,10 @@ class Vm:
         ports = {}
         for forward in self.spec.port_forwards:
             if forward.key not in bound:
-                raise VmError(f"{self.spec.name}: QEMU did not set up the forward {forward.hostfwd}",
-                              detail=f"info usernet said:\n{bound}")
+                raise VmError(
+                    f"{self.spec.name}: QEMU did not set up the forward {forward.hostfwd}",
+                    detail=f"info usernet said:\n{bound}",
+                )
             ports[forward] = bound[forward.key]
         return ports
 
@@ -419,6 +440,7 @@ class Vm:
 
 # -- KVM: a bounded canary decides ------------------------------------------------------------------------------------
 
+
 def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool, str]:
     """Boot `spec` under KVM for at most `timeout` seconds: console output from the guest means KVM works.
 
@@ -428,8 +450,13 @@ def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool,
     """
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
-    canary = dataclasses.replace(spec, name=f"{spec.name}-kvm-canary", accel="kvm",
-                                 workdir=spec.workdir / "kvm-canary", console_log=spec.workdir / "kvm-canary.log")
+    canary = dataclasses.replace(
+        spec,
+        name=f"{spec.name}-kvm-canary",
+        accel="kvm",
+        workdir=spec.workdir / "kvm-canary",
+        console_log=spec.workdir / "kvm-canary.log",
+    )
     canary.console_log.unlink(missing_ok=True)
     started = time.monotonic()
     with Vm(canary) as vm, progress(canary.name, "KVM canary boot", timeout, vm.last_console_line):
@@ -479,4 +506,3 @@ def free_port(tries: int = 20) -> int:
                 continue
             return port
     raise VmError(f"no port on 127.0.0.1 was free for both TCP and UDP in {tries} tries")
-

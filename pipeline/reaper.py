@@ -73,7 +73,7 @@ def children() -> list[int]:
                 text = stat.read()
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2:].split()
+        fields = text[text.rindex(")") + 2 :].split()
         if int(fields[1]) == me and fields[0] != "Z":
             found.append(int(name))
     return found

@@ -91,15 +91,20 @@ class CheckResult:
     differs: str = ""  # its first differing file, in words
 
     def record(self, sha256: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"reproducible": self.reproducible, "sha256": sha256, "derivations": self.derivations,
-                               "seconds": self.seconds}
+        out: dict[str, Any] = {
+            "reproducible": self.reproducible,
+            "sha256": sha256,
+            "derivations": self.derivations,
+            "seconds": self.seconds,
+        }
         if not self.reproducible:
             out.update(derivation=self.derivation, differs=self.differs)
         return out
 
 
-def check(drv_path: str, *, options: Sequence[str] = (), limit: int = 8,
-          progress: Callable[[str], None] = lambda _line: None) -> CheckResult:
+def check(
+    drv_path: str, *, options: Sequence[str] = (), limit: int = 8, progress: Callable[[str], None] = lambda _line: None
+) -> CheckResult:
     """Rebuild `drv_path` and the derivations it is made from; stop at the first that is not reproducible."""
     started = time.monotonic()
     drvs = nix.built_from(drv_path, limit)

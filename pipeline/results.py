@@ -54,13 +54,15 @@ class PassStore:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         files = {name: path / name for name in logs}
-        if not isinstance(outcome, dict) or outcome.get("result") != "pass" or not all(
-                f.is_file() for f in files.values()):
+        if (
+            not isinstance(outcome, dict)
+            or outcome.get("result") != "pass"
+            or not all(f.is_file() for f in files.values())
+        ):
             return None
         return StoredPass(path, outcome, files)
 
-    def keep(self, kind: str, image_xxh3: str, spec: str, outcome: Mapping[str, Any],
-             logs: Mapping[str, Path]) -> Path:
+    def keep(self, kind: str, image_xxh3: str, spec: str, outcome: Mapping[str, Any], logs: Mapping[str, Path]) -> Path:
         """Keep a pass and copies of its logs (name -> published file); written aside, then renamed into place."""
         if outcome.get("result") != "pass":
             raise ValueError("only passes are kept")

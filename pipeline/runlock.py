@@ -49,8 +49,10 @@ def parse_wait(value: str | None) -> float:
     try:
         seconds = float(text)
     except ValueError:
-        raise RunLockError(f"wait={value!r} is neither 'no' nor a number of seconds.",
-                           hint="Use wait=no to refuse when another run is busy, or wait=SECONDS.") from None
+        raise RunLockError(
+            f"wait={value!r} is neither 'no' nor a number of seconds.",
+            hint="Use wait=no to refuse when another run is busy, or wait=SECONDS.",
+        ) from None
     if seconds < 0:
         raise RunLockError(f"wait={value!r} is negative.", hint="Use wait=no or a number of seconds >= 0.")
     return seconds
@@ -119,7 +121,8 @@ def _refuse_foreign(artifacts_dir: Path, domain_dir: Path, owner: str) -> RunLoc
         f"artifacts directory holds one domain's images and manifest (both domains can have an image named "
         f"vhost-dev-iso).",
         hint=f"Give this domain a directory of its own (`doit domain={domain_dir} artifacts=DIR`, or CIM_ARTIFACTS), "
-             f"or, to hand {artifacts_dir} over, remove its {MANIFEST} first.")
+        f"or, to hand {artifacts_dir} over, remove its {MANIFEST} first.",
+    )
 
 
 class RunLock:
@@ -142,8 +145,15 @@ class RunLock:
             raise
         handle.seek(0)  # who holds it, first: a run waiting for this one names it (see current_holder)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "domain_dir": str(self.domain_dir),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "domain_dir": str(self.domain_dir),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+        )
         handle.flush()
         owner = owner_of(self.artifacts_dir)
         if owner is not None and Path(owner).resolve() != self.domain_dir:
@@ -162,10 +172,15 @@ class RunLock:
         if holder is not None and Path(holder.domain_dir).resolve() != self.domain_dir:
             raise _refuse_foreign(self.artifacts_dir, self.domain_dir, holder.domain_dir)
         if wait <= 0:
-            raise RunLockError(f"{who} is using {self.artifacts_dir} and its state; wait=no, so this run stops.",
-                               hint="Run again when it has finished, or leave out wait=no to wait for it.")
-        say("cim", f"waiting for {who} to finish with {self.artifacts_dir} (lock {self.path}; at most {wait:g} s; "
-                   "wait=no refuses instead) …")
+            raise RunLockError(
+                f"{who} is using {self.artifacts_dir} and its state; wait=no, so this run stops.",
+                hint="Run again when it has finished, or leave out wait=no to wait for it.",
+            )
+        say(
+            "cim",
+            f"waiting for {who} to finish with {self.artifacts_dir} (lock {self.path}; at most {wait:g} s; "
+            "wait=no refuses instead) …",
+        )
         started = time.monotonic()
         deadline = started + wait
         while True:
@@ -177,9 +192,10 @@ class RunLock:
             except BlockingIOError:
                 pass
             if time.monotonic() > deadline:
-                raise RunLockError(f"{who} still holds {self.artifacts_dir} after {wait:g} s.",
-                                   hint=f"Check that process (`ps -p {holder.pid if holder else '…'}`), or raise "
-                                        "wait=SECONDS.")
+                raise RunLockError(
+                    f"{who} still holds {self.artifacts_dir} after {wait:g} s.",
+                    hint=f"Check that process (`ps -p {holder.pid if holder else '…'}`), or raise wait=SECONDS.",
+                )
             time.sleep(POLL)
 
     def release(self) -> None:

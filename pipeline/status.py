@@ -50,6 +50,7 @@ class TaskState:
 
 # -- spec differences -------------------------------------------------------------------------------------------------
 
+
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """{"hosts": {"a": {"boot": {"memory_mib": 1}}}} → {"hosts.a.boot.memory_mib": 1}; list items as `[i]`."""
     if isinstance(value, dict):
@@ -87,6 +88,7 @@ def _digest(value: str | None) -> str:
 
 
 # -- the graph and doit's view of it ----------------------------------------------------------------------------------
+
 
 class Graph:
     """The domain's task graph with doit's verdict on each task (read from a private copy of its DB)."""
@@ -209,8 +211,10 @@ class Graph:
                 return []  # said by the value check of the same task
             return [f"what {utd.dep_name} handed on changed since its last run"]
         if "records_unchanged" in getattr(utd, "__qualname__", ""):
-            return ["the records (images, boot and install results) changed since the last release, or manifest.json "
-                    "or SHA256SUMS is missing"]
+            return [
+                "the records (images, boot and install results) changed since the last release, or manifest.json "
+                "or SHA256SUMS is missing"
+            ]
         return [f"its check {getattr(utd, '__qualname__', repr(utd))} says it is out of date"]
 
     def _why_current(self, task: Any) -> list[str]:
@@ -241,16 +245,19 @@ class Graph:
             else:
                 # Say why the first task of the chain runs (eval:<host> waits on validate, which a changed file runs).
                 why = ["; ".join(self.state(a).reasons) for a in state.after if self.state(a).state == "run"]
-                reasons.append(f"{dep} may run first (after {', '.join(state.after)})"
-                               + (f": {'; '.join(why)}" if why else ""))
+                reasons.append(
+                    f"{dep} may run first (after {', '.join(state.after)})" + (f": {'; '.join(why)}" if why else "")
+                )
         consumed = [utd for utd, _a, _k in task.uptodate if isinstance(utd, value_dep)]
         for utd in consumed:
             before = self._saved(task.name).get(utd.saved_as)
             show = _digest(before) if utd.key in ("xxh3", "flake") else str(before)
             reasons.append(f"{task.name} runs after it only if {self._what(utd)} changes; its last run used {show}")
         if any(utd.key not in ("xxh3", "flake") for utd in consumed):
-            reasons.append("an edit that leaves the derivation alone (a comment, formatting) gives the same drvPath, "
-                           "so nothing is rebuilt")
+            reasons.append(
+                "an edit that leaves the derivation alone (a comment, formatting) gives the same drvPath, "
+                "so nothing is rebuilt"
+            )
         return reasons
 
 
@@ -269,6 +276,7 @@ def graph(ctx: Context) -> Iterator[Graph]:
 
 
 # -- status -----------------------------------------------------------------------------------------------------------
+
 
 def _stage(result: Any) -> dict[str, Any]:
     if result is None:
@@ -295,8 +303,13 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
         row["image"] = None
         row["boot"] = {"result": "never"}
     else:
-        row["image"] = {"file": record.file, "size": record.size, "drvPath": record.drvPath,
-                        "built": record.build.at or _mtime(ctx.artifacts_dir / record.file), "sha256": record.sha256}
+        row["image"] = {
+            "file": record.file,
+            "size": record.size,
+            "drvPath": record.drvPath,
+            "built": record.build.at or _mtime(ctx.artifacts_dir / record.file),
+            "sha256": record.sha256,
+        }
         row["boot"] = _stage(record.boot)
     host = ctx.domain.hosts[artifact.host]
     if host.install is not None and artifact.format.value == "iso":
@@ -307,8 +320,11 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
         value = dumped.get(key)
         if value is not None:
             row[key] = value
-    row["tasks"] = {t: s.state for t, s in states.items() if t.split(":", 1)[-1] in (name, artifact.host)
-                    and t.split(":", 1)[0] in ("eval", "build", "boot", "install")}
+    row["tasks"] = {
+        t: s.state
+        for t, s in states.items()
+        if t.split(":", 1)[-1] in (name, artifact.host) and t.split(":", 1)[0] in ("eval", "build", "boot", "install")
+    }
     return row
 
 
@@ -330,12 +346,14 @@ def explain(ctx: Context, task: str) -> TaskState:
     """Why `task` would run (or why it is up to date): the data of `cim explain`."""
     with graph(ctx) as g:
         if task not in g.tasks or task not in g.names:
-            raise StatusError(f"{ctx.domain_dir.name} has no task {task!r}.",
-                              hint=f"Name one of: {', '.join(g.names)}.")
+            raise StatusError(
+                f"{ctx.domain_dir.name} has no task {task!r}.", hint=f"Name one of: {', '.join(g.names)}."
+            )
         return g.state(task)
 
 
 # -- rendering --------------------------------------------------------------------------------------------------------
+
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
@@ -353,9 +371,14 @@ def _short_drv(drv: str) -> str:
 
 def _cells(row: dict[str, Any], extra: list[str]) -> list[str]:
     image = row["image"]
-    image_cell = "not built" if image is None else (
-        f"{Path(image['file']).name}, {_mib(image['size'])}, drv {_short_drv(image['drvPath'])}, "
-        f"built {_when(image['built'])}")
+    image_cell = (
+        "not built"
+        if image is None
+        else (
+            f"{Path(image['file']).name}, {_mib(image['size'])}, drv {_short_drv(image['drvPath'])}, "
+            f"built {_when(image['built'])}"
+        )
+    )
     cells = [row["artifact"], image_cell, _result_cell(row["boot"])]
     cells.append(_result_cell(row["install"]) if "install" in row else "—")
     for key in extra:
@@ -387,8 +410,7 @@ def _columns(data: dict[str, Any]) -> tuple[list[str], list[str]]:
 def markdown(data: dict[str, Any]) -> str:
     """`cim status --markdown`: a table for a CI job summary, then what would run and why."""
     header, extra = _columns(data)
-    lines = [f"### cim status: {data['domain']}", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    lines = [f"### cim status: {data['domain']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in data["artifacts"]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, extra)) + " |")
     if data["out_of_date"]:
@@ -429,7 +451,10 @@ def _style(cell: str) -> str:
 
 def explanation(state: TaskState) -> str:
     """`cim explain TASK` as text."""
-    head = {"run": f"{state.task} would run:", "up-to-date": f"{state.task} is up to date:",
-            "after": f"{state.task} is up to date now; it runs after {', '.join(state.after)} only if that changes "
-                     "what it consumes:"}[state.state]
+    head = {
+        "run": f"{state.task} would run:",
+        "up-to-date": f"{state.task} is up to date:",
+        "after": f"{state.task} is up to date now; it runs after {', '.join(state.after)} only if that changes "
+        "what it consumes:",
+    }[state.state]
     return "\n".join([head, *(f"  - {reason}" for reason in state.reasons)]) + "\n"

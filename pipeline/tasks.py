@@ -69,8 +69,11 @@ class Context:
 
     @functools.cached_property
     def records(self) -> Records:
-        return Records(self.state_dir, self.artifacts_dir,
-                       {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)})
+        return Records(
+            self.state_dir,
+            self.artifacts_dir,
+            {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)},
+        )
 
     @functools.cached_property
     def passes(self) -> PassStore:
@@ -129,8 +132,9 @@ def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
     return state_dir_for(root, domain_dir) / "artifacts" / key
 
 
-def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None,
-                 results_dir: Path | None = None) -> Context:
+def make_context(
+    root: Path, domain_dir: Path, artifacts_dir: Path | None = None, results_dir: Path | None = None
+) -> Context:
     """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
     State (the doit DB, records, VM work dirs) lives in `run_state_dir`: keyed by the domain's path and the artifacts
@@ -141,9 +145,14 @@ def make_context(root: Path, domain_dir: Path, artifacts_dir: Path | None = None
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
     artifacts = (root / (artifacts_dir or "artifacts")).resolve()
-    return Context(root=root, domain_dir=domain_dir, domain=domain, artifacts_dir=artifacts,
-                   state_dir=run_state_dir(root, domain_dir, artifacts),
-                   results_dir=root / (results_dir or Path(".cim") / "results"))
+    return Context(
+        root=root,
+        domain_dir=domain_dir,
+        domain=domain,
+        artifacts_dir=artifacts,
+        state_dir=run_state_dir(root, domain_dir, artifacts),
+        results_dir=root / (results_dir or Path(".cim") / "results"),
+    )
 
 
 # doit commands that only read the graph or its state: they take no run lock and never wait.
@@ -211,6 +220,7 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- uptodate calculators ---------------------------------------------------------------------------------------------
+
 
 class value_dep(UptodateCalculator):  # type: ignore[misc]
     """Up to date while one saved value of another task (e.g. eval's drvPath) is what it was at our last success."""
@@ -311,11 +321,15 @@ def relative_outputs(ctx: Context, *paths: Path) -> list[str]:
 
 # -- validate ---------------------------------------------------------------------------------------------------------
 
+
 @user_errors
 def validate_action(ctx: Context) -> dict[str, Any]:
     checked = validate(ctx.domain_dir, ctx.files)
-    say("validate", f"{ctx.domain_dir / 'domain.json'}: {len(checked.domain.hosts)} host(s), "
-                    f"{len(checked.domain.artifacts())} image(s); {len(checked.nix_files)} .nix file(s) parse")
+    say(
+        "validate",
+        f"{ctx.domain_dir / 'domain.json'}: {len(checked.domain.hosts)} host(s), "
+        f"{len(checked.domain.artifacts())} image(s); {len(checked.nix_files)} .nix file(s) parse",
+    )
     keep = {a.name for a in ctx.domain.artifacts()}
     ctx.records.drop(keep)
     nix.drop_gc_roots(ctx.gcroots, keep)
@@ -334,6 +348,7 @@ def task_validate(ctx: Context) -> dict[str, Any]:
 
 
 # -- eval -------------------------------------------------------------------------------------------------------------
+
 
 class Evaluations:
     """This run's host evaluations: one `nix eval` process for every host the run needs evaluated.
@@ -449,6 +464,7 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
 
 # -- build ------------------------------------------------------------------------------------------------------------
 
+
 @user_errors
 def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict[str, Any]:
     name = artifact.name
@@ -479,15 +495,39 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     nix.add_gc_root(out, ctx.gcroots / name)
     rel = str(dest.relative_to(ctx.artifacts_dir))
     # Boot and install results belong to the bytes they tested: save_build drops them for new bytes.
-    ctx.records.save_build(name, ArtifactRecord(
-        host=artifact.host, format=artifact.format.value, system=artifact.system.value, drvPath=drv,
-        outPath=str(out), file=rel, size=size, sha256=sha256, xxh3=xxh3,
-        build=BuildInfo(strategy=plan.strategy.value, reason=plan.reason, seconds=built.seconds,
-                        log=f"{name}/build.log", at=utc_now())))
+    ctx.records.save_build(
+        name,
+        ArtifactRecord(
+            host=artifact.host,
+            format=artifact.format.value,
+            system=artifact.system.value,
+            drvPath=drv,
+            outPath=str(out),
+            file=rel,
+            size=size,
+            sha256=sha256,
+            xxh3=xxh3,
+            build=BuildInfo(
+                strategy=plan.strategy.value,
+                reason=plan.reason,
+                seconds=built.seconds,
+                log=f"{name}/build.log",
+                at=utc_now(),
+            ),
+        ),
+    )
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
-    return {"drvPath": drv, "outPath": str(out), "path": str(dest), "file": rel, "size": size,
-            "xxh3": xxh3, "sha256": sha256, "strategy": plan.strategy.value,
-            "outputs": relative_outputs(ctx, dest, build_log)}
+    return {
+        "drvPath": drv,
+        "outPath": str(out),
+        "path": str(dest),
+        "file": rel,
+        "size": size,
+        "xxh3": xxh3,
+        "sha256": sha256,
+        "strategy": plan.strategy.value,
+        "outputs": relative_outputs(ctx, dest, build_log),
+    }
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -497,13 +537,16 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
             "doc": f"nix build the {artifact.format.value} image of {artifact.host} ({artifact.system.value})",
             "actions": [(build_action, [ctx, artifact])],
             "getargs": {"drvs": (f"eval:{artifact.host}", None)},
-            "uptodate": [value_dep(f"eval:{artifact.host}", artifact.format.attribute),
-                         outputs_intact(ctx.artifacts_dir)],
+            "uptodate": [
+                value_dep(f"eval:{artifact.host}", artifact.format.attribute),
+                outputs_intact(ctx.artifacts_dir),
+            ],
             "verbosity": 2,
         }
 
 
 # -- boot -------------------------------------------------------------------------------------------------------------
+
 
 def boot_outputs(ctx: Context, artifact: str, host: Host) -> list[Path]:
     """What a boot publishes: the console log, and the hardware report where the host sends one."""
@@ -527,26 +570,53 @@ def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict
         # result, its console log and its hardware report come back from the pass store, no VM boots.
         outcome = BootResult.model_validate(kept.restore(kept_files))
         ctx.records.save_boot(name, outcome)
-        say(name, f"these bytes passed this boot test before: result, console log and hardware report "
-                  f"re-published from {kept.path}, no VM")
+        say(
+            name,
+            f"these bytes passed this boot test before: result, console log and hardware report "
+            f"re-published from {kept.path}, no VM",
+        )
     else:
         report.unlink(missing_ok=True)
         outcome = boot.boot_test(
-            artifact, ctx.domain, ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
-            workdir=ctx.vm_dir(name), log_dest=log_dest, log_name=f"{name}/boot.log",
-            machine_state=ctx.machine_state, record=functools.partial(ctx.records.save_boot, name),
-            report_keep=report)
+            artifact,
+            ctx.domain,
+            ctx.domain_dir,
+            ctx.artifacts_dir / image["file"],
+            image["xxh3"],
+            workdir=ctx.vm_dir(name),
+            log_dest=log_dest,
+            log_name=f"{name}/boot.log",
+            machine_state=ctx.machine_state,
+            record=functools.partial(ctx.records.save_boot, name),
+            report_keep=report,
+        )
         if outcome.result == "pass":
-            ctx.passes.keep("boot", image["xxh3"], fingerprint, outcome.model_dump(mode="json"),
-                            {n: f for n, f in kept_files.items() if f.exists()})
+            ctx.passes.keep(
+                "boot",
+                image["xxh3"],
+                fingerprint,
+                outcome.model_dump(mode="json"),
+                {n: f for n, f in kept_files.items() if f.exists()},
+            )
     if boot.reports_inventory(host):
         boot.reconcile_inventory(
-            artifact, host, ctx.domain.inventory, report=report, published=ctx.artifact_dir(name) / "inventory.json",
-            report_name=f"{name}/inventory.json", image_xxh3=image["xxh3"], accel=outcome.accel, log_dest=log_dest,
+            artifact,
+            host,
+            ctx.domain.inventory,
+            report=report,
+            published=ctx.artifact_dir(name) / "inventory.json",
+            report_name=f"{name}/inventory.json",
+            image_xxh3=image["xxh3"],
+            accel=outcome.accel,
+            log_dest=log_dest,
             log_name=f"{name}/boot.log",
-            record=functools.partial(ctx.records.save_inventory, name))
-    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds,
-            "outputs": relative_outputs(ctx, *boot_outputs(ctx, artifact.name, host))}
+            record=functools.partial(ctx.records.save_inventory, name),
+        )
+    return {
+        "image_xxh3": image["xxh3"],
+        "seconds": outcome.seconds,
+        "outputs": relative_outputs(ctx, *boot_outputs(ctx, artifact.name, host)),
+    }
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -558,15 +628,17 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"image": (f"build:{artifact.name}", None)},
             # The VM and probe spec decide the boot; the policy and the declared hardware only the reconcile,
             # which a change of them re-runs from the kept report without a VM (boot_action).
-            "uptodate": [value_dep(f"build:{artifact.name}", "xxh3"),
-                         spec_dep(functools.partial(boot.spec, artifact, ctx.domain, ctx.domain_dir,
-                                                    ctx.domain.inventory)),
-                         outputs_intact(ctx.artifacts_dir)],
+            "uptodate": [
+                value_dep(f"build:{artifact.name}", "xxh3"),
+                spec_dep(functools.partial(boot.spec, artifact, ctx.domain, ctx.domain_dir, ctx.domain.inventory)),
+                outputs_intact(ctx.artifacts_dir),
+            ],
             "verbosity": 2,
         }
 
 
 # -- install ----------------------------------------------------------------------------------------------------------
+
 
 @user_errors
 def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
@@ -581,15 +653,28 @@ def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[
     if kept:
         reused = InstallResult.model_validate(kept.restore({"install.log": log_dest}))
         ctx.records.save_install(artifact, reused)
-        say(f"install:{host_name}", f"this ISO passed this install before: result and log re-published from "
-                                    f"{kept.path}, no VM")
-        return {"iso_xxh3": image["xxh3"], "seconds": reused.seconds, "reused": True,
-                "outputs": relative_outputs(ctx, log_dest)}
+        say(
+            f"install:{host_name}",
+            f"this ISO passed this install before: result and log re-published from {kept.path}, no VM",
+        )
+        return {
+            "iso_xxh3": image["xxh3"],
+            "seconds": reused.seconds,
+            "reused": True,
+            "outputs": relative_outputs(ctx, log_dest),
+        }
     outcome = install.verify(
-        host_name, host, ctx.domain_dir, ctx.artifacts_dir / image["file"], image["xxh3"],
-        workdir=ctx.vm_dir(f"{host_name}-install"), log_dest=log_dest,
-        log_name=f"{artifact}/install.log", record=functools.partial(ctx.records.save_install, artifact),
-        machine_state=ctx.machine_state)
+        host_name,
+        host,
+        ctx.domain_dir,
+        ctx.artifacts_dir / image["file"],
+        image["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-install"),
+        log_dest=log_dest,
+        log_name=f"{artifact}/install.log",
+        record=functools.partial(ctx.records.save_install, artifact),
+        machine_state=ctx.machine_state,
+    )
     if outcome.result == "pass":
         ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
@@ -605,14 +690,17 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "actions": [(install_action, [ctx, host_name])],
             "getargs": {"image": (f"build:{host_name}-iso", None)},
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
-            "uptodate": [value_dep(f"build:{host_name}-iso", "xxh3"),
-                         spec_dep(functools.partial(install.spec, host_name, host)),
-                         outputs_intact(ctx.artifacts_dir)],
+            "uptodate": [
+                value_dep(f"build:{host_name}-iso", "xxh3"),
+                spec_dep(functools.partial(install.spec, host_name, host)),
+                outputs_intact(ctx.artifacts_dir),
+            ],
             "verbosity": 2,
         }
 
 
 # -- check (reproducibility) ------------------------------------------------------------------------------------------
+
 
 @user_errors
 def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
@@ -620,15 +708,28 @@ def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dic
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(task, f"checking {image['drvPath']} and what it is made from ({plan.describe()})")
     result = reproduce.check(image["drvPath"], options=plan.options, progress=lambda line: say(task, line))
-    ctx.records.save_check(name, ReproducibilityCheck(
-        reproducible=result.reproducible, sha256=image["sha256"], derivations=result.derivations,
-        seconds=result.seconds, derivation=result.derivation or None, differs=result.differs or None))
+    ctx.records.save_check(
+        name,
+        ReproducibilityCheck(
+            reproducible=result.reproducible,
+            sha256=image["sha256"],
+            derivations=result.derivations,
+            seconds=result.seconds,
+            derivation=result.derivation or None,
+            differs=result.differs or None,
+        ),
+    )
     if not result.reproducible:
-        return TaskFailed(f"{name} is not reproducible: {result.derivation} gave other bytes when rebuilt; first "
-                          f"difference: {result.differs}. Find what its builder takes from the clock, the build "
-                          "machine or chance, and fix it.")
-    say(task, f"reproducible: {len(result.derivations)} derivation(s) rebuilt bit for bit in {result.seconds} s; "
-              f"image sha256 {image['sha256']}")
+        return TaskFailed(
+            f"{name} is not reproducible: {result.derivation} gave other bytes when rebuilt; first "
+            f"difference: {result.differs}. Find what its builder takes from the clock, the build "
+            "machine or chance, and fix it."
+        )
+    say(
+        task,
+        f"reproducible: {len(result.derivations)} derivation(s) rebuilt bit for bit in {result.seconds} s; "
+        f"image sha256 {image['sha256']}",
+    )
     return {"drvPath": image["drvPath"], "sha256": image["sha256"], "derivations": result.derivations}
 
 
@@ -646,6 +747,7 @@ def task_check(ctx: Context) -> Iterator[dict[str, Any]]:
 
 # -- release ----------------------------------------------------------------------------------------------------------
 
+
 @user_errors
 def release_action(ctx: Context) -> dict[str, Any]:
     manifest = ctx.records.rebuild()
@@ -660,12 +762,18 @@ def release_action(ctx: Context) -> dict[str, Any]:
         if record.inventory is not None and record.inventory.result != "pass":
             problems.append(f"{name}: hardware inventory differs under policy 'enforce' ({record.inventory.summary})")
     if problems:
-        raise ArtifactError("release refused: " + "; ".join(problems) + ".",
-                            hint="Run `doit` again to rebuild and re-test them.")
-    say("release", f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / MANIFEST}, "
-                   f"checksums in {ctx.artifacts_dir / SUMS}")
-    return {"artifacts": sorted(manifest.artifacts),
-            "outputs": relative_outputs(ctx, *(ctx.artifacts_dir / name for name in (MANIFEST, SUMS, JUNIT)))}
+        raise ArtifactError(
+            "release refused: " + "; ".join(problems) + ".", hint="Run `doit` again to rebuild and re-test them."
+        )
+    say(
+        "release",
+        f"{len(manifest.artifacts)} artifact(s) in {ctx.artifacts_dir / MANIFEST}, "
+        f"checksums in {ctx.artifacts_dir / SUMS}",
+    )
+    return {
+        "artifacts": sorted(manifest.artifacts),
+        "outputs": relative_outputs(ctx, *(ctx.artifacts_dir / name for name in (MANIFEST, SUMS, JUNIT))),
+    }
 
 
 def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:

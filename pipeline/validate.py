@@ -40,7 +40,7 @@ def load_checked(domain_dir: Path) -> Domain:
         raise DomainError(
             f"{domain_dir / 'flake.nix'}: file not found.",
             hint="A domain directory needs a flake.nix exposing nixosConfigurations.<host> for every host in "
-                 "domain.json (see configs/demo/flake.nix).",
+            "domain.json (see configs/demo/flake.nix).",
         )
     for name, host in domain.hosts.items():
         if host.install and not (domain_dir / host.install.disk_config).is_file():

@@ -29,42 +29,138 @@ ARCHES = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
 
 # Kernel modules the demo guests load, with their dependencies resolved by depmod.
 MODULES = {
-    "amd64": ["virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "crc32c_generic", "ext4", "vfat", "nls_cp437",
-              "nls_iso8859_1", "nls_ascii", "isofs", "sr_mod", "ata_piix", "sd_mod", "efivarfs", "qemu_fw_cfg",
-              # the guests' network: a veth pair per guest on the host's bridge
-              "veth", "bridge", "stp", "llc",
-              # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
-              "nvme", "ahci"],
-    "arm64": ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "vfat", "nls_cp437",
-              "nls_iso8859_1", "nls_ascii", "sd_mod", "efivarfs",
-              "veth", "bridge", "stp", "llc"],
+    "amd64": [
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_net",
+        "virtio_scsi",
+        "crc32c_generic",
+        "ext4",
+        "vfat",
+        "nls_cp437",
+        "nls_iso8859_1",
+        "nls_ascii",
+        "isofs",
+        "sr_mod",
+        "ata_piix",
+        "sd_mod",
+        "efivarfs",
+        "qemu_fw_cfg",
+        # the guests' network: a veth pair per guest on the host's bridge
+        "veth",
+        "bridge",
+        "stp",
+        "llc",
+        # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
+        "nvme",
+        "ahci",
+    ],
+    "arm64": [
+        "virtio_pci",
+        "virtio_mmio",
+        "virtio_blk",
+        "virtio_net",
+        "crc32c_generic",
+        "ext4",
+        "vfat",
+        "nls_cp437",
+        "nls_iso8859_1",
+        "nls_ascii",
+        "sd_mod",
+        "efivarfs",
+        "veth",
+        "bridge",
+        "stp",
+        "llc",
+    ],
 }
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
 # the packages that hold them and every library they link.
 INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vfat": "sbin/mkfs.fat"}
-INSTALLER_PACKAGES = ["fdisk", "libfdisk1", "libsmartcols1", "libreadline8", "libtinfo6", "libblkid1", "libuuid1",
-                      "e2fsprogs", "libext2fs2", "libcom-err2", "dosfstools", "libc6"]
+INSTALLER_PACKAGES = [
+    "fdisk",
+    "libfdisk1",
+    "libsmartcols1",
+    "libreadline8",
+    "libtinfo6",
+    "libblkid1",
+    "libuuid1",
+    "e2fsprogs",
+    "libext2fs2",
+    "libcom-err2",
+    "dosfstools",
+    "libc6",
+]
 
 # The tools the demo's image builders run inside the Nix sandbox, for each builder system (name in the build: path in
 # the Debian packages), and the packages that hold them and every library they link.  They run through the input's
 # own ld.so (the sandbox has no /lib64), so the closure is checked with that loader.
-IMAGE_TOOLS = {"xorriso": "usr/bin/xorriso", "mcopy": "usr/bin/mtools", "mmd": "usr/bin/mtools",
-               "mkfs.vfat": "sbin/mkfs.fat", "mkfs.ext4": "sbin/mke2fs", "debugfs": "sbin/debugfs",
-               "sfdisk": "sbin/sfdisk"}
-IMAGE_PACKAGES = [*INSTALLER_PACKAGES, "xorriso", "libisoburn1", "libburn4", "libisofs6", "libjte2", "libacl1",
-                  "zlib1g", "libbz2-1.0", "mtools", "libss2"]
+IMAGE_TOOLS = {
+    "xorriso": "usr/bin/xorriso",
+    "mcopy": "usr/bin/mtools",
+    "mmd": "usr/bin/mtools",
+    "mkfs.vfat": "sbin/mkfs.fat",
+    "mkfs.ext4": "sbin/mke2fs",
+    "debugfs": "sbin/debugfs",
+    "sfdisk": "sbin/sfdisk",
+}
+IMAGE_PACKAGES = [
+    *INSTALLER_PACKAGES,
+    "xorriso",
+    "libisoburn1",
+    "libburn4",
+    "libisofs6",
+    "libjte2",
+    "libacl1",
+    "zlib1g",
+    "libbz2-1.0",
+    "mtools",
+    "libss2",
+]
 
 # The guests' services besides nats-server (name in the guest: path in the Debian packages): dnsmasq for the dns
 # guest, dropbear (a far smaller closure than openssh-server, which pulls PAM, Kerberos and OpenSSL) for dev.
 GUEST_TOOLS = {"dnsmasq": "usr/sbin/dnsmasq", "dropbear": "usr/sbin/dropbear", "dropbearkey": "usr/bin/dropbearkey"}
-GUEST_PACKAGES = ["dnsmasq-base", "dropbear-bin", "libdbus-1-3", "libidn2-0", "libnetfilter-conntrack3", "libnettle8",
-                  "libhogweed6", "libgmp10", "libnftables1", "libsystemd0", "libunistring2", "libnfnetlink0", "libmnl0",
-                  "libnftnl11", "libxtables12", "libjansson4", "libcap2", "libgcrypt20", "liblzma5", "libzstd1",
-                  "liblz4-1", "libgpg-error0", "libtomcrypt1", "libtommath1", "zlib1g", "libcrypt1", "libc6"]
+GUEST_PACKAGES = [
+    "dnsmasq-base",
+    "dropbear-bin",
+    "libdbus-1-3",
+    "libidn2-0",
+    "libnetfilter-conntrack3",
+    "libnettle8",
+    "libhogweed6",
+    "libgmp10",
+    "libnftables1",
+    "libsystemd0",
+    "libunistring2",
+    "libnfnetlink0",
+    "libmnl0",
+    "libnftnl11",
+    "libxtables12",
+    "libjansson4",
+    "libcap2",
+    "libgcrypt20",
+    "liblzma5",
+    "libzstd1",
+    "liblz4-1",
+    "libgpg-error0",
+    "libtomcrypt1",
+    "libtommath1",
+    "zlib1g",
+    "libcrypt1",
+    "libc6",
+]
 # glibc itself comes with the services input (nats-server's); the guest tools carry only the libraries beyond it.
-GLIBC = {"libc.so.6", "libpthread.so.0", "libm.so.6", "libdl.so.2", "libresolv.so.2", "ld-linux-x86-64.so.2",
-         "ld-linux-aarch64.so.1"}
+GLIBC = {
+    "libc.so.6",
+    "libpthread.so.0",
+    "libm.so.6",
+    "libdl.so.2",
+    "libresolv.so.2",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+}
 
 DEBIAN_SOURCES = """\
 deb [signed-by={keyring}] http://deb.debian.org/debian bookworm main
@@ -95,27 +191,48 @@ class DebianArchive:
     def setup(self) -> None:
         if not KEYRING.is_file():
             sys.exit(f"demo_inputs: {KEYRING} is missing: install debian-archive-keyring (scripts/setup.sh does)")
-        for sub in ["state/lists/partial", "cache/archives/partial", "etc/apt.conf.d", "etc/preferences.d",
-                    "etc/sources.list.d"]:
+        for sub in [
+            "state/lists/partial",
+            "cache/archives/partial",
+            "etc/apt.conf.d",
+            "etc/preferences.d",
+            "etc/sources.list.d",
+        ]:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "state/status").touch()
         (self.root / "etc/sources.list").write_text(DEBIAN_SOURCES.format(keyring=KEYRING))
         self.options = [
-            "-o", f"Dir::Etc={self.root / 'etc'}", "-o", f"Dir::State={self.root / 'state'}",
-            "-o", f"Dir::State::status={self.root / 'state/status'}", "-o", f"Dir::Cache={self.root / 'cache'}",
-            "-o", "APT::Architecture=amd64", "-o", "APT::Architectures::=amd64", "-o", "APT::Architectures::=arm64",
-            "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root",
+            "-o",
+            f"Dir::Etc={self.root / 'etc'}",
+            "-o",
+            f"Dir::State={self.root / 'state'}",
+            "-o",
+            f"Dir::State::status={self.root / 'state/status'}",
+            "-o",
+            f"Dir::Cache={self.root / 'cache'}",
+            "-o",
+            "APT::Architecture=amd64",
+            "-o",
+            "APT::Architectures::=amd64",
+            "-o",
+            "APT::Architectures::=arm64",
+            "-o",
+            "Debug::NoLocking=1",
+            "-o",
+            "APT::Sandbox::User=root",
         ]
         lists = list((self.root / "state/lists").glob("*Packages*"))
         if not lists:
-            proc = subprocess.run(["apt-get", *self.options, "-q", "update"], capture_output=True, text=True,
-                                  timeout=TIMEOUT)
+            proc = subprocess.run(
+                ["apt-get", *self.options, "-q", "update"], capture_output=True, text=True, timeout=TIMEOUT
+            )
             if proc.returncode != 0:
                 sys.exit(f"demo_inputs: apt-get update of Debian bookworm failed:\n{proc.stdout}{proc.stderr}")
 
     def download(self, package: str, cwd: Path) -> None:
-        proc = subprocess.run(["apt-get", *self.options, "download", package], cwd=cwd, capture_output=True,
-                              text=True, timeout=TIMEOUT)
+        proc = subprocess.run(
+            ["apt-get", *self.options, "download", package], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT
+        )
         if proc.returncode != 0:
             sys.exit(f"demo_inputs: apt-get download {package} from Debian bookworm failed: {proc.stderr.strip()}")
 
@@ -241,11 +358,16 @@ def loaded_libraries(loader: Path, libdir: Path, tools: Path, what: str) -> set[
     binfmt); a library missing from `libdir` stops the import, naming the package list to extend."""
     needed: set[str] = set()
     for tool in sorted(tools.iterdir()):
-        proc = subprocess.run([str(loader), "--library-path", str(libdir), "--list", str(tool)], capture_output=True,
-                              text=True, timeout=TIMEOUT)
+        proc = subprocess.run(
+            [str(loader), "--library-path", str(libdir), "--list", str(tool)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         if proc.returncode != 0 or "not found" in proc.stdout:
-            sys.exit(f"demo_inputs: {tool.name} does not load with the libraries of {what}:\n"
-                     f"{proc.stdout}{proc.stderr}")
+            sys.exit(
+                f"demo_inputs: {tool.name} does not load with the libraries of {what}:\n{proc.stdout}{proc.stderr}"
+            )
         needed |= {m.group(1) for m in re.finditer(r"^\s*(\S+) => ", proc.stdout, re.M)}
     return needed
 
@@ -283,7 +405,8 @@ def image_tools(debs: Path, arch: str, out: Path) -> None:
         shutil.copy2(root / "usr/lib" / triplet / "gconv" / "IBM850.so", gconv / "IBM850.so")
         (gconv / "gconv-modules").write_text(
             "alias\tCP850//\tIBM850//\nalias\t850//\tIBM850//\n"
-            "module\tIBM850//\tINTERNAL\tIBM850\t1\nmodule\tINTERNAL\tIBM850//\tIBM850\t1\n")
+            "module\tIBM850//\tINTERNAL\tIBM850\t1\nmodule\tINTERNAL\tIBM850//\tIBM850\t1\n"
+        )
     loader = libdir / LOADERS[arch]
     prune(libdir, {loader.name} | loaded_libraries(loader, libdir, out / "bin", f"IMAGE_PACKAGES ({arch})"))
 
@@ -378,8 +501,10 @@ def main() -> None:
                 # Keep the store path from garbage collection while the checkout uses it.
                 gcroots = args.root / ".cim" / "gcroots"
                 gcroots.mkdir(parents=True, exist_ok=True)
-                run(["nix-store", "--realise", store_path, "--add-root", str(gcroots / directory.name),
-                     "--indirect"], capture_output=True)
+                run(
+                    ["nix-store", "--realise", store_path, "--add-root", str(gcroots / directory.name), "--indirect"],
+                    capture_output=True,
+                )
 
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     if not target.exists() or target.read_text() != text:

@@ -31,6 +31,7 @@ def builder(**fields: object) -> Builder:
 
 # -- plan_build ------------------------------------------------------------------------------------------------------
 
+
 def test_native_when_the_local_system_is_the_target() -> None:
     plan = plan_build(AARCH64, NixFacts(system="aarch64-linux"), [builder()])
     assert plan == BuildPlan(Strategy.native, AARCH64, "the local Nix is aarch64-linux")
@@ -45,11 +46,15 @@ def test_emulation_needs_extra_platforms_and_binfmt() -> None:
     assert plan.describe().startswith("aarch64-linux via emulation: ")
 
 
-@pytest.mark.parametrize("facts", [
-    NixFacts(system=X86, extra_platforms=("aarch64-linux",)),  # Nix would try, but the kernel cannot run it
-    NixFacts(system=X86, binfmt=QEMU),  # the kernel could run it, but Nix refuses the system
-    NixFacts(system=X86, extra_platforms=("aarch64-linux",), binfmt={"qemu-arm": "/usr/bin/qemu-arm"}),
-], ids=["no-binfmt", "no-extra-platforms", "other-binfmt"])
+@pytest.mark.parametrize(
+    "facts",
+    [
+        NixFacts(system=X86, extra_platforms=("aarch64-linux",)),  # Nix would try, but the kernel cannot run it
+        NixFacts(system=X86, binfmt=QEMU),  # the kernel could run it, but Nix refuses the system
+        NixFacts(system=X86, extra_platforms=("aarch64-linux",), binfmt={"qemu-arm": "/usr/bin/qemu-arm"}),
+    ],
+    ids=["no-binfmt", "no-extra-platforms", "other-binfmt"],
+)
 def test_half_an_emulator_is_not_emulation(facts: NixFacts) -> None:
     assert plan_build(AARCH64, facts, [builder()]).strategy is Strategy.remote
     with pytest.raises(NixError):
@@ -63,9 +68,12 @@ def test_domain_builder_for_the_system_goes_on_the_command_line() -> None:
     assert plan.strategy is Strategy.remote
     assert "ssh-ng://nix@pi-builder" in plan.reason and "x86-builder" not in plan.reason
     assert plan.options == (
-        "--option", "builders",
+        "--option",
+        "builders",
         "ssh-ng://nix@pi-builder aarch64-linux /root/.ssh/id_builder 4 1 - - c3NoLWVkMjU1MTkgQUFBQQ==",
-        "--option", "builders-use-substitutes", "false",
+        "--option",
+        "builders-use-substitutes",
+        "false",
     )
 
 
@@ -75,11 +83,14 @@ def test_several_domain_builders_join_as_one_builders_setting() -> None:
     assert machines == "ssh-ng://nix@pi-builder aarch64-linux - 1 1 - - - ; ssh://nix@pi2 aarch64-linux - 1 1 - - -"
 
 
-@pytest.mark.parametrize("setting", [
-    "ssh://nix@pi aarch64-linux /root/.ssh/id 2",
-    "ssh://nix@big x86_64-linux - 8 ; ssh-ng://nix@pi x86_64-linux,aarch64-linux",
-    "# a comment line\nssh://nix@pi aarch64-linux",
-])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "ssh://nix@pi aarch64-linux /root/.ssh/id 2",
+        "ssh://nix@big x86_64-linux - 8 ; ssh-ng://nix@pi x86_64-linux,aarch64-linux",
+        "# a comment line\nssh://nix@pi aarch64-linux",
+    ],
+)
 def test_nix_builders_setting_inline(setting: str) -> None:
     plan = plan_build(AARCH64, NixFacts(system=X86, builders=setting))
     assert plan.strategy is Strategy.remote
@@ -102,8 +113,11 @@ def test_nix_builders_setting_from_a_machines_file(tmp_path: Path) -> None:
 
 def test_no_way_to_build_names_both_fixes() -> None:
     with pytest.raises(NixError) as caught:
-        plan_build(AARCH64, NixFacts(system=X86, builders="ssh://nix@big x86_64-linux"),
-                   [Builder(uri="ssh://nix@x86", systems=(System.x86_64_linux,))])
+        plan_build(
+            AARCH64,
+            NixFacts(system=X86, builders="ssh://nix@big x86_64-linux"),
+            [Builder(uri="ssh://nix@x86", systems=(System.x86_64_linux,))],
+        )
     message = str(caught.value)
     assert "\n" not in caught.value.report(), "one paragraph"
     assert_names_both_fixes(message)
@@ -122,13 +136,27 @@ def assert_names_both_fixes(message: str) -> None:
 
 # -- Builder.machines_line -------------------------------------------------------------------------------------------
 
+
 def test_machines_line_fields() -> None:
     assert builder().machines_line() == "ssh-ng://nix@pi-builder aarch64-linux - 1 1 - - -"
-    full = builder(uri="ssh://nix@pi", systems=["aarch64-linux", "x86_64-linux"], ssh_key="/keys/pi", max_jobs=2,
-                   speed_factor=3, features=["big-parallel", "kvm"], public_host_key="c3NoLWVkMjU1MTkgQUFBQQ==")
+    full = builder(
+        uri="ssh://nix@pi",
+        systems=["aarch64-linux", "x86_64-linux"],
+        ssh_key="/keys/pi",
+        max_jobs=2,
+        speed_factor=3,
+        features=["big-parallel", "kvm"],
+        public_host_key="c3NoLWVkMjU1MTkgQUFBQQ==",
+    )
     # uri, systems, key, max jobs, speed factor, supported features, mandatory features, host key
     assert full.machines_line().split(" ") == [
-        "ssh://nix@pi", "aarch64-linux,x86_64-linux", "/keys/pi", "2", "3", "big-parallel,kvm", "-",
+        "ssh://nix@pi",
+        "aarch64-linux,x86_64-linux",
+        "/keys/pi",
+        "2",
+        "3",
+        "big-parallel,kvm",
+        "-",
         "c3NoLWVkMjU1MTkgQUFBQQ==",
     ]
 
@@ -151,11 +179,13 @@ def test_ssh_key_must_be_a_path_not_a_key(ssh_key: str) -> None:
 
 # -- reading the local facts -----------------------------------------------------------------------------------------
 
+
 def test_binfmt_entries_lists_enabled_interpreters(tmp_path: Path) -> None:
     (tmp_path / "register").write_text("")
     (tmp_path / "status").write_text("enabled\n")
     (tmp_path / "qemu-aarch64").write_text(
-        "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\noffset 0\n")
+        "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\noffset 0\n"
+    )
     (tmp_path / "qemu-arm").write_text("disabled\ninterpreter /usr/libexec/qemu-binfmt/arm-binfmt-P\n")
     assert nix._binfmt_entries(tmp_path) == {"qemu-aarch64": "/usr/libexec/qemu-binfmt/aarch64-binfmt-P"}
     assert nix._binfmt_entries(tmp_path / "not-mounted") == {}
@@ -170,16 +200,28 @@ def test_local_facts_follow_nix_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- integration: a machine that can build aarch64 in no way ---------------------------------------------------------
 
+
 @pytest.mark.nix
 @needs_demo
-@pytest.mark.skipif(not (Path("/usr/bin/unshare").exists() or Path("/bin/unshare").exists()),
-                    reason="needs unshare (util-linux) for a private mount namespace")
+@pytest.mark.skipif(
+    not (Path("/usr/bin/unshare").exists() or Path("/bin/unshare").exists()),
+    reason="needs unshare (util-linux) for a private mount namespace",
+)
 def test_aarch64_build_without_emulation_or_builder_fails_fast(demo_domain: Path, artifacts_dir: Path) -> None:
     doit = [sys.executable, "-m", "doit", f"domain={demo_domain}", f"artifacts={artifacts_dir}", "build:vhost-pi-sd"]
     if (BINFMT_DIR / "register").exists():
         # Only this process tree loses binfmt_misc; the machine keeps it for the tests running beside this one.
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                f'umount {BINFMT_DIR} && test ! -e {BINFMT_DIR}/register && exec "$@"', "sh", *doit]
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'umount {BINFMT_DIR} && test ! -e {BINFMT_DIR}/register && exec "$@"',
+            "sh",
+            *doit,
+        ]
     else:
         argv = doit
     proc = run(argv, timeout=60, cwd=ROOT, env={**os.environ, "NIX_CONFIG": "extra-platforms ="})

@@ -35,7 +35,7 @@ GRAPH = {f"pipeline.{p.stem}": imports_of(p) for p in sorted(PACKAGE.glob("*.py"
 def test_no_import_circle() -> None:
     def visit(module: str, path: list[str]) -> None:
         if module in path:
-            cycle = " → ".join([*path[path.index(module):], module])
+            cycle = " → ".join([*path[path.index(module) :], module])
             raise AssertionError(f"import circle: {cycle}")
         for dep in sorted(GRAPH.get(module, ())):
             visit(dep, [*path, module])
@@ -44,14 +44,17 @@ def test_no_import_circle() -> None:
         visit(module, [])
 
 
-@pytest.mark.parametrize(("module", "forbidden"), [
-    ("pipeline.errors", set(GRAPH) - {"pipeline.errors"}),
-    ("pipeline.log", set(GRAPH) - {"pipeline.log"}),
-    ("pipeline.contract", set(GRAPH) - {"pipeline.contract", "pipeline.errors"}),  # a leaf: the image contract
-    ("pipeline.domain", {"pipeline.process", "pipeline.nix", "pipeline.qemu", "pipeline.tasks"}),
-    ("pipeline.install", {"pipeline.tasks"}),
-    ("pipeline.boot", {"pipeline.tasks"}),
-])
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("pipeline.errors", set(GRAPH) - {"pipeline.errors"}),
+        ("pipeline.log", set(GRAPH) - {"pipeline.log"}),
+        ("pipeline.contract", set(GRAPH) - {"pipeline.contract", "pipeline.errors"}),  # a leaf: the image contract
+        ("pipeline.domain", {"pipeline.process", "pipeline.nix", "pipeline.qemu", "pipeline.tasks"}),
+        ("pipeline.install", {"pipeline.tasks"}),
+        ("pipeline.boot", {"pipeline.tasks"}),
+    ],
+)
 def test_rooms_keep_their_boundaries(module: str, forbidden: set[str]) -> None:
     assert not (GRAPH[module] & forbidden), f"{module} imports {sorted(GRAPH[module] & forbidden)}"
 

@@ -36,6 +36,7 @@ def fragments() -> list[str]:
 
 # -- one source ------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("domain", DOMAINS, ids=lambda d: d.name)
 def test_each_domain_carries_the_pipelines_contract(domain: Path) -> None:
     assert (domain / "contract.json").read_bytes() == CONTRACT_FILE.read_bytes()
@@ -65,6 +66,7 @@ def test_contract_helpers() -> None:
 
 # -- the README lists every name; the pipeline spells none of them itself ---------------------------------------------
 
+
 def readme_contract() -> str:
     text = (ROOT / "README.md").read_text()
     match = re.search(r"^## The image contract\n(.*?)(?=^## )", text, re.M | re.S)
@@ -81,13 +83,22 @@ def test_readme_contract_lists_every_name_the_pipeline_relies_on() -> None:
 def string_constants(path: Path) -> list[tuple[int, str | int]]:
     """A module's string and int literals, docstrings left out: what its code uses."""
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)
-                  and isinstance(node.body[0].value, ast.Constant)}
-    return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)) and id(node) not in docstrings
-            and not isinstance(node.value, bool)]
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, (str, int))
+        and id(node) not in docstrings
+        and not isinstance(node.value, bool)
+    ]
 
 
 def test_pipeline_code_takes_every_contract_name_from_the_contract() -> None:
@@ -152,8 +163,19 @@ def test_cim_nix_reads_its_names_from_the_contract() -> None:
     assert unknown == [], f"configs/cim reads names the contract does not have: {unknown}"
     # What the cim images must print or read: the boot-complete line, the install request and lines, the report
     # lines the install check reads, the statistics subject, the ports its probes use.
-    needed = {"boot_complete", "install.credential", "install.started", "install.done", "install.failed",
-              "report.fs", "report.part", "report.swap", "subjects.stats", "ports.nats", "ports.dns"}
+    needed = {
+        "boot_complete",
+        "install.credential",
+        "install.started",
+        "install.done",
+        "install.failed",
+        "report.fs",
+        "report.part",
+        "report.swap",
+        "subjects.stats",
+        "ports.nats",
+        "ports.dns",
+    }
     assert needed - used == set()
 
 
@@ -167,29 +189,51 @@ def test_cim_nix_spells_no_contract_name_itself() -> None:
     # A name written out in the code would not follow the contract when it changes.  (disk-config.nix names its
     # device, as disko needs; test_cim_declares_its_install_disk_as_nvme holds it to the contract.)
     names = [spellings(name) for name in templates() if name not in CONTRACT.disks.values()]
-    literal = [f"{path.name}: {match.group(0)!r}" for path in CIM_NIX for name in names
-               for match in [re.search(name, nix_code(path))] if match]
-    ports = [f"{path.name}: {port}" for path in CIM_NIX for port in (CONTRACT.ports.nats,)
-             if re.search(rf"\b{port}\b", nix_code(path))]
+    literal = [
+        f"{path.name}: {match.group(0)!r}"
+        for path in CIM_NIX
+        for name in names
+        for match in [re.search(name, nix_code(path))]
+        if match
+    ]
+    ports = [
+        f"{path.name}: {port}"
+        for path in CIM_NIX
+        for port in (CONTRACT.ports.nats,)
+        if re.search(rf"\b{port}\b", nix_code(path))
+    ]
     assert literal + ports == []
 
 
-DEMO_CODE = sorted(p for part in ("rootfs", "builders", "lib") for p in (ROOT / "configs/demo" / part).rglob("*")
-                   if p.is_file())
+DEMO_CODE = sorted(
+    p for part in ("rootfs", "builders", "lib") for p in (ROOT / "configs/demo" / part).rglob("*") if p.is_file()
+)
 
 
 def test_demo_images_take_their_names_from_the_contract() -> None:
     # The demo's init scripts, installer and builders print and read the contract's names through
     # /etc/cim/contract.sh, which lib/host.nix writes from contract.json; none spells one itself.
     names = [spellings(name) for name in templates() if name not in CONTRACT.disks.values()]
-    literal = [f"{path.relative_to(ROOT)}: {match.group(0)!r}" for path in DEMO_CODE for name in names
-               for match in [re.search(name, nix_code(path))] if match]
+    literal = [
+        f"{path.relative_to(ROOT)}: {match.group(0)!r}"
+        for path in DEMO_CODE
+        for name in names
+        for match in [re.search(name, nix_code(path))]
+        if match
+    ]
     assert literal == []
     assert re.search(spellings(CONTRACT.boot_complete), 'echo "cim: $host boot complete"')  # the check bites
     host_nix = (ROOT / "configs/demo/lib/host.nix").read_text()
-    assert {"boot_complete", "install.credential", "install.started", "install.done", "install.failed",
-            "report.fs", "report.part", "report.swap"} <= set(re.findall(r"\bcontract\.((?:[a-z_]+\.)*[a-z_]+)",
-                                                                         host_nix))
+    assert {
+        "boot_complete",
+        "install.credential",
+        "install.started",
+        "install.done",
+        "install.failed",
+        "report.fs",
+        "report.part",
+        "report.swap",
+    } <= set(re.findall(r"\bcontract\.((?:[a-z_]+\.)*[a-z_]+)", host_nix))
 
 
 def test_cim_declares_its_install_disk_as_nvme() -> None:
@@ -200,6 +244,7 @@ def test_cim_declares_its_install_disk_as_nvme() -> None:
 
 
 # -- disks as declared ------------------------------------------------------------------------------------------------
+
 
 def test_disk_kind_must_fit_its_device() -> None:
     data = json.loads((ROOT / "configs/demo/domain.json").read_text())
@@ -217,9 +262,16 @@ def demo_host(device: str, kind: str | None) -> tuple[Path, object]:
 
 def plan_on(device: str) -> object:
     root = {"size": "100%", "content": {"type": "filesystem", "format": "ext4", "mountpoint": "/"}}
-    return plan_from_devices({"disk": {"main": {"type": "disk", "device": device,
-                                                "content": {"type": "gpt", "partitions": {"root": root}}}}},
-                             "main", 1024, "dc.nix")
+    return plan_from_devices(
+        {
+            "disk": {
+                "main": {"type": "disk", "device": device, "content": {"type": "gpt", "partitions": {"root": root}}}
+            }
+        },
+        "main",
+        1024,
+        "dc.nix",
+    )
 
 
 @pytest.mark.parametrize(("device", "kind"), [("/dev/nvme0n1", "nvme"), ("/dev/vda", None), ("/dev/sda", "sata")])
@@ -230,19 +282,30 @@ def test_target_kind_follows_the_declared_disk(device: str, kind: str | None) ->
 
 def test_target_kind_refuses_a_disk_config_elsewhere() -> None:
     domain_dir, host = demo_host("/dev/nvme0n1", "nvme")
-    with pytest.raises(DiskPlanError, match=r"disko.devices.disk.main.device = '/dev/vda', but domain.json "
-                                            r"hosts.vhost-dev.hardware.disks 'main' is '/dev/nvme0n1'"):
+    with pytest.raises(
+        DiskPlanError,
+        match=r"disko.devices.disk.main.device = '/dev/vda', but domain.json "
+        r"hosts.vhost-dev.hardware.disks 'main' is '/dev/nvme0n1'",
+    ):
         target_kind(domain_dir, "vhost-dev", host, plan_on("/dev/vda"))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kind", "devices"), [
-    (DiskBus.nvme, ["nvme,drive=drive0,serial=t"]),
-    (DiskBus.virtio, ["virtio-blk-pci,drive=drive0,serial=t"]),
-    (DiskBus.sata, ["ahci,id=ahci0", "ide-hd,drive=drive0,bus=ahci0.0,serial=t"]),
-])
+@pytest.mark.parametrize(
+    ("kind", "devices"),
+    [
+        (DiskBus.nvme, ["nvme,drive=drive0,serial=t"]),
+        (DiskBus.virtio, ["virtio-blk-pci,drive=drive0,serial=t"]),
+        (DiskBus.sata, ["ahci,id=ahci0", "ide-hd,drive=drive0,bus=ahci0.0,serial=t"]),
+    ],
+)
 def test_install_disk_is_attached_as_its_kind(tmp_path: Path, kind: DiskBus, devices: list[str]) -> None:
-    spec = VmSpec(name="d", system=System.x86_64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  drives=(Drive(tmp_path / "disk.qcow2", format="qcow2", serial="t", bus=kind.value),))
+    spec = VmSpec(
+        name="d",
+        system=System.x86_64_linux,
+        workdir=tmp_path,
+        console_log=tmp_path / "log",
+        drives=(Drive(tmp_path / "disk.qcow2", format="qcow2", serial="t", bus=kind.value),),
+    )
     argv = spec.argv()
     assert [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-device"][:-1] == devices
 
@@ -270,6 +333,11 @@ def test_demo_image_plan_equals_the_pipelines(tmp_path: Path, config: str | None
     else:
         path.write_text(config)
     expr = f'(import {tmp_path}/lib/diskplan.nix {{ diskConfig = import {path}; disk = "{disk}"; }}).text'
-    nix_text = subprocess.run(["nix", "--extra-experimental-features", "nix-command", "eval", "--impure", "--raw",
-                               "--expr", expr], capture_output=True, text=True, timeout=60, check=True).stdout
+    nix_text = subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "eval", "--impure", "--raw", "--expr", expr],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert nix_text == evaluate(path, disk, 20480).installer_text()

@@ -46,12 +46,14 @@ def domain_error(directory: Path) -> str:
     assert "\n" not in message.strip(), f"not one paragraph:\n{message}"
     assert "Traceback" not in message
     error = info.value
-    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), \
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), (
         "the user's message hides the cause chain (raise … from None)"
+    )
     return message
 
 
 # -- the demo is valid ------------------------------------------------------------------------------------------------
+
 
 def test_demo_domain_loads() -> None:
     domain = load_domain(DEMO_JSON.parent)
@@ -72,6 +74,7 @@ def test_domain_is_frozen() -> None:
 
 # -- errors: one paragraph naming the file, the field and the fix ----------------------------------------------------
 
+
 def test_malformed_json_names_line_and_column(tmp_path: Path) -> None:
     text = DEMO_JSON.read_text().replace('"fqdn": "cim.local",', '"fqdn": "cim.local"', 1)
     assert text != DEMO_JSON.read_text()
@@ -91,8 +94,9 @@ def test_unknown_field_is_named_with_its_path(tmp_path: Path, demo_data: dict[st
     assert "'hosts.vhost-dev.hardware.memroy_gib' is not known" in message
 
 
-@pytest.mark.parametrize("name", ["vhost;rm -rf", "vhost$(id)", "Vhost-dev", "-vhost", "vhost-", "vhost.dev",
-                                  "a" * 64, ""])
+@pytest.mark.parametrize(
+    "name", ["vhost;rm -rf", "vhost$(id)", "Vhost-dev", "-vhost", "vhost-", "vhost.dev", "a" * 64, ""]
+)
 def test_host_name_must_be_an_rfc1123_label(tmp_path: Path, demo_data: dict[str, Any], name: str) -> None:
     demo_data["hosts"][name] = demo_data["hosts"].pop("vhost-pi")
     domain = write_domain(tmp_path / "d", demo_data)
@@ -215,6 +219,7 @@ def test_empty_hosts(demo_data: dict[str, Any]) -> None:
 
 
 # -- schema, enums, builders ------------------------------------------------------------------------------------------
+
 
 def test_json_schema_export() -> None:
     schema = json_schema()

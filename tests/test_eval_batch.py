@@ -45,11 +45,22 @@ FLAKE = """\
 
 def make_domain(directory: Path, hosts: list[str]) -> Path:
     directory.mkdir()
-    host = {"system": "x86_64-linux", "images": ["iso"],
-            "hardware": {"vendor": "QEMU", "model": "pc", "cpu": {"model": "qemu64", "cores": 1}, "memory_gib": 1,
-                         "disks": [{"name": "main", "device": "/dev/vda", "size_gib": 1}]}}
-    domain = {"name": "batch", "fqdn": "batch.local",
-              "hosts": {name: {**host, "address": f"192.168.23.{10 + i}"} for i, name in enumerate(hosts)}}
+    host = {
+        "system": "x86_64-linux",
+        "images": ["iso"],
+        "hardware": {
+            "vendor": "QEMU",
+            "model": "pc",
+            "cpu": {"model": "qemu64", "cores": 1},
+            "memory_gib": 1,
+            "disks": [{"name": "main", "device": "/dev/vda", "size_gib": 1}],
+        },
+    }
+    domain = {
+        "name": "batch",
+        "fqdn": "batch.local",
+        "hosts": {name: {**host, "address": f"192.168.23.{10 + i}"} for i, name in enumerate(hosts)},
+    }
     (directory / "domain.json").write_text(json.dumps(domain, indent=1))
     (directory / "flake.nix").write_text(FLAKE)
     return directory
@@ -70,6 +81,7 @@ def flake_domain(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 # -- pure -------------------------------------------------------------------------------------------------------------
 
+
 def test_batch_apply_names_every_host_once_as_a_nix_string() -> None:
     expr = nix.batch_apply(["a-1", "b-2"])
     assert '[ "a-1" "b-2" ]' in expr
@@ -82,9 +94,12 @@ def test_needed_tasks_follows_task_dep_and_setup_only_from_the_selection() -> No
 
     tasks = {
         "validate": task(),
-        "eval:a": task("validate"), "eval:b": task("validate"),
-        "build:a-iso": task("eval:a"), "build:b-iso": task("eval:b"),
-        "boot:a-iso": task("build:a-iso", setup=("prepare",)), "prepare": task(),
+        "eval:a": task("validate"),
+        "eval:b": task("validate"),
+        "build:a-iso": task("eval:a"),
+        "build:b-iso": task("eval:b"),
+        "boot:a-iso": task("build:a-iso", setup=("prepare",)),
+        "prepare": task(),
         "release": task("boot:a-iso", "build:b-iso"),
     }
     assert needed_tasks(tasks, ["boot:a-iso"]) == {"boot:a-iso", "build:a-iso", "eval:a", "validate", "prepare"}
@@ -93,6 +108,7 @@ def test_needed_tasks_follows_task_dep_and_setup_only_from_the_selection() -> No
 
 
 # -- real nix ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.nix
 @needs_nix
@@ -119,8 +135,7 @@ def test_one_batch_gives_each_host_its_own_result(flake_domain) -> None:  # type
 
 @pytest.mark.nix
 @needs_nix
-def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(
-        flake_domain, doit: DoitRunner) -> None:  # type: ignore[no-untyped-def]
+def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(flake_domain, doit: DoitRunner) -> None:  # type: ignore[no-untyped-def]
     domain = flake_domain(["alpha", "beta", "gamma"])
     proc = doit(domain, "eval", check=True)
     assert sorted(executed(proc.stdout)) == ["eval:alpha", "eval:beta", "eval:gamma", "validate"]

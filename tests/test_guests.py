@@ -38,19 +38,42 @@ REPORTERS_TOOLS = {"nc", "sleep", "timeout"}
 
 def demo_message() -> dict[str, Any]:
     """A message as the demo's busybox reporter sends it."""
-    guest = {"name": "nats", "state": "running", "pid": 261, "cpu_seconds": 1.539801, "memory_bytes": 3837952,
-             "hostname": "nats", "pid_namespace": "pid:[4026532268]"}
-    return {"host": "vhost-dev", "system": "x86_64-linux", "time": 1795802073, "uptime_s": 21.93,
-            "load": [0.76, 0.18, 0.06], "memory": {"total_kib": 983744, "available_kib": 812300},
-            "pid_namespace": "pid:[4026531836]", "processes": [{"pid": 1, "name": "init"}], "guests": [guest]}
+    guest = {
+        "name": "nats",
+        "state": "running",
+        "pid": 261,
+        "cpu_seconds": 1.539801,
+        "memory_bytes": 3837952,
+        "hostname": "nats",
+        "pid_namespace": "pid:[4026532268]",
+    }
+    return {
+        "host": "vhost-dev",
+        "system": "x86_64-linux",
+        "time": 1795802073,
+        "uptime_s": 21.93,
+        "load": [0.76, 0.18, 0.06],
+        "memory": {"total_kib": 983744, "available_kib": 812300},
+        "pid_namespace": "pid:[4026531836]",
+        "processes": [{"pid": 1, "name": "init"}],
+        "guests": [guest],
+    }
 
 
 def cim_message() -> dict[str, Any]:
     """A message as configs/cim's cim-stats (jq) sends it: no namespaces, a stopped guest has no PID."""
-    return {"host": "vhost-dev", "system": "x86_64-linux", "time": 1795802634, "uptime_s": 123.4,
-            "load": [0.1, 0.2, 0.3], "memory": {"total_kib": 1000, "available_kib": 500},
-            "guests": [{"name": "nats", "state": "running", "pid": 1234, "cpu_seconds": 1.5, "memory_bytes": 52428800},
-                       {"name": "dns", "state": "stopped", "pid": None, "cpu_seconds": 0, "memory_bytes": 0}]}
+    return {
+        "host": "vhost-dev",
+        "system": "x86_64-linux",
+        "time": 1795802634,
+        "uptime_s": 123.4,
+        "load": [0.1, 0.2, 0.3],
+        "memory": {"total_kib": 1000, "available_kib": 500},
+        "guests": [
+            {"name": "nats", "state": "running", "pid": 1234, "cpu_seconds": 1.5, "memory_bytes": 52428800},
+            {"name": "dns", "state": "stopped", "pid": None, "cpu_seconds": 0, "memory_bytes": 0},
+        ],
+    }
 
 
 def test_both_reporters_messages_validate_against_the_committed_schema() -> None:
@@ -66,7 +89,9 @@ def test_stats_problems_name_what_is_wrong() -> None:
     assert probes.stats_problems(demo_message(), "vhost-dev", ["nats"]) == []
     assert probes.stats_problems(cim_message(), "vhost-dev", ["nats", "dns"]) == ["lists guest 'dns' as stopped"]
     assert probes.stats_problems(demo_message(), "vhost-pi", ["nats", "dev"]) == [
-        "comes from host 'vhost-dev', not 'vhost-pi'", "does not list guest 'dev'"]
+        "comes from host 'vhost-dev', not 'vhost-pi'",
+        "does not list guest 'dev'",
+    ]
     bad = demo_message()
     bad["guests"][0]["cpu_ns"] = 5  # the old cim reporter's field
     del bad["uptime_s"]
@@ -78,7 +103,12 @@ def test_default_probes_follow_the_guests() -> None:
     demo = load_domain(DEMO)
     dev = probes.default_probes(demo, "vhost-dev", DEMO)
     assert [(p.kind.value, p.guest) for p in dev] == [
-        ("console", None), ("dns", "dns"), ("nats", "nats"), ("stats", "nats"), ("ssh", "dev")]
+        ("console", None),
+        ("dns", "dns"),
+        ("nats", "nats"),
+        ("stats", "nats"),
+        ("ssh", "dev"),
+    ]
     ssh = dev[-1]
     assert (ssh.account, ssh.key) == ("cim", "keys/demo_ed25519")
     pi = probes.default_probes(demo, "vhost-pi", DEMO)
@@ -95,31 +125,51 @@ def test_forwards_reach_each_guest_address() -> None:
     host = demo.hosts["vhost-dev"]
     forwards = probes.forwards_for(boot_probes(demo, "vhost-dev", DEMO), host)
     assert {(f.proto, f.address, f.guest_port, f.host_port) for f in forwards} == {
-        ("tcp", "10.23.0.10", 22, 0), ("udp", "10.23.0.11", 53, 0), ("tcp", "10.23.0.12", 4222, 0)}
-    spec = boot_spec(Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux), host,
-                     Path("/x.iso"), Path("/w"), forwards, Path("/w/boot.log"))
+        ("tcp", "10.23.0.10", 22, 0),
+        ("udp", "10.23.0.11", 53, 0),
+        ("tcp", "10.23.0.12", 4222, 0),
+    }
+    spec = boot_spec(
+        Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux),
+        host,
+        Path("/x.iso"),
+        Path("/w"),
+        forwards,
+        Path("/w/boot.log"),
+    )
     netdev = spec.argv()[spec.argv().index("-netdev") + 1]
     assert "hostfwd=udp:127.0.0.1:0-10.23.0.11:53" in netdev and "hostfwd=tcp:127.0.0.1:0-10.23.0.12:4222" in netdev
 
 
 def test_dns_names_are_host_dot_fqdn_and_guest_dot_host_dot_fqdn() -> None:
     records = {name: str(address) for name, address in load_domain(DEMO).records().items()}
-    assert records == {"vhost-dev.cim.local": "192.168.23.10", "dev.vhost-dev.cim.local": "10.23.0.10",
-                       "dns.vhost-dev.cim.local": "10.23.0.11", "nats.vhost-dev.cim.local": "10.23.0.12",
-                       "vhost-pi.cim.local": "192.168.23.11", "nats.vhost-pi.cim.local": "10.23.1.10"}
+    assert records == {
+        "vhost-dev.cim.local": "192.168.23.10",
+        "dev.vhost-dev.cim.local": "10.23.0.10",
+        "dns.vhost-dev.cim.local": "10.23.0.11",
+        "nats.vhost-dev.cim.local": "10.23.0.12",
+        "vhost-pi.cim.local": "192.168.23.11",
+        "nats.vhost-pi.cim.local": "10.23.1.10",
+    }
 
 
-@pytest.mark.parametrize(("change", "expect"), [
-    (lambda d: d["hosts"]["vhost-pi"].__setitem__("address", "192.168.23.10"),
-     "vhost-dev and vhost-pi both have address 192.168.23.10"),
-    (lambda d: d["hosts"]["vhost-dev"]["guests"][2].__setitem__("address", "10.23.9.10"),
-     "outside 10.23.0.0/24"),
-    (lambda d: d["hosts"]["vhost-dev"]["guests"][0].__setitem__("address", "10.23.0.1"), ".1 (the host's bridge)"),
-    (lambda d: d["hosts"]["vhost-dev"]["guests"][0].__setitem__("name", "developments"), "longer than 11"),
-    (lambda d: d["hosts"]["vhost-dev"]["guests"][0].pop("address"), "guests.0.address' is required"),
-    (lambda d: d["hosts"]["vhost-dev"]["boot"].__setitem__("probes", [{"kind": "nats", "guest": "mq"}]),
-     "names guest 'mq'"),
-])
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        (
+            lambda d: d["hosts"]["vhost-pi"].__setitem__("address", "192.168.23.10"),
+            "vhost-dev and vhost-pi both have address 192.168.23.10",
+        ),
+        (lambda d: d["hosts"]["vhost-dev"]["guests"][2].__setitem__("address", "10.23.9.10"), "outside 10.23.0.0/24"),
+        (lambda d: d["hosts"]["vhost-dev"]["guests"][0].__setitem__("address", "10.23.0.1"), ".1 (the host's bridge)"),
+        (lambda d: d["hosts"]["vhost-dev"]["guests"][0].__setitem__("name", "developments"), "longer than 11"),
+        (lambda d: d["hosts"]["vhost-dev"]["guests"][0].pop("address"), "guests.0.address' is required"),
+        (
+            lambda d: d["hosts"]["vhost-dev"]["boot"].__setitem__("probes", [{"kind": "nats", "guest": "mq"}]),
+            "names guest 'mq'",
+        ),
+    ],
+)
 def test_bad_addresses_and_probe_guests_are_refused(change: Any, expect: str) -> None:
     data = json.loads((DEMO / "domain.json").read_text())
     change(data)
@@ -129,6 +179,7 @@ def test_bad_addresses_and_probe_guests_are_refused(change: Any, expect: str) ->
 
 
 # -- VM tests ---------------------------------------------------------------------------------------------------------
+
 
 def boot_record(artifacts: Path, artifact: str) -> dict[str, Any]:
     record: dict[str, Any] = json.loads((artifacts / "manifest.json").read_text())["artifacts"][artifact]["boot"]
@@ -144,13 +195,19 @@ def guest_lines(console: str) -> dict[str, tuple[str, str]]:
 @pytest.mark.nix
 @pytest.mark.vm
 @needs_demo
-@pytest.mark.parametrize(("artifact", "expect"), [
-    ("vhost-dev-iso", {"console": None, "dns": "dns", "nats": "nats", "stats": "nats", "ssh": "dev",
-                       "inventory": "nats"}),
-    ("vhost-pi-sd", {"console": None, "nats": "nats", "stats": "nats", "inventory": "nats"}),
-])
-def test_every_probe_green_with_its_latency(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                            artifact: str, expect: dict[str, str | None]) -> None:
+@pytest.mark.parametrize(
+    ("artifact", "expect"),
+    [
+        (
+            "vhost-dev-iso",
+            {"console": None, "dns": "dns", "nats": "nats", "stats": "nats", "ssh": "dev", "inventory": "nats"},
+        ),
+        ("vhost-pi-sd", {"console": None, "nats": "nats", "stats": "nats", "inventory": "nats"}),
+    ],
+)
+def test_every_probe_green_with_its_latency(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, artifact: str, expect: dict[str, str | None]
+) -> None:
     doit(demo_domain, f"boot:{artifact}", check=True)
     record = boot_record(artifacts_dir, artifact)
     assert record["result"] == "pass"
@@ -176,8 +233,9 @@ async def next_message(port: int, subject: str, timeout: float) -> tuple[bytes, 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=2, allow_reconnect=False,
-                                    max_reconnect_attempts=0)
+            nc = await nats.connect(
+                f"nats://127.0.0.1:{port}", connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
+            )
             break
         except Exception:  # the nats guest is not up yet
             if time.monotonic() > deadline:
@@ -194,8 +252,9 @@ async def next_message(port: int, subject: str, timeout: float) -> tuple[bytes, 
 @pytest.mark.nix
 @pytest.mark.vm
 @needs_demo
-def test_stats_on_the_wire_show_isolated_guests(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                                tmp_path: Path) -> None:
+def test_stats_on_the_wire_show_isolated_guests(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, tmp_path: Path
+) -> None:
     """Our own nats-py subscriber, while the image runs: the message validates against the committed schema and
     shows every guest running in its own PID namespace under its own hostname, and a host that runs only init, the
     guests' supervisors and the reporter."""
@@ -205,8 +264,14 @@ def test_stats_on_the_wire_show_isolated_guests(demo_domain: Path, artifacts_dir
     nats_probe = next(p for p in boot_probes(domain, "vhost-dev", demo_domain) if p.kind is ProbeKind.stats)
     forward = probes.probe_forward(nats_probe, host)
     assert forward is not None
-    spec = boot_spec(Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux), host, image,
-                     tmp_path / "vm", (forward,), tmp_path / "boot.log")
+    spec = boot_spec(
+        Artifact(host="vhost-dev", format=Format.iso, system=System.x86_64_linux),
+        host,
+        image,
+        tmp_path / "vm",
+        (forward,),
+        tmp_path / "boot.log",
+    )
     make_blank_disks(host, tmp_path / "vm")  # the declared disks the boot VM carries beside the ISO
     with Vm(spec) as vm:
         port = vm.forwarded_ports()[forward]

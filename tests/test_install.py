@@ -15,8 +15,12 @@ from pipeline.install import InstallError, check_installed
 
 
 def devices(partitions: dict, content_type: str = "gpt", **extra: dict) -> dict:
-    return {"disk": {"main": {"type": "disk", "device": "/dev/vda",
-                              "content": {"type": content_type, "partitions": partitions}}}, **extra}
+    return {
+        "disk": {
+            "main": {"type": "disk", "device": "/dev/vda", "content": {"type": content_type, "partitions": partitions}}
+        },
+        **extra,
+    }
 
 
 ESP = {"size": "64M", "type": "EF00", "content": {"type": "filesystem", "format": "vfat", "mountpoint": "/boot"}}
@@ -26,11 +30,15 @@ ROOT = {"size": "100%", "content": {"type": "filesystem", "format": "ext4", "mou
 
 # -- the plan (pure) ----------------------------------------------------------------------------------------------
 
+
 def test_plan_orders_partitions_as_disko_does() -> None:
     # Nix hands attrsets over alphabetically (ESP, root, swap); disko puts the ESP first and "100%" last.
     plan = plan_from_devices(devices({"ESP": ESP, "root": ROOT, "swap": SWAP}), "main", 1024, "dc.nix")
     assert [(p.number, p.label, p.format) for p in plan.partitions] == [
-        (1, "disk-main-ESP", "vfat"), (2, "disk-main-swap", "swap"), (3, "disk-main-root", "ext4")]
+        (1, "disk-main-ESP", "vfat"),
+        (2, "disk-main-swap", "swap"),
+        (3, "disk-main-root", "ext4"),
+    ]
     assert plan.partition_mib(plan.partitions[2]) == 1024 - 1 - 64 - 32 - 1
     script = plan.sfdisk_script()
     assert script.startswith("label: gpt\n")
@@ -49,15 +57,21 @@ def test_sizes() -> None:
 @pytest.mark.parametrize(
     ("devs", "attribute"),
     [
-        (devices({"root": {"size": "100%", "content": {"type": "btrfs"}}}),
-         "disko.devices.disk.main.content.partitions.root.content.type"),
-        (devices({"root": {"size": "100%", "content": {"type": "filesystem", "format": "xfs", "mountpoint": "/"}}}),
-         "disko.devices.disk.main.content.partitions.root.content.format"),
+        (
+            devices({"root": {"size": "100%", "content": {"type": "btrfs"}}}),
+            "disko.devices.disk.main.content.partitions.root.content.type",
+        ),
+        (
+            devices({"root": {"size": "100%", "content": {"type": "filesystem", "format": "xfs", "mountpoint": "/"}}}),
+            "disko.devices.disk.main.content.partitions.root.content.format",
+        ),
         (devices({"root": ROOT}, content_type="table"), "disko.devices.disk.main.content.type"),
         (devices({"root": ROOT}, zpool={"tank": {"type": "zpool"}}), "disko.devices.zpool"),
-        (devices({"ESP": {**ESP, "size": "900M"}, "root": ROOT, "swap": {**SWAP, "size": "200M"}}),
-         "disko.devices.disk.main.content.partitions need"),
-        (devices({"ESP": ESP, "swap": SWAP}), "mounted on \"/\""),
+        (
+            devices({"ESP": {**ESP, "size": "900M"}, "root": ROOT, "swap": {**SWAP, "size": "200M"}}),
+            "disko.devices.disk.main.content.partitions need",
+        ),
+        (devices({"ESP": ESP, "swap": SWAP}), 'mounted on "/"'),
     ],
 )
 def test_plan_refuses_what_cannot_be_installed(devs: dict, attribute: str) -> None:
@@ -69,9 +83,11 @@ def test_plan_refuses_what_cannot_be_installed(devs: dict, attribute: str) -> No
 
 def test_check_installed_compares_console_with_plan() -> None:
     plan = plan_from_devices(devices({"ESP": ESP, "root": ROOT, "swap": SWAP}), "main", 1024, "dc.nix")
-    console = ("cim-fs: / /dev/vda3 ext4 914620K\ncim-fs: /boot /dev/vda1 vfat 64496K\n"
-               "cim-part: /dev/vda1 disk-main-ESP 64MiB\ncim-part: /dev/vda2 disk-main-swap 32MiB\n"
-               "cim-part: /dev/vda3 disk-main-root 926MiB\ncim-swap: /dev/vda2 32764K\n")
+    console = (
+        "cim-fs: / /dev/vda3 ext4 914620K\ncim-fs: /boot /dev/vda1 vfat 64496K\n"
+        "cim-part: /dev/vda1 disk-main-ESP 64MiB\ncim-part: /dev/vda2 disk-main-swap 32MiB\n"
+        "cim-part: /dev/vda3 disk-main-root 926MiB\ncim-swap: /dev/vda2 32764K\n"
+    )
     assert len(check_installed(plan, console)) == 3
     with pytest.raises(InstallError, match=r"/boot is /dev/vda3 \(ext4\), declared /dev/vda1 \(vfat\)"):
         check_installed(plan, console.replace("cim-fs: /boot /dev/vda1 vfat", "cim-fs: /boot /dev/vda3 ext4"))
@@ -84,9 +100,11 @@ def test_check_installed_names_partitions_from_the_planned_device() -> None:
     devs = devices({"ESP": ESP, "root": ROOT, "swap": SWAP})
     devs["disk"]["main"]["device"] = "/dev/nvme0n1"
     plan = plan_from_devices(devs, "main", 1024, "dc.nix")
-    console = ("cim-fs: / /dev/nvme0n1p3 ext4 914620K\ncim-fs: /boot /dev/nvme0n1p1 vfat 64496K\n"
-               "cim-part: /dev/nvme0n1p1 disk-main-ESP 64MiB\ncim-part: /dev/nvme0n1p2 disk-main-swap 32MiB\n"
-               "cim-part: /dev/nvme0n1p3 disk-main-root 926MiB\ncim-swap: /dev/nvme0n1p2 32764K\n")
+    console = (
+        "cim-fs: / /dev/nvme0n1p3 ext4 914620K\ncim-fs: /boot /dev/nvme0n1p1 vfat 64496K\n"
+        "cim-part: /dev/nvme0n1p1 disk-main-ESP 64MiB\ncim-part: /dev/nvme0n1p2 disk-main-swap 32MiB\n"
+        "cim-part: /dev/nvme0n1p3 disk-main-root 926MiB\ncim-swap: /dev/nvme0n1p2 32764K\n"
+    )
     assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4"
     with pytest.raises(InstallError, match="partition /dev/nvme0n1p1 \\(disk-main-ESP\\) is missing"):
         check_installed(plan, console.replace("nvme0n1", "vda").replace("vdap", "vda"))
@@ -100,6 +118,7 @@ def test_demo_disk_config_evaluates_with_nix() -> None:
 
 
 # -- the real thing -----------------------------------------------------------------------------------------------
+
 
 def set_disk_config(domain: Path, old: str, new: str) -> None:
     path = domain / "disk-config.nix"
@@ -153,8 +172,9 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
         ('content.type = "swap";', 'content.type = "luks";', "partitions.swap.content.type = 'luks'"),
     ],
 )
-def test_bad_disk_config_fails_before_any_vm(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                              old: str, new: str, attribute: str) -> None:
+def test_bad_disk_config_fails_before_any_vm(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, old: str, new: str, attribute: str
+) -> None:
     doit(demo_domain, "build:vhost-dev-iso", check=True)
     set_disk_config(demo_domain, old, new)
     proc = doit(demo_domain, "install:vhost-dev", timeout=120)  # refused before any VM: well within this
@@ -169,11 +189,13 @@ def test_bad_disk_config_fails_before_any_vm(demo_domain: Path, artifacts_dir: P
 @pytest.mark.nix
 @pytest.mark.vm
 @needs_demo
-def test_hanging_installer_is_stopped_at_the_phase_timeout(demo_domain: Path, artifacts_dir: Path,
-                                                           doit: DoitRunner) -> None:
+def test_hanging_installer_is_stopped_at_the_phase_timeout(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
     # A real ISO whose installer hangs after its started line.
     (demo_domain / "rootfs/sbin/cim-install").write_text(
-        "#!/bin/sh\necho 'cim-install: started vhost-dev (this installer hangs on purpose)'\nexec sleep 100000\n")
+        "#!/bin/sh\necho 'cim-install: started vhost-dev (this installer hangs on purpose)'\nexec sleep 100000\n"
+    )
     domain = json.loads((demo_domain / "domain.json").read_text())
     domain["hosts"]["vhost-dev"]["install"]["timeout_s"] = 45
     (demo_domain / "domain.json").write_text(json.dumps(domain))
@@ -199,7 +221,8 @@ def test_install_onto_a_declared_nvme_disk(demo_domain: Path, artifacts_dir: Pat
     # controller, the installer lays out /dev/nvme0n1, and the checks name its partitions nvme0n1p1…p3.
     domain = json.loads((demo_domain / "domain.json").read_text())
     domain["hosts"]["vhost-dev"]["hardware"]["disks"] = [
-        {"name": "main", "device": "/dev/nvme0n1", "size_gib": 1, "kind": "nvme"}]
+        {"name": "main", "device": "/dev/nvme0n1", "size_gib": 1, "kind": "nvme"}
+    ]
     (demo_domain / "domain.json").write_text(json.dumps(domain))
     set_disk_config(demo_domain, 'device = "/dev/vda";', 'device = "/dev/nvme0n1";')
 
@@ -217,7 +240,8 @@ def test_install_onto_a_declared_nvme_disk(demo_domain: Path, artifacts_dir: Pat
 @pytest.mark.nix
 @needs_demo
 def test_disk_config_elsewhere_than_the_declared_disk_fails_before_any_vm(
-        demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
     set_disk_config(demo_domain, 'device = "/dev/vda";', 'device = "/dev/nvme0n1";')  # domain.json still says vda
     proc = doit(demo_domain, "install:vhost-dev", timeout=300)
     output = proc.stdout + proc.stderr
@@ -232,13 +256,16 @@ def test_disk_config_elsewhere_than_the_declared_disk_fails_before_any_vm(
 def test_failed_installer_reports_its_reason(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
     # A real ISO whose installer gives up: the contract's failed line carries the reason, and it powers off.
     (demo_domain / "rootfs/sbin/cim-install").write_text(
-        "#!/bin/sh\n. /etc/cim/contract.sh\necho \"$CIM_INSTALL_STARTED\"\nsleep 1\n"
-        "echo \"$CIM_INSTALL_FAILED no room on the target (this installer fails on purpose)\"\npoweroff -f\n")
+        '#!/bin/sh\n. /etc/cim/contract.sh\necho "$CIM_INSTALL_STARTED"\nsleep 1\n'
+        'echo "$CIM_INSTALL_FAILED no room on the target (this installer fails on purpose)"\npoweroff -f\n'
+    )
     proc = doit(demo_domain, "install:vhost-dev")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert ("install phase 'installer' failed: cim-install: failed vhost-dev: no room on the target (this installer "
-            "fails on purpose)") in output
+    assert (
+        "install phase 'installer' failed: cim-install: failed vhost-dev: no room on the target (this installer "
+        "fails on purpose)"
+    ) in output
     assert "Traceback" not in output and "phase disk-boot" not in output
     record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
     assert record["result"] == "fail" and "no room on the target" in record["error"]

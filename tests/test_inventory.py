@@ -28,30 +28,64 @@ def report() -> Any:
 
 
 def cim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
-def qemu_pc_report(memory_mib: int = 1024, disks: tuple[tuple[str, int], ...] = (("vda", 1024),),
-                   gpus: tuple[str, ...] = ()) -> dict[str, Any]:
+def qemu_pc_report(
+    memory_mib: int = 1024, disks: tuple[tuple[str, int], ...] = (("vda", 1024),), gpus: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A report as the demo's cim-inventory writes it in a QEMU `pc` VM (shape as in artifacts/*/inventory.json)."""
     return {
-        "version": 1, "system": "x86_64-linux", "virtualisation": "qemu",
+        "version": 1,
+        "system": "x86_64-linux",
+        "virtualisation": "qemu",
         "hardware": {
-            "cpu": [{"architecture": "x86_64", "vendor_name": "AuthenticAMD",
-                     "model_name": "QEMU Virtual CPU version 2.5+", "physical_id": 0, "cores": 1, "siblings": 1}],
+            "cpu": [
+                {
+                    "architecture": "x86_64",
+                    "vendor_name": "AuthenticAMD",
+                    "model_name": "QEMU Virtual CPU version 2.5+",
+                    "physical_id": 0,
+                    "cores": 1,
+                    "siblings": 1,
+                }
+            ],
             "memory": [{"model": "Main Memory", "resources": [{"type": "phys_mem", "range": memory_mib << 20}]}],
-            "disk": [{"unix_device_name": f"/dev/{name}", "model": "", "serial": f"cim-disk{i}", "driver": "virtio_blk",
-                      "resources": [{"type": "size", "unit": "sectors", "value_1": mib * 2048, "value_2": 512}]}
-                     for i, (name, mib) in enumerate(disks)],
-            "graphics_card": [{"vendor": {"hex": pci.split(":")[0], "value": int(pci.split(":")[0], 16)},
-                               "device": {"hex": pci.split(":")[1], "value": int(pci.split(":")[1], 16)},
-                               "model": "QEMU Standard VGA", "sysfs_bus_id": "0000:00:04.0", "driver": "",
-                               "sysfs_iommu_group_id": None} for pci in gpus],
-            "network_interface": [{"unix_device_names": ["eth0"], "driver": "virtio_net",
-                                   "resources": [{"type": "hwaddr", "address": "52:54:00:12:34:56"}]}]},
-        "smbios": {"system": {"manufacturer": "QEMU", "product": "Standard PC (i440FX + PIIX, 1996)"},
-                   "memory_device": [{"size": memory_mib * 1024}]},
+            "disk": [
+                {
+                    "unix_device_name": f"/dev/{name}",
+                    "model": "",
+                    "serial": f"cim-disk{i}",
+                    "driver": "virtio_blk",
+                    "resources": [{"type": "size", "unit": "sectors", "value_1": mib * 2048, "value_2": 512}],
+                }
+                for i, (name, mib) in enumerate(disks)
+            ],
+            "graphics_card": [
+                {
+                    "vendor": {"hex": pci.split(":")[0], "value": int(pci.split(":")[0], 16)},
+                    "device": {"hex": pci.split(":")[1], "value": int(pci.split(":")[1], 16)},
+                    "model": "QEMU Standard VGA",
+                    "sysfs_bus_id": "0000:00:04.0",
+                    "driver": "",
+                    "sysfs_iommu_group_id": None,
+                }
+                for pci in gpus
+            ],
+            "network_interface": [
+                {
+                    "unix_device_names": ["eth0"],
+                    "driver": "virtio_net",
+                    "resources": [{"type": "hwaddr", "address": "52:54:00:12:34:56"}],
+                }
+            ],
+        },
+        "smbios": {
+            "system": {"manufacturer": "QEMU", "product": "Standard PC (i440FX + PIIX, 1996)"},
+            "memory_device": [{"size": memory_mib * 1024}],
+        },
         "firmware": {"type": "bios"},
     }
 
@@ -63,10 +97,16 @@ def test_a_facter_report_reads_as_facter_writes_it() -> None:
     assert (found.cpu_model, found.cpu_cores, found.cpu_threads) == ("Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz", 20, 40)
     assert found.memory_bytes == 128 << 30  # the four DIMMs of smbios.memory_device, not phys_mem
     (disk,) = found.disks
-    assert (disk.name, disk.size_bytes, disk.serial, disk.driver) == ("nvme0n1", 1953525168 * 512, "S6B0NL0T123456A",
-                                                                       "nvme")
+    assert (disk.name, disk.size_bytes, disk.serial, disk.driver) == (
+        "nvme0n1",
+        1953525168 * 512,
+        "S6B0NL0T123456A",
+        "nvme",
+    )
     assert [(g.pci_id, g.bus_id, g.driver, g.iommu_group) for g in found.gpus] == [
-        ("10de:2206", "0000:65:00.0", "vfio-pci", 42), ("102b:0536", "0000:03:00.0", "mgag200", 17)]
+        ("10de:2206", "0000:65:00.0", "vfio-pci", 42),
+        ("102b:0536", "0000:03:00.0", "mgag200", 17),
+    ]
     assert [n.name for n in found.nics] == ["eno1"]  # lo is not hardware
 
 
@@ -120,11 +160,13 @@ def hardware(**changes: object) -> Hardware:
 
 
 def test_differences_name_field_declared_detected_and_kind() -> None:
-    found = inventory.parse_report(qemu_pc_report(memory_mib=2048, disks=(("vda", 1024), ("vdb", 1024)),
-                                                  gpus=("1234:1111",)), "r")
+    found = inventory.parse_report(
+        qemu_pc_report(memory_mib=2048, disks=(("vda", 1024), ("vdb", 1024)), gpus=("1234:1111",)), "r"
+    )
     diffs = {d.field: d for d in inventory.reconcile(hardware(), found)}
-    assert diffs["memory_gib"] == InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB",
-                                                      kind=Kind.differs)
+    assert diffs["memory_gib"] == InventoryDifference(
+        field="memory_gib", declared="1 GiB", detected="2 GiB", kind=Kind.differs
+    )
     assert diffs["disks.vdb"].kind is Kind.unexpected and diffs["disks.vdb"].declared == "(none)"
     assert diffs["gpus"].kind is Kind.unexpected and "[1234:1111]" in diffs["gpus"].detected
     assert len(diffs) == 3
@@ -168,8 +210,9 @@ def test_policies(policy: InventoryPolicy) -> None:
 
 def test_boot_settings_override_the_declared_hardware() -> None:
     data = json.loads((DEMO / "domain.json").read_text())
-    data["hosts"]["vhost-dev"]["boot"].update(memory_mib=2048, disks=[{"size_gib": 1}, {"size_gib": 1}],
-                                              displays=["std"])
+    data["hosts"]["vhost-dev"]["boot"].update(
+        memory_mib=2048, disks=[{"size_gib": 1}, {"size_gib": 1}], displays=["std"]
+    )
     machine = inventory.boot_machine(parse_domain(data, "x").hosts["vhost-dev"])
     assert (machine.memory_mib, len(machine.disks), machine.displays) == (2048, 2, (Display.std,))
     assert machine.unchecked == ()  # QEMU can give all of it: the differences are checked, not excused
@@ -255,13 +298,28 @@ def test_an_enforced_difference_is_a_failed_inventory_case_in_junit(tmp_path: Pa
 
     message = "vhost-dev: the detected hardware is not what domain.json declares: memory_gib: declared 1 GiB, …"
     record = ArtifactRecord(
-        host="vhost-dev", format="iso", system="x86_64-linux", drvPath="/nix/store/x.drv", outPath="/nix/store/x",
-        file="vhost-dev-iso/x.iso", size=1, sha256="0" * 64, xxh3="0" * 32,
+        host="vhost-dev",
+        format="iso",
+        system="x86_64-linux",
+        drvPath="/nix/store/x.drv",
+        outPath="/nix/store/x",
+        file="vhost-dev-iso/x.iso",
+        size=1,
+        sha256="0" * 64,
+        xxh3="0" * 32,
         build=BuildInfo(strategy="native", reason="", seconds=1.0, log="vhost-dev-iso/build.log"),
         inventory=InventoryResult(
-            result="fail", verdict="differs", policy="enforce", report="vhost-dev-iso/inventory.json",
-            image_xxh3="0" * 32, summary="1 difference(s)", log="vhost-dev-iso/boot.log", error=message,
-            differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")]))
+            result="fail",
+            verdict="differs",
+            policy="enforce",
+            report="vhost-dev-iso/inventory.json",
+            image_xxh3="0" * 32,
+            summary="1 difference(s)",
+            log="vhost-dev-iso/boot.log",
+            error=message,
+            differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")],
+        ),
+    )
     xml = junit_xml({"vhost-dev-iso": record}, tmp_path, "2026-11-27T00:00:00")
     assert 'classname="vhost-dev-iso.inventory" name="inventory"' in xml
     assert "memory_gib: declared 1 GiB" in xml and 'failures="1"' in xml

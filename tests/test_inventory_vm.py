@@ -26,16 +26,23 @@ def edit(domain: Path, change: Any) -> None:
 
 
 def cim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.nix
 @pytest.mark.vm
 @needs_demo
 @pytest.mark.parametrize(("artifact", "system"), [("vhost-dev-iso", "x86_64-linux"), ("vhost-pi-sd", "aarch64-linux")])
-def test_the_demo_images_detect_what_the_demo_declares(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                                       artifact: str, system: str) -> None:
+def test_the_demo_images_detect_what_the_demo_declares(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, artifact: str, system: str
+) -> None:
     proc = doit(demo_domain, f"boot:{artifact}", check=True)
     report = json.loads((artifacts_dir / artifact / "inventory.json").read_text())
     assert report["version"] == 1 and report["system"] == system and report["virtualisation"] == "qemu"
@@ -56,9 +63,12 @@ def test_the_demo_images_detect_what_the_demo_declares(demo_domain: Path, artifa
 def test_other_hardware_than_declared(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
     """The VM gets 2 GiB, two disks and a display adapter while the inventory says 1 GiB and one disk: record keeps
     the differences, enforce fails naming each, and a policy change alone boots no VM."""
+
     def bigger(data: Any) -> None:
-        data["hosts"]["vhost-dev"]["boot"].update(memory_mib=2048, disks=[{"size_gib": 1}, {"size_gib": 1}],
-                                                  displays=["std"])
+        data["hosts"]["vhost-dev"]["boot"].update(
+            memory_mib=2048, disks=[{"size_gib": 1}, {"size_gib": 1}], displays=["std"]
+        )
+
     edit(demo_domain, bigger)
     proc = doit(demo_domain, "boot:vhost-dev-iso", check=True)  # record (the demo's policy): the boot passes
     inv = manifest(artifacts_dir)["artifacts"]["vhost-dev-iso"]["inventory"]

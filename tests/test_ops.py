@@ -33,10 +33,16 @@ PROGRESS = re.compile(r"^\[(?P<prefix>[^\]]+)\] (?P<phase>.+): (?P<elapsed>\d+) 
 
 # -- pure parts --------------------------------------------------------------------------------------------------------
 
+
 def test_spec_changes_name_the_field_with_old_and_new_value() -> None:
     old = {"hosts": {"vhost-dev": {"boot": {"memory_mib": 1024, "cpus": 1, "probes": [{"kind": "console"}]}}}}
-    new = {"hosts": {"vhost-dev": {"boot": {"memory_mib": 2048, "cpus": 1,
-                                            "probes": [{"kind": "console"}, {"kind": "tcp", "port": 22}]}}}}
+    new = {
+        "hosts": {
+            "vhost-dev": {
+                "boot": {"memory_mib": 2048, "cpus": 1, "probes": [{"kind": "console"}, {"kind": "tcp", "port": 22}]}
+            }
+        }
+    }
     assert spec_changes(old, new) == [
         "hosts.vhost-dev.boot.memory_mib: 1024 → 2048",
         "hosts.vhost-dev.boot.probes[1].kind: (none) → 'tcp'",
@@ -46,23 +52,47 @@ def test_spec_changes_name_the_field_with_old_and_new_value() -> None:
 
 
 def test_junit_xml_shows_a_failed_probe_with_its_message_and_console_tail(tmp_path: Path) -> None:
-    records = Records(tmp_path / "state", tmp_path / "artifacts",
-                      {"domain": "d", "fqdn": "d.local", "domain_dir": "/d"})
+    records = Records(
+        tmp_path / "state", tmp_path / "artifacts", {"domain": "d", "fqdn": "d.local", "domain_dir": "/d"}
+    )
     source = tmp_path / "image.iso"
     source.write_bytes(os.urandom(4096))
     sha, xxh, size = publish_file(source, records.artifacts_dir / "vhost-dev-iso" / "image.iso")
-    records.save_build("vhost-dev-iso", ArtifactRecord(
-        host="vhost-dev", format="iso", system="x86_64-linux", drvPath="/nix/store/x.drv", outPath="/nix/store/x",
-        file="vhost-dev-iso/image.iso", size=size, sha256=sha, xxh3=xxh,
-        build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log")))
+    records.save_build(
+        "vhost-dev-iso",
+        ArtifactRecord(
+            host="vhost-dev",
+            format="iso",
+            system="x86_64-linux",
+            drvPath="/nix/store/x.drv",
+            outPath="/nix/store/x",
+            file="vhost-dev-iso/image.iso",
+            size=size,
+            sha256=sha,
+            xxh3=xxh,
+            build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log"),
+        ),
+    )
     # A console as guests write it: escape sequences, carriage returns, a NUL.
     (records.artifacts_dir / "vhost-dev-iso" / "boot.log").write_text(
-        "".join(f"\x1b[0;32mline {i}\x1b[0m\r\n" for i in range(100)) + "cim: vhost-dev boot complete\x00\r\n")
+        "".join(f"\x1b[0;32mline {i}\x1b[0m\r\n" for i in range(100)) + "cim: vhost-dev boot complete\x00\r\n"
+    )
     error = "vhost-dev-iso-boot: TCP port 9 did not succeed within 3 s; last error: connection closed"
-    records.save_boot("vhost-dev-iso", BootResult(
-        result="fail", accel="tcg", log="vhost-dev-iso/boot.log", image_xxh3=xxh, seconds=20.0, error=error,
-        probes=[ProbeResult(probe="console", ok=True, seconds=15.0, detail="console: 'cim: vhost-dev boot complete'")],
-        planned=["console", "tcp 9", "nats"]))
+    records.save_boot(
+        "vhost-dev-iso",
+        BootResult(
+            result="fail",
+            accel="tcg",
+            log="vhost-dev-iso/boot.log",
+            image_xxh3=xxh,
+            seconds=20.0,
+            error=error,
+            probes=[
+                ProbeResult(probe="console", ok=True, seconds=15.0, detail="console: 'cim: vhost-dev boot complete'")
+            ],
+            planned=["console", "tcp 9", "nats"],
+        ),
+    )
 
     xml = junitparser.JUnitXml.fromfile(str(records.artifacts_dir / JUNIT))
     (suite,) = list(xml)
@@ -91,23 +121,36 @@ PROGRESS_SCRIPT = textwrap.dedent("""
 
 
 def test_progress_without_a_terminal_prints_plain_lines_on_schedule() -> None:
-    proc = subprocess.run([sys.executable, "-c", PROGRESS_SCRIPT, "2", "3", "2.5"], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env={**os.environ, "CIM_PROGRESS": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", PROGRESS_SCRIPT, "2", "3", "2.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "CIM_PROGRESS": ""},
+    )
     lines = proc.stdout.splitlines()
     assert "\x1b" not in proc.stdout and "\r" not in proc.stdout, "no terminal control without a terminal"
     assert lines[-1] == "[vm] done"
     progress = [m for m in map(PROGRESS.match, lines) if m]
     # Due at 2 s (first wait), 4 s: the second wait starts at 3 s and takes over the schedule at 4 s.
     assert [(m["phase"], m["deadline"]) for m in progress] == [
-        ("waiting for the prompt", "30"), ("waiting for power-off", "30")], proc.stdout
+        ("waiting for the prompt", "30"),
+        ("waiting for power-off", "30"),
+    ], proc.stdout
     assert lines[0].endswith("— Loading kernel"), "the last console line, without its escape codes"
 
 
 def test_progress_on_a_terminal_is_one_live_line() -> None:
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", PROGRESS_SCRIPT, "10", "1.6", "0"], stdout=terminal,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "CIM_PROGRESS": ""},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROGRESS_SCRIPT, "10", "1.6", "0"],
+        stdout=terminal,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "CIM_PROGRESS": ""},
+        start_new_session=True,
+    )
     os.close(terminal)
     output = b""
     try:
@@ -139,11 +182,14 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
     try:
         data = status(domain, artifacts)
         assert [(r["artifact"], r["image"], r["boot"]["result"]) for r in data["artifacts"]] == [
-            ("vhost-dev-iso", None, "never"), ("vhost-pi-sd", None, "never")]
+            ("vhost-dev-iso", None, "never"),
+            ("vhost-pi-sd", None, "never"),
+        ]
         assert data["artifacts"][0]["install"] == {"result": "never"} and "install" not in data["artifacts"][1]
         assert {t["state"] for t in data["out_of_date"]} == {"run"}
         assert explain(domain, artifacts, "build:vhost-pi-sd")["reasons"] == [
-            "it has not run successfully yet (doit has no record of it)"]
+            "it has not run successfully yet (doit has no record of it)"
+        ]
         assert not artifacts.exists(), "status writes nothing"
         assert not (state_dir_for(ROOT, domain) / "doit.sqlite3").exists(), "not even doit's DB"
         wrong = cim("explain", "boot:nope", "--domain", str(domain))
@@ -155,10 +201,17 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
 
 # -- a real demo run, as an operator sees it ---------------------------------------------------------------------------
 
+
 def cim(*args: str) -> subprocess.CompletedProcess[str]:
     # A wide table: with the inventory column, 80 columns would wrap the artifact names.
-    return subprocess.run([str(Path(sys.executable).with_name("cim")), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("cim")), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "160"},
+    )
 
 
 def status(domain: Path, artifacts: Path) -> dict[str, Any]:
@@ -179,8 +232,9 @@ def doit_timed(domain: Path, artifacts: Path, *args: str) -> tuple[int, list[tup
     """Run doit without a terminal (as CI does); every stdout line with the time it arrived."""
     argv = [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args]
     env = {**os.environ, "CIM_PROGRESS": ""}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: list[tuple[float, str]] = []
     try:
         assert proc.stdout is not None
@@ -223,7 +277,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
     progress = [m for m in (PROGRESS.match(text) for _, text in lines) if m]
     assert progress, f"no progress line in a run with 20 s boots:\n{output}"
     vm_phase = [i for i, (_, text) in enumerate(lines) if text.startswith((".  boot:", ".  install:"))]
-    quiet = max(b[0] - a[0] for a, b in zip(lines[vm_phase[0]:], lines[vm_phase[0] + 1:], strict=False))
+    quiet = max(b[0] - a[0] for a, b in zip(lines[vm_phase[0] :], lines[vm_phase[0] + 1 :], strict=False))
     # A line is due every 10 s; the ticker looks twice a second and the machine is shared, hence the margin.
     assert quiet <= 12.5, f"{quiet:.1f} s without a line while VMs ran:\n{output}"
     for log in artifacts.glob("*/*.log"):  # progress is for the reader of the run, never in a log file
@@ -247,8 +301,15 @@ def _walk(domain: Path, artifacts: Path) -> None:
     suites = {suite.name: suite for suite in xml}
     assert set(suites) == {"vhost-dev-iso", "vhost-pi-sd"}
     # The hardware report is a probe of the boot, and its reconcile a check of its own (both named "inventory").
-    assert {case.name for case in suites["vhost-dev-iso"]} == {"console", "dns", "nats", "stats", "ssh", "inventory",
-                                                               "install"}
+    assert {case.name for case in suites["vhost-dev-iso"]} == {
+        "console",
+        "dns",
+        "nats",
+        "stats",
+        "ssh",
+        "inventory",
+        "install",
+    }
     assert all(case.is_passed for suite in suites.values() for case in suite)
 
     # 4. More boot memory: the boot is out of date, and explain names the field with both values.
@@ -277,11 +338,15 @@ def _walk(domain: Path, artifacts: Path) -> None:
     assert any("drvPath" in r and drv in r for r in after["reasons"]), after
 
     # 6. A probe that fails: the boot fails, junit.xml has it as a failed case with its message, status says fail.
-    set_json(domain / "domain.json", ["hosts", "vhost-pi", "boot", "probes"], [
-        {"kind": "console", "pattern": "cim: vhost-pi boot complete"},
-        {"kind": "tcp", "port": 9, "timeout_s": 3},  # nothing listens on the discard port
-        {"kind": "nats"},
-    ])
+    set_json(
+        domain / "domain.json",
+        ["hosts", "vhost-pi", "boot", "probes"],
+        [
+            {"kind": "console", "pattern": "cim: vhost-pi boot complete"},
+            {"kind": "tcp", "port": 9, "timeout_s": 3},  # nothing listens on the discard port
+            {"kind": "nats"},
+        ],
+    )
     code, lines = doit_timed(domain, artifacts, "boot:vhost-pi-sd")
     assert code != 0
     suites = {suite.name: suite for suite in junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))}

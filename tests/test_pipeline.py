@@ -33,8 +33,9 @@ def sha256sum(path: Path) -> str:
 
 
 def sha256sum_check(artifacts: Path) -> str:
-    proc = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=artifacts, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=artifacts, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -148,7 +149,8 @@ def test_boot_and_caching(demo_domain: Path, artifacts_dir: Path, doit: DoitRunn
     assert manifest(artifacts_dir)["artifacts"]["vhost-pi-sd"]["drvPath"] == pi["drvPath"]
     assert (sd_image.stat().st_ino, sd_image.stat().st_mtime_ns) == (sd_stat.st_ino, sd_stat.st_mtime_ns)
     assert sorted(sha256sum_check(artifacts_dir).splitlines()) == sorted(
-        [f"{new_dev['file']}: OK", f"{pi['file']}: OK"])
+        [f"{new_dev['file']}: OK", f"{pi['file']}: OK"]
+    )
 
     # 4. Bad input after all that: refused up front, and the populated artifacts/ is untouched.
     before = snapshot(artifacts_dir)
@@ -158,7 +160,6 @@ def test_boot_and_caching(demo_domain: Path, artifacts_dir: Path, doit: DoitRunn
     assert "memroy_gib" in bad.stderr and "Traceback" not in bad.stderr
     assert executed(bad.stdout) == []
     assert snapshot(artifacts_dir) == before
-
 
 
 @pytest.mark.nix
@@ -171,18 +172,31 @@ def test_build_one_image_runs_only_what_it_needs(demo_domain: Path, artifacts_di
     assert "boot" not in record, "built, not booted"
     assert record["sha256"] == sha256sum(artifacts_dir / record["file"])
     assert record["build"]["strategy"] == "native"
-    assert sorted(p.name for p in artifacts_dir.iterdir()) == ["SHA256SUMS", "junit.xml", "manifest.json",
-                                                               "vhost-dev-iso"]
+    assert sorted(p.name for p in artifacts_dir.iterdir()) == [
+        "SHA256SUMS",
+        "junit.xml",
+        "manifest.json",
+        "vhost-dev-iso",
+    ]
     sha256sum_check(artifacts_dir)
 
 
-def test_list_shows_the_task_graph_without_running_nix(demo_domain: Path, artifacts_dir: Path,
-                                                       doit: DoitRunner) -> None:
+def test_list_shows_the_task_graph_without_running_nix(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
     # Without nix (or QEMU) on PATH: loading the graph must run no subprocess.
     proc = doit(demo_domain, "list", "--all", env={"PATH": str(Path(sys.executable).parent)}, check=True)
     names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
-    assert {"validate", "eval:vhost-dev", "eval:vhost-pi", "build:vhost-dev-iso", "boot:vhost-dev-iso",
-            "build:vhost-pi-sd", "boot:vhost-pi-sd", "release"} <= names
+    assert {
+        "validate",
+        "eval:vhost-dev",
+        "eval:vhost-pi",
+        "build:vhost-dev-iso",
+        "boot:vhost-dev-iso",
+        "build:vhost-pi-sd",
+        "boot:vhost-pi-sd",
+        "release",
+    } <= names
     assert not {"build:vhost-pi-iso", "build:vhost-dev-sd", "boot:vhost-dev-sd"} & names
     assert list(artifacts_dir.iterdir()) == [], "listing tasks writes no artifact"
 
@@ -224,8 +238,9 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 @pytest.mark.parametrize("args", [("build:vhost-dev-iso",), ()], ids=["build", "default"])
-def test_bad_input_is_refused_and_touches_nothing(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                                  case: str, args: tuple[str, ...]) -> None:
+def test_bad_input_is_refused_and_touches_nothing(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, case: str, args: tuple[str, ...]
+) -> None:
     # A previous run's artifacts, as far as the eye can tell: they must survive byte for byte.
     (artifacts_dir / "vhost-dev-iso").mkdir()
     (artifacts_dir / "vhost-dev-iso" / "nixos.iso").write_bytes(os.urandom(4096))
@@ -259,8 +274,11 @@ def _missing_disk_config(domain: Path) -> None:
 
 
 # Beyond the bad domain.json cases: a file a host names is missing, a .nix file does not parse.
-DIRECTORY_CASES = {**{k: v[0] for k, v in BAD_INPUTS.items()}, "nix-syntax": _nix_syntax_error,
-                   "missing-disk-config": _missing_disk_config}
+DIRECTORY_CASES = {
+    **{k: v[0] for k, v in BAD_INPUTS.items()},
+    "nix-syntax": _nix_syntax_error,
+    "missing-disk-config": _missing_disk_config,
+}
 
 
 @pytest.mark.nix

@@ -38,14 +38,29 @@ INSTALL_KEYS = {"checks", "disk_mib", "image_xxh3", "log", "phases", "plan", "re
 
 def image_record(name: str, rel: str, sha256: str, xxh3: str, size: int) -> ArtifactRecord:
     host, fmt = name.rsplit("-", 1)
-    return ArtifactRecord(host=host, format=fmt, system="x86_64-linux", drvPath=f"/nix/store/x-{name}.drv",
-                          outPath=f"/nix/store/x-{name}", file=rel, size=size, sha256=sha256, xxh3=xxh3,
-                          build=BuildInfo(strategy="native", reason="test", seconds=1.0, log=f"{name}/build.log"))
+    return ArtifactRecord(
+        host=host,
+        format=fmt,
+        system="x86_64-linux",
+        drvPath=f"/nix/store/x-{name}.drv",
+        outPath=f"/nix/store/x-{name}",
+        file=rel,
+        size=size,
+        sha256=sha256,
+        xxh3=xxh3,
+        build=BuildInfo(strategy="native", reason="test", seconds=1.0, log=f"{name}/build.log"),
+    )
 
 
 def boot_result(xxh3: str, result: str = "pass") -> BootResult:
-    return BootResult(result=result, accel="tcg", log="a/boot.log", image_xxh3=xxh3, seconds=12.5,  # type: ignore[arg-type]
-                      probes=[ProbeResult(probe="console", ok=True, seconds=11.0, detail="console: 'cim: …'")])
+    return BootResult(
+        result=result,
+        accel="tcg",
+        log="a/boot.log",
+        image_xxh3=xxh3,
+        seconds=12.5,  # type: ignore[arg-type]
+        probes=[ProbeResult(probe="console", ok=True, seconds=11.0, detail="console: 'cim: …'")],
+    )
 
 
 def publish(tmp_path: Path, records: Records, name: str, rel: str) -> ArtifactRecord:
@@ -59,18 +74,38 @@ def publish(tmp_path: Path, records: Records, name: str, rel: str) -> ArtifactRe
 
 
 def test_manifest_keeps_its_shape_and_validates_against_its_schema(tmp_path: Path) -> None:
-    records = Records(tmp_path / "state", tmp_path / "artifacts",
-                      {"domain": "cim demo", "fqdn": "cim.local", "domain_dir": "/d"})
+    records = Records(
+        tmp_path / "state", tmp_path / "artifacts", {"domain": "cim demo", "fqdn": "cim.local", "domain_dir": "/d"}
+    )
     dev = publish(tmp_path, records, "vhost-dev-iso", "vhost-dev-iso/nixos-vhost-dev.iso")
     publish(tmp_path, records, "vhost-pi-sd", "vhost-pi-sd/nixos-sd.img")
     records.save_boot("vhost-dev-iso", boot_result(dev.xxh3))
-    records.save_install("vhost-dev-iso", InstallResult(
-        result="pass", log="vhost-dev-iso/install.log", image_xxh3=dev.xxh3, disk_mib=1024, plan=["1: ESP"],
-        seconds=40.0, phases={"installer": 20.0, "disk-boot": 20.0}, checks=["/ on /dev/vda3"]))
-    records.save_inventory("vhost-dev-iso", InventoryResult(
-        result="pass", verdict="differs", policy="record", report="vhost-dev-iso/inventory.json", image_xxh3=dev.xxh3,
-        summary="1 difference(s) from the inventory (policy record)", log="vhost-dev-iso/boot.log",
-        differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")]))
+    records.save_install(
+        "vhost-dev-iso",
+        InstallResult(
+            result="pass",
+            log="vhost-dev-iso/install.log",
+            image_xxh3=dev.xxh3,
+            disk_mib=1024,
+            plan=["1: ESP"],
+            seconds=40.0,
+            phases={"installer": 20.0, "disk-boot": 20.0},
+            checks=["/ on /dev/vda3"],
+        ),
+    )
+    records.save_inventory(
+        "vhost-dev-iso",
+        InventoryResult(
+            result="pass",
+            verdict="differs",
+            policy="record",
+            report="vhost-dev-iso/inventory.json",
+            image_xxh3=dev.xxh3,
+            summary="1 difference(s) from the inventory (policy record)",
+            log="vhost-dev-iso/boot.log",
+            differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")],
+        ),
+    )
 
     manifest = json.loads((records.artifacts_dir / MANIFEST).read_text())
     jsonschema.validate(manifest, manifest_schema())
@@ -78,7 +113,8 @@ def test_manifest_keeps_its_shape_and_validates_against_its_schema(tmp_path: Pat
     dev_json = manifest["artifacts"]["vhost-dev-iso"]
     assert set(dev_json) == RECORD_KEYS | {"install", "inventory"}
     assert dev_json["inventory"]["differences"] == [
-        {"field": "memory_gib", "declared": "1 GiB", "detected": "2 GiB", "kind": "differs"}]
+        {"field": "memory_gib", "declared": "1 GiB", "detected": "2 GiB", "kind": "differs"}
+    ]
     assert set(dev_json["build"]) == BUILD_KEYS
     assert set(dev_json["boot"]) == BOOT_KEYS, "no 'error' key on a pass"
     assert set(dev_json["boot"]["probes"][0]) == PROBE_KEYS
@@ -91,8 +127,9 @@ def test_sha256sums_pass_coreutils_and_follow_the_records(tmp_path: Path) -> Non
     records = Records(tmp_path / "state", tmp_path / "artifacts", {"domain": "d", "fqdn": "d.local", "domain_dir": "/"})
     publish(tmp_path, records, "vhost-dev-iso", "vhost-dev-iso/a.iso")
     publish(tmp_path, records, "vhost-pi-sd", "vhost-pi-sd/b.img")
-    check = subprocess.run(["sha256sum", "-c", SUMS], cwd=records.artifacts_dir, capture_output=True, text=True,
-                           timeout=60)
+    check = subprocess.run(
+        ["sha256sum", "-c", SUMS], cwd=records.artifacts_dir, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0 and check.stdout.count(": OK") == 2, check.stdout + check.stderr
 
     records.drop({"vhost-dev-iso"})

@@ -31,8 +31,13 @@ PI_DRV = r"/nix/store/[a-z0-9]{32}-nixos-sd-image-vhost-pi-aarch64-linux\.drv"
 pytestmark = [
     pytest.mark.nix,
     needs_demo,
-    pytest.mark.skipif(not Path(SSHD).is_file() or not shutil.which("unshare") or not shutil.which("ssh-keygen")
-                       or not shutil.which("ssh"), reason="needs openssh-server, openssh-client and unshare"),
+    pytest.mark.skipif(
+        not Path(SSHD).is_file()
+        or not shutil.which("unshare")
+        or not shutil.which("ssh-keygen")
+        or not shutil.which("ssh"),
+        reason="needs openssh-server, openssh-client and unshare",
+    ),
 ]
 
 
@@ -41,7 +46,8 @@ def builder_root(root: Path) -> Path:
     (root / "nix").mkdir(parents=True)
     (root / "conf").mkdir()
     (root / "conf" / "nix.conf").write_text(
-        "substituters =\nsandbox = false\nbuild-users-group =\nextra-platforms = aarch64-linux\n")
+        "substituters =\nsandbox = false\nbuild-users-group =\nextra-platforms = aarch64-linux\n"
+    )
     login = root / "login"
     login.write_text(
         "#!/bin/sh\n"
@@ -49,8 +55,9 @@ def builder_root(root: Path) -> Path:
         "set -e\n"
         f"export NIX_CONF_DIR={shlex.quote(str(root / 'conf'))}\n"
         "exec unshare --mount --propagation private -- "
-        "sh -c 'mount --bind \"$1\" /nix && exec sh -c \"$SSH_ORIGINAL_COMMAND\"' sh "
-        f"{shlex.quote(str(root / 'nix'))}\n")
+        'sh -c \'mount --bind "$1" /nix && exec sh -c "$SSH_ORIGINAL_COMMAND"\' sh '
+        f"{shlex.quote(str(root / 'nix'))}\n"
+    )
     login.chmod(0o755)
     return root
 
@@ -69,8 +76,9 @@ SshdFactory = Callable[..., contextlib.AbstractContextManager[int]]
 
 
 @pytest.mark.parametrize("scheme", ["ssh", "ssh-ng"])
-def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_domain: Path, artifacts_dir: Path,
-                                           doit: DoitRunner, sshd: SshdFactory) -> None:
+def test_sd_image_builds_on_remote_builder(
+    scheme: str, tmp_path: Path, demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, sshd: SshdFactory
+) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     host_key = keygen(keys / "host", "builder-host")
@@ -81,13 +89,15 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
     spec = json.loads((demo_domain / "domain.json").read_text())
     spec["hosts"]["vhost-pi"]["hardware"]["cpu"]["model"] += f"-{uuid.uuid4()}"
     uri = f"{scheme}://root@127.0.0.1"
-    spec["builders"] = [{
-        "uri": uri,
-        "systems": ["aarch64-linux"],
-        "ssh_key": str(client_key),
-        # As Nix's machines file wants it; ssh checks it strictly (see NIX_SSHOPTS).
-        "public_host_key": machines_host_key(host_key.with_suffix(".pub")),
-    }]
+    spec["builders"] = [
+        {
+            "uri": uri,
+            "systems": ["aarch64-linux"],
+            "ssh_key": str(client_key),
+            # As Nix's machines file wants it; ssh checks it strictly (see NIX_SSHOPTS).
+            "public_host_key": machines_host_key(host_key.with_suffix(".pub")),
+        }
+    ]
     (demo_domain / "domain.json").write_text(json.dumps(spec, indent=2))
 
     with sshd(tmp_path, host_key, client_key.with_suffix(".pub"), builder / "login") as port:
@@ -97,7 +107,7 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
             # machine's public_host_key as a known_hosts line for the bare host, while ssh looks a non-22 port up as
             # "[127.0.0.1]:port": HostKeyAlias makes it use that line, so the host key is checked for real.
             "NIX_SSHOPTS": f"-F /dev/null -p {port} -o HostKeyAlias=127.0.0.1 -o StrictHostKeyChecking=yes "
-                           "-o BatchMode=yes",
+            "-o BatchMode=yes",
         }
         local = local_nix_config({**os.environ, **env})
         assert local["extra-platforms"] == [] and local["system"] == "x86_64-linux", local
@@ -106,8 +116,10 @@ def test_sd_image_builds_on_remote_builder(scheme: str, tmp_path: Path, demo_dom
 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    assert re.search(r"\[vhost-pi-sd\] strategy: aarch64-linux via remote: remote builder\(s\) from domain\.json: "
-                     + re.escape(uri), proc.stdout), output
+    assert re.search(
+        r"\[vhost-pi-sd\] strategy: aarch64-linux via remote: remote builder\(s\) from domain\.json: " + re.escape(uri),
+        proc.stdout,
+    ), output
 
     build_log = (artifacts_dir / "vhost-pi-sd" / "build.log").read_text()
     assert re.search(rf"building '{PI_DRV}' on '{re.escape(uri)}'", build_log), build_log

@@ -67,10 +67,12 @@ def test_built_from_walks_inputs_nearest_first_and_skips_fixed_outputs(tmp_path:
     assert nix.built_from(image, limit=2) == [image, system]
 
     # At one depth the system's own parts come before the packages: what the image is assembled from first.
-    package = write_drv(tmp_path / "0000000000000000000000000000000a-bash-5.2.drv", [("out", "/nix/store/b", "", "")],
-                        [])
-    toplevel = write_drv(tmp_path / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-nixos-system-vhost-dev.drv",
-                         [("out", "/nix/store/t", "", "")], [])
+    package = write_drv(
+        tmp_path / "0000000000000000000000000000000a-bash-5.2.drv", [("out", "/nix/store/b", "", "")], []
+    )
+    toplevel = write_drv(
+        tmp_path / "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-nixos-system-vhost-dev.drv", [("out", "/nix/store/t", "", "")], []
+    )
     iso = write_drv(tmp_path / "iso.drv", [("out", "/nix/store/o", "", "")], [package, toplevel])
     assert nix.built_from(iso, limit=2) == [iso, toplevel]
 
@@ -102,8 +104,9 @@ def test_pass_store_keeps_passes_with_their_logs(tmp_path: Path) -> None:
 
 @pytest.mark.nix
 @needs_demo
-def test_check_rebuilds_both_images_bit_for_bit(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner,
-                                                tmp_path: Path) -> None:
+def test_check_rebuilds_both_images_bit_for_bit(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, tmp_path: Path
+) -> None:
     doit(demo_domain, "build", check=True)
     # The rebuilds run in build directories on another file system (tmpfs, where the first builds ran on the
     # disk's): readdir order, block counts and inode numbers differ there, and must not reach the bytes.
@@ -111,8 +114,7 @@ def test_check_rebuilds_both_images_bit_for_bit(demo_domain: Path, artifacts_dir
     builddir = shm / f"cim-check-{uuid.uuid4().hex[:8]}" if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
     builddir.mkdir(exist_ok=True)
     try:
-        proc = doit(demo_domain, "check:vhost-dev-iso", "check:vhost-pi-sd", env={"TMPDIR": str(builddir)},
-                    check=True)
+        proc = doit(demo_domain, "check:vhost-dev-iso", "check:vhost-pi-sd", env={"TMPDIR": str(builddir)}, check=True)
     finally:
         shutil.rmtree(builddir, ignore_errors=True)
     ran = executed(proc.stdout)
@@ -154,20 +156,26 @@ def test_a_derivation_that_is_not_reproducible_is_caught_with_the_file(tmp_path:
 @pytest.mark.nix
 @pytest.mark.vm
 @needs_demo
-def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(demo_domain: Path, artifacts_dir: Path,
-                                                                    doit: DoitRunner) -> None:
+def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
     first = doit(demo_domain, timeout=2400, check=True)  # the default run: build, boot, install, release
     assert "boot test passed" in first.stdout
     before = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]
-    logs = {p.relative_to(artifacts_dir): p.read_bytes() for p in artifacts_dir.rglob("*.log")
-            if p.name != "build.log"}
+    logs = {p.relative_to(artifacts_dir): p.read_bytes() for p in artifacts_dir.rglob("*.log") if p.name != "build.log"}
     assert {"vhost-dev-iso/boot.log", "vhost-pi-sd/boot.log", "vhost-dev-iso/install.log"} <= {str(p) for p in logs}
 
     shutil.rmtree(artifacts_dir)
     again = doit(demo_domain, timeout=900, check=True)
     ran = executed(again.stdout)
-    assert {"build:vhost-dev-iso", "build:vhost-pi-sd", "boot:vhost-dev-iso", "boot:vhost-pi-sd",
-            "install:vhost-dev", "release"} <= set(ran), again.stdout
+    assert {
+        "build:vhost-dev-iso",
+        "build:vhost-pi-sd",
+        "boot:vhost-dev-iso",
+        "boot:vhost-pi-sd",
+        "install:vhost-dev",
+        "release",
+    } <= set(ran), again.stdout
     assert "booting" not in again.stdout and "phase installer" not in again.stdout, "no VM may start"
     assert again.stdout.count("no VM") == 3, again.stdout
 

@@ -34,11 +34,16 @@ def env_for(artifacts: Path) -> dict[str, str]:
     return {**os.environ, "CIM_RESULTS": str(artifacts.parent / "results")}
 
 
-def run_doit(domain: Path, artifacts: Path, *args: str, timeout: float = 900,
-             check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_doit(
+    domain: Path, artifacts: Path, *args: str, timeout: float = 900, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """`doit domain=… artifacts=… ARGS…` from the repository root, to completion."""
-    proc = process.run([sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args],
-                       cwd=ROOT, timeout=timeout, env=env_for(artifacts))
+    proc = process.run(
+        [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args],
+        cwd=ROOT,
+        timeout=timeout,
+        env=env_for(artifacts),
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -47,9 +52,15 @@ def run_doit(domain: Path, artifacts: Path, *args: str, timeout: float = 900,
 @contextlib.contextmanager
 def background_doit(domain: Path, artifacts: Path, log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """doit in its own process group, output (stdout and stderr) in `log`; its group is killed on the way out."""
-    with log.open("wb") as out, process.spawn(
+    with (
+        log.open("wb") as out,
+        process.spawn(
             [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}", *args],
-            stdout=out, cwd=ROOT, env=env_for(artifacts)) as proc:
+            stdout=out,
+            cwd=ROOT,
+            env=env_for(artifacts),
+        ) as proc,
+    ):
         yield proc
 
 
@@ -108,11 +119,17 @@ def test_a_sandboxed_builder_dies_with_the_run_or_with_nix(tmp_path: Path, syste
     writer = f"i=0; while :; do i=$((i+1)); echo x > f$i; done; : {tag}"
     drv = busybox_derivation(tmp_path / "flake", "cim-test-writer", writer, "" if system == "build machine" else system)
     out = (tmp_path / "out.txt").open("wb")
-    parent = process.start([sys.executable, "-c", f"from pipeline import nix; nix.build({drv!r}); "
-                            "import time; time.sleep(3600)"], stdout=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    parent = process.start(
+        [sys.executable, "-c", f"from pipeline import nix; nix.build({drv!r}); import time; time.sleep(3600)"],
+        stdout=out,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
-        wait_for(lambda: any(tag in line for line in (cmdline(pid) for pid in descendants(parent.pid))),
-                 "the sandboxed builder", 120)
+        wait_for(
+            lambda: any(tag in line for line in (cmdline(pid) for pid in descendants(parent.pid))),
+            "the sandboxed builder",
+            120,
+        )
         tree = descendants(parent.pid)
         builder = {pid for pid in tree if tag in cmdline(pid)}
         nix_pid = next(pid for pid in tree if os.path.basename(cmdline(pid).split(" ", 1)[0]) == "nix")
@@ -135,7 +152,8 @@ CASES.append(pytest.param("boot", "SIGHUP", id="boot-SIGHUP"))
 @pytest.mark.vm
 @pytest.mark.parametrize(("phase", "sig"), CASES)
 def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
-        demo_domain: Path, artifacts_dir: Path, tmp_path: Path, phase: str, sig: str) -> None:
+    demo_domain: Path, artifacts_dir: Path, tmp_path: Path, phase: str, sig: str
+) -> None:
     target, host, _line = PHASES[phase]
     if host:
         unique_hardware(demo_domain, host)
@@ -200,8 +218,10 @@ def test_parallel_run_stopped_by_sigterm(demo_domain: Path, artifacts_dir: Path,
 @pytest.mark.vm
 def test_two_runs_at_once_boot_one_vm(demo_domain: Path, artifacts_dir: Path, tmp_path: Path) -> None:
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    with background_doit(demo_domain, artifacts_dir, logs[0], "boot:vhost-dev-iso") as first, \
-            background_doit(demo_domain, artifacts_dir, logs[1], "boot:vhost-dev-iso") as second:
+    with (
+        background_doit(demo_domain, artifacts_dir, logs[0], "boot:vhost-dev-iso") as first,
+        background_doit(demo_domain, artifacts_dir, logs[1], "boot:vhost-dev-iso") as second,
+    ):
         wait_for(lambda: any("booting " in log.read_text() for log in logs), "a boot", 300)
         waiting = next(log for log in logs if "booting " not in log.read_text())
         wait_for_output(waiting, r"waiting for run \d+", 30)
@@ -351,4 +371,3 @@ def test_full_and_read_only_artifacts_directories(demo_domain: Path, tmp_path: P
     finally:
         for artifacts in locks:
             lock_path(ROOT, artifacts).unlink(missing_ok=True)
-

@@ -31,15 +31,21 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a
 def python(script: str, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     """A Python child running `script` (with the project importable), output in tmp_path/out.txt."""
     out = (tmp_path / "out.txt").open("wb")
-    return process.start([sys.executable, "-c", textwrap.dedent(script), *args], stdout=out,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    return process.start(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        stdout=out,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
 
 
 # -- children die with the pipeline ---------------------------------------------------------------------------------
 
+
 def test_children_die_with_a_killed_parent_even_from_a_worker_thread(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup: the kernel's parent-death signal (setpriv) takes the children along."""
-    parent = python("""
+    parent = python(
+        """
         import threading, time
         from pipeline import process, reaper
         def work():  # a doit -n worker thread starting a long child (as a QEMU)
@@ -48,7 +54,9 @@ def test_children_die_with_a_killed_parent_even_from_a_worker_thread(tmp_path: P
             time.sleep(3600)
         threading.Thread(target=work, daemon=True).start()
         time.sleep(3600)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     try:
         wait_for_output(tmp_path / "out.txt", "started", 30)
         children = descendants(parent.pid)
@@ -64,7 +72,8 @@ def test_children_die_with_a_killed_parent_even_from_a_worker_thread(tmp_path: P
 def test_a_signal_stops_every_child_and_waits_for_cleanup(tmp_path: Path, signum: int) -> None:
     """As under `doit -n`: the work runs in a thread that never sees KeyboardInterrupt; the handler stops its child,
     lets it finish its cleanup (here: writing a log), then ends the process with 128+signal."""
-    parent = python("""
+    parent = python(
+        """
         import pathlib, subprocess, sys, threading, time
         from pipeline import process, reaper
         process.stop_on_signals()
@@ -79,7 +88,9 @@ def test_a_signal_stops_every_child_and_waits_for_cleanup(tmp_path: Path, signum
                     pathlib.Path("cleanup-done").write_text(str(process.stopping()))
         threading.Thread(target=work, daemon=True).start()
         time.sleep(3600)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     try:
         wait_for_output(tmp_path / "out.txt", "started", 30)
         children = descendants(parent.pid)
@@ -94,7 +105,8 @@ def test_a_signal_stops_every_child_and_waits_for_cleanup(tmp_path: Path, signum
 
 
 def test_no_child_starts_once_the_run_is_stopping(tmp_path: Path) -> None:
-    parent = python("""
+    parent = python(
+        """
         import os, signal, sys
         from pipeline import process, reaper
         process.stop_on_signals()
@@ -107,7 +119,9 @@ def test_no_child_starts_once_the_run_is_stopping(tmp_path: Path) -> None:
         except process.Interrupted as exc:
             print("refused:", exc.report(), flush=True)
         sys.exit(code)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert parent.wait(30) == 128 + signal.SIGTERM
     assert "refused: the run was interrupted by SIGTERM" in (tmp_path / "out.txt").read_text()
 
@@ -120,6 +134,7 @@ def test_a_missing_program_is_still_file_not_found() -> None:
 # -- nix runs through the reaper --------------------------------------------------------------------------------------
 # Real nix is in test_robust.py; here a shell named nix-* plays the part that matters: a grandchild in a session of
 # its own that ignores SIGTERM, as a sandboxed builder is (setsid, out of reach of any process-group signal).
+
 
 def stubborn(tag: str) -> str:
     """A shell command: start a child in a session of its own that ignores SIGTERM (its command line names `tag`)."""
@@ -153,8 +168,9 @@ def test_a_reaper_ends_before_the_pipeline_would_kill_it() -> None:
 
 def test_nix_keeps_its_output_and_exit_status_through_the_reaper(tmp_path: Path) -> None:
     sh = nix_named_shell(tmp_path)
-    done = process.run([sh, "-c", "echo out; echo err >&2; echo scratch > $TMPDIR/file; echo $TMPDIR; exit 7"],
-                       timeout=30)
+    done = process.run(
+        [sh, "-c", "echo out; echo err >&2; echo scratch > $TMPDIR/file; echo $TMPDIR; exit 7"], timeout=30
+    )
     out, scratch = done.stdout.splitlines()
     assert (done.returncode, out, done.stderr) == (7, "out", "err\n")
     assert Path(scratch).name.startswith("cim-nix-") and not Path(scratch).exists(), "nix's TMPDIR is removed"
@@ -179,19 +195,28 @@ def test_nix_children_die_when_the_run_or_nix_is_killed(tmp_path: Path, kill: st
     re-parented to the reaper, which sweeps it): either way nothing is left within 5 s."""
     sh = nix_named_shell(tmp_path)
     tag = f"{tmp_path}/builder"
-    parent = python(f"""
+    parent = python(
+        f"""
         import time
         from pipeline import process, reaper
         print(process.run([{sh!r}, "-c", {stubborn(tag) + "; sleep 3600"!r}], timeout=3600), flush=True)
         time.sleep(3600)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     try:
-        wait_for(lambda: running(tag) and any(line == "sleep 3601" for line in
-                                              survivors(descendants(parent.pid)).values()),
-                 "nix and its stubborn child", 30)
+        wait_for(
+            lambda: running(tag) and any(line == "sleep 3601" for line in survivors(descendants(parent.pid)).values()),
+            "nix and its stubborn child",
+            30,
+        )
         tree = descendants(parent.pid)
-        os.kill(parent.pid if kill == "parent" else
-                next(pid for pid, line in survivors(tree).items() if line.startswith(sh)), signal.SIGKILL)
+        os.kill(
+            parent.pid
+            if kill == "parent"
+            else next(pid for pid, line in survivors(tree).items() if line.startswith(sh)),
+            signal.SIGKILL,
+        )
         wait_for(lambda: not survivors(tree), "every child's death", 5)
         assert not running(tag)
     finally:
@@ -201,11 +226,13 @@ def test_nix_children_die_when_the_run_or_nix_is_killed(tmp_path: Path, kill: st
 
 # -- atomic publishing -------------------------------------------------------------------------------------------------
 
+
 def test_a_writer_killed_mid_file_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     dest = tmp_path / "artifacts" / "a" / "image.iso"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"old image")
-    writer = python("""
+    writer = python(
+        """
         import sys, time
         from pathlib import Path
         from pipeline.artifacts import atomic_file
@@ -213,7 +240,10 @@ def test_a_writer_killed_mid_file_leaves_the_old_file_and_no_temporary(tmp_path:
             out.write(b"x" * (1 << 20))
             print("half written", flush=True)
             time.sleep(3600)
-    """, tmp_path, str(dest))
+    """,
+        tmp_path,
+        str(dest),
+    )
     try:
         wait_for_output(tmp_path / "out.txt", "half written", 30)
         os.kill(writer.pid, signal.SIGKILL)
@@ -295,6 +325,7 @@ def test_write_errors_name_the_fix() -> None:
 
 # -- one run per artifacts directory -----------------------------------------------------------------------------------
 
+
 def test_which_doit_commands_lock() -> None:
     assert doit_command(["domain=configs/demo"]) == "run"
     assert doit_command(["domain=x", "boot:vhost-dev-iso", "-n", "2"]) == "run"
@@ -314,7 +345,8 @@ def test_wait_values() -> None:
 
 def holder(tmp_path: Path, domain: Path, artifacts: Path) -> subprocess.Popen[bytes]:
     """Another process holding the run lock until killed."""
-    proc = python("""
+    proc = python(
+        """
         import sys, time
         from pathlib import Path
         from pipeline.runlock import RunLock
@@ -322,7 +354,12 @@ def holder(tmp_path: Path, domain: Path, artifacts: Path) -> subprocess.Popen[by
         lock.acquire(0)
         print("holding", flush=True)
         time.sleep(3600)
-    """, tmp_path, str(tmp_path), str(domain), str(artifacts))
+    """,
+        tmp_path,
+        str(tmp_path),
+        str(domain),
+        str(artifacts),
+    )
     wait_for_output(tmp_path / "out.txt", "holding", 30)
     return proc
 
@@ -357,7 +394,8 @@ def test_a_run_that_has_just_taken_the_lock_is_still_named(tmp_path: Path) -> No
     path = lock_path(tmp_path, artifacts)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"pid": 2**22 + 1, "domain_dir": str(domain), "started": "earlier"}))  # > pid_max
-    first = python("""
+    first = python(
+        """
         import fcntl, json, os, sys, time
         with open(sys.argv[1], "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -367,7 +405,11 @@ def test_a_run_that_has_just_taken_the_lock_is_still_named(tmp_path: Path) -> No
             lock.write(json.dumps({"pid": os.getpid(), "domain_dir": sys.argv[2], "started": "now"}))
             lock.flush()
             time.sleep(3600)
-    """, tmp_path, str(path), str(domain))
+    """,
+        tmp_path,
+        str(path),
+        str(domain),
+    )
     try:
         wait_for_output(tmp_path / "out.txt", "locked", 30)
         with pytest.raises(RunLockError) as refused:
@@ -388,9 +430,17 @@ def test_another_domain_is_refused_an_artifacts_directory(tmp_path: Path) -> Non
     finally:
         process.kill_group(first)
     manifest = json.loads((DEMO / "domain.json").read_text())  # any valid manifest naming the demo as its domain
-    (artifacts / "manifest.json").write_text(json.dumps(
-        {"domain": manifest["name"], "fqdn": manifest["fqdn"], "domain_dir": str(demo), "generated": "now",
-         "artifacts": {}}))
+    (artifacts / "manifest.json").write_text(
+        json.dumps(
+            {
+                "domain": manifest["name"],
+                "fqdn": manifest["fqdn"],
+                "domain_dir": str(demo),
+                "generated": "now",
+                "artifacts": {},
+            }
+        )
+    )
     with pytest.raises(RunLockError) as claimed:
         RunLock(tmp_path, other, artifacts).acquire(0)
     assert f"{artifacts} holds the release of another domain ({demo}); this run is for {other}" in str(claimed.value)
@@ -399,6 +449,7 @@ def test_another_domain_is_refused_an_artifacts_directory(tmp_path: Path) -> Non
 
 
 # -- any domain.json: one paragraph ------------------------------------------------------------------------------------
+
 
 def _nested(path: Path) -> None:
     path.write_text("[" * 10_000 + "]" * 10_000)
@@ -441,8 +492,10 @@ def test_any_domain_json_is_one_paragraph(tmp_path: Path, case: str) -> None:
     make(domain / "domain.json")
     artifacts = tmp_path / "artifacts"
     # The 5 s deadline is the issue's bound for a clean error (a ProcessTimeout here fails the test).
-    for argv in ([sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}"],
-                 [sys.executable, "-m", "pipeline.cli", "validate", str(domain)]):
+    for argv in (
+        [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts}"],
+        [sys.executable, "-m", "pipeline.cli", "validate", str(domain)],
+    ):
         proc = process.run(argv, timeout=5, cwd=ROOT)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         err = proc.stderr.strip()

@@ -29,6 +29,7 @@ def leftovers(directory: Path) -> list[str]:
 
 # -- hashing ----------------------------------------------------------------------------------------------------------
 
+
 def test_file_digests_match_the_reference_implementations(tmp_path: Path) -> None:
     data = os.urandom(3 * (1 << 20) + 17)  # more than one read chunk
     path = tmp_path / "blob"
@@ -112,19 +113,22 @@ def test_xxh3_checker_content_change_is_a_change(tmp_path: Path) -> None:
 def test_xxh3_checker_in_real_doit(tmp_path: Path) -> None:
     """doit with our checker: touching a file_dep re-runs nothing; changing its content re-runs the task."""
     (tmp_path / "input.txt").write_text("hello\n")
-    (tmp_path / "dodo.py").write_text(textwrap.dedent("""\
+    (tmp_path / "dodo.py").write_text(
+        textwrap.dedent("""\
         from pipeline.hashing import XXH3Checker
 
         DOIT_CONFIG = {"check_file_uptodate": XXH3Checker, "dep_file": "state.db", "verbosity": 0}
 
         def task_copy():
             return {"actions": ["cp input.txt output.txt"], "file_dep": ["input.txt"], "targets": ["output.txt"]}
-        """))
+        """)
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def doit() -> str:
-        proc = subprocess.run([sys.executable, "-m", "doit"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "doit"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -140,6 +144,7 @@ def test_xxh3_checker_in_real_doit(tmp_path: Path) -> None:
 
 # -- qemu argv --------------------------------------------------------------------------------------------------------
 
+
 def opt(argv: list[str], flag: str) -> list[str]:
     """Every value given to `flag` in an argv."""
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
@@ -147,9 +152,16 @@ def opt(argv: list[str], flag: str) -> list[str]:
 
 def test_vmspec_argv_iso_bios(tmp_path: Path) -> None:
     iso = tmp_path / "nixos.iso"
-    spec = VmSpec(name="vhost-dev-iso-boot", system=System.x86_64_linux, workdir=tmp_path / "vm",
-                  console_log=tmp_path / "vm" / "console.log", memory_mib=1024, cpus=2,
-                  drives=(Drive(iso, media="cdrom"),), boot_order="d")
+    spec = VmSpec(
+        name="vhost-dev-iso-boot",
+        system=System.x86_64_linux,
+        workdir=tmp_path / "vm",
+        console_log=tmp_path / "vm" / "console.log",
+        memory_mib=1024,
+        cpus=2,
+        drives=(Drive(iso, media="cdrom"),),
+        boot_order="d",
+    )
     argv = spec.argv()
     assert all(isinstance(a, str) for a in argv)
     assert argv[0] == "qemu-system-x86_64"
@@ -179,9 +191,14 @@ def test_vmspec_argv_kvm_uses_host_cpu(tmp_path: Path) -> None:
 
 def test_vmspec_argv_sd_uboot(tmp_path: Path) -> None:
     img = tmp_path / "nixos-sd.img"
-    spec = VmSpec(name="vhost-pi-sd-boot", system=System.aarch64_linux, workdir=tmp_path / "vm",
-                  console_log=tmp_path / "console.log", firmware=Firmware.uboot,
-                  drives=(Drive(img, snapshot=True),))
+    spec = VmSpec(
+        name="vhost-pi-sd-boot",
+        system=System.aarch64_linux,
+        workdir=tmp_path / "vm",
+        console_log=tmp_path / "console.log",
+        firmware=Firmware.uboot,
+        drives=(Drive(img, snapshot=True),),
+    )
     argv = spec.argv()
     assert argv[0] == "qemu-system-aarch64"
     assert opt(argv, "-machine") == ["virt,accel=tcg"]
@@ -198,9 +215,15 @@ def test_vmspec_argv_uefi_pflash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     code.write_bytes(b"\0" * 16)
     monkeypatch.setattr(qemu, "OVMF_CODE", [tmp_path / "missing.fd", code])
     disk = tmp_path / "disk.raw"
-    spec = VmSpec(name="vhost-dev-disk", system=System.x86_64_linux, workdir=tmp_path / "vm",
-                  console_log=tmp_path / "console.log", firmware=Firmware.uefi,
-                  drives=(Drive(disk, serial="cim-main"),), boot_order="c")
+    spec = VmSpec(
+        name="vhost-dev-disk",
+        system=System.x86_64_linux,
+        workdir=tmp_path / "vm",
+        console_log=tmp_path / "console.log",
+        firmware=Firmware.uefi,
+        drives=(Drive(disk, serial="cim-main"),),
+        boot_order="c",
+    )
     argv = spec.argv()
     drives = opt(argv, "-drive")
     assert drives[0] == f"if=pflash,format=raw,unit=0,readonly=on,file={code}", "the first existing OVMF_CODE"
@@ -214,20 +237,31 @@ def test_vmspec_argv_uefi_pflash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_uefi_without_ovmf_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu, "OVMF_CODE", [tmp_path / "missing.fd"])
-    spec = VmSpec(name="u", system=System.x86_64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  firmware=Firmware.uefi)
+    spec = VmSpec(
+        name="u", system=System.x86_64_linux, workdir=tmp_path, console_log=tmp_path / "log", firmware=Firmware.uefi
+    )
     with pytest.raises(VmError, match="install ovmf"):
         spec.argv()
 
 
 def test_vmspec_argv_port_forwards(tmp_path: Path) -> None:
-    spec = VmSpec(name="p", system=System.aarch64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  port_forwards=(qemu.Forward("tcp", 4222, "10.23.0.12"), qemu.Forward("udp", 53, "10.23.0.11"),
-                                 qemu.Forward("tcp", 22, host_port=40022)))
+    spec = VmSpec(
+        name="p",
+        system=System.aarch64_linux,
+        workdir=tmp_path,
+        console_log=tmp_path / "log",
+        port_forwards=(
+            qemu.Forward("tcp", 4222, "10.23.0.12"),
+            qemu.Forward("udp", 53, "10.23.0.11"),
+            qemu.Forward("tcp", 22, host_port=40022),
+        ),
+    )
     argv = spec.argv()
     # Port 0: QEMU binds a free port itself (no race between parallel VMs); guests are addressed behind the NIC.
-    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:0-10.23.0.12:4222,"
-                                    "hostfwd=udp:127.0.0.1:0-10.23.0.11:53,hostfwd=tcp:127.0.0.1:40022-:22"]
+    assert opt(argv, "-netdev") == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:0-10.23.0.12:4222,"
+        "hostfwd=udp:127.0.0.1:0-10.23.0.11:53,hostfwd=tcp:127.0.0.1:40022-:22"
+    ]
     assert "virtio-net-pci,netdev=net0,romfile=" in opt(argv, "-device")
 
 
@@ -239,15 +273,23 @@ def test_usernet_ports_are_read_back() -> None:
   TCP[HOST_FORWARD]  15       127.0.0.1 40022       10.0.2.15    22     0     0
 """
     ports = qemu.parse_usernet(text)
-    assert ports == {("tcp", "10.23.0.12", 4222): 35695, ("udp", "10.23.0.11", 53): 40001,
-                     ("tcp", "10.0.2.15", 22): 40022}
+    assert ports == {
+        ("tcp", "10.23.0.12", 4222): 35695,
+        ("udp", "10.23.0.11", 53): 40001,
+        ("tcp", "10.0.2.15", 22): 40022,
+    }
     assert qemu.Forward("tcp", 22).key in ports
 
 
 def test_vmspec_argv_several_drives_and_extra(tmp_path: Path) -> None:
-    spec = VmSpec(name="i", system=System.x86_64_linux, workdir=tmp_path, console_log=tmp_path / "log",
-                  drives=(Drive(tmp_path / "a.iso", media="cdrom"), Drive(tmp_path / "b.raw", format="qcow2")),
-                  extra=("-rtc", "base=utc"))
+    spec = VmSpec(
+        name="i",
+        system=System.x86_64_linux,
+        workdir=tmp_path,
+        console_log=tmp_path / "log",
+        drives=(Drive(tmp_path / "a.iso", media="cdrom"), Drive(tmp_path / "b.raw", format="qcow2")),
+        extra=("-rtc", "base=utc"),
+    )
     argv = spec.argv()
     assert [d.split(",")[1] for d in opt(argv, "-drive")] == ["id=drive0", "id=drive1"]
     assert "format=qcow2" in opt(argv, "-drive")[1]
@@ -265,6 +307,7 @@ def test_free_port_is_bindable() -> None:
 
 # -- nix pure helpers -------------------------------------------------------------------------------------------------
 
+
 def fake_out(tmp_path: Path, products: str | None) -> Path:
     out = tmp_path / "out"
     (out / "nix-support").mkdir(parents=True)
@@ -274,11 +317,14 @@ def fake_out(tmp_path: Path, products: str | None) -> Path:
 
 
 def test_hydra_product_finds_the_image(tmp_path: Path) -> None:
-    out = fake_out(tmp_path, textwrap.dedent(f"""\
+    out = fake_out(
+        tmp_path,
+        textwrap.dedent(f"""\
         doc manual {tmp_path}/out/share/doc
         file iso {tmp_path}/out/iso/nixos-vhost-dev-x86_64-linux.iso
         file sd-image {tmp_path}/out/sd-image/nixos-sd-image.img
-        """))
+        """),
+    )
     assert nix.hydra_product(out, "iso") == out / "iso" / "nixos-vhost-dev-x86_64-linux.iso"
     assert nix.hydra_product(out, "sd-image") == out / "sd-image" / "nixos-sd-image.img"
 
@@ -296,12 +342,15 @@ def test_hydra_product_missing_file(tmp_path: Path) -> None:
     assert str(out) in str(info.value)
 
 
-@pytest.mark.parametrize(("ver", "expected"), [
-    ((2, 8, 0), "/nix/store/abc-x.drv"),
-    ((2, 12, 1), "/nix/store/abc-x.drv"),
-    ((2, 13, 0), "/nix/store/abc-x.drv^out"),
-    ((2, 24, 10), "/nix/store/abc-x.drv^out"),
-])
+@pytest.mark.parametrize(
+    ("ver", "expected"),
+    [
+        ((2, 8, 0), "/nix/store/abc-x.drv"),
+        ((2, 12, 1), "/nix/store/abc-x.drv"),
+        ((2, 13, 0), "/nix/store/abc-x.drv^out"),
+        ((2, 24, 10), "/nix/store/abc-x.drv^out"),
+    ],
+)
 def test_output_installable(monkeypatch: pytest.MonkeyPatch, ver: tuple[int, ...], expected: str) -> None:
     monkeypatch.setattr(nix, "version", lambda: ver)
     assert nix.output_installable("/nix/store/abc-x.drv") == expected
@@ -327,6 +376,7 @@ def test_nix_error_carries_the_stderr_tail() -> None:
 
 
 # -- artifacts --------------------------------------------------------------------------------------------------------
+
 
 def test_publish_file_hashes_while_copying(tmp_path: Path) -> None:
     data = os.urandom(5 * (1 << 20) + 3)
@@ -376,6 +426,7 @@ def test_publish_log_and_atomic_write_text(tmp_path: Path) -> None:
 
 
 # -- processes --------------------------------------------------------------------------------------------------------
+
 
 def test_a_program_started_in_a_daemon_thread_dies_with_the_interpreter() -> None:
     """doit's workers are daemon threads: their `with` blocks never finish on ^C, so exit must end their programs."""

@@ -35,8 +35,9 @@ def test_zizmor_finds_nothing_at_medium_or_above() -> None:
     exe = zizmor()
     if exe is None:
         pytest.skip("zizmor is not installed (pip install -e '.[test]')")
-    proc = process.run([exe, "--offline", "--min-severity", "medium", "--format", "json", str(WORKFLOWS)],
-                       timeout=120, cwd=ROOT)
+    proc = process.run(
+        [exe, "--offline", "--min-severity", "medium", "--format", "json", str(WORKFLOWS)], timeout=120, cwd=ROOT
+    )
     findings = json.loads(proc.stdout or "[]")
     assert proc.returncode == 0 and not findings, "zizmor:\n" + "\n".join(map(describe, findings)) + proc.stderr
 
@@ -71,7 +72,7 @@ def test_checkouts_keep_no_credentials() -> None:
             if not match or match["action"] != "actions/checkout":
                 continue
             step = []
-            for following in lines[number + 1:]:
+            for following in lines[number + 1 :]:
                 if USES.match(following) or re.match(r"^\s*-\s", following) or not following.strip():
                     break
                 step.append(following.strip())

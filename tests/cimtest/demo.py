@@ -61,8 +61,9 @@ DoitRunner = Callable[..., subprocess.CompletedProcess[str]]
 def doit(artifacts_dir: Path) -> DoitRunner:
     """Run `doit domain=<dir> artifacts=<private dir> ARGS…` from the repository root, as a user would."""
 
-    def run(domain: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        domain: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "doit", f"domain={domain}", f"artifacts={artifacts_dir}", *args]
         # Kept passes are content-addressed and would be shared by every copy of the demo: each test keeps its own,
         # so a test that means to boot a VM does boot one.

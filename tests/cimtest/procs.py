@@ -24,7 +24,7 @@ def _stat(pid: int) -> tuple[str, int, str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[1]), fields[19]
 
 
@@ -75,8 +75,7 @@ def mentioning(tag: str) -> dict[int, str]:
         line = cmdline(pid)
         program = os.path.basename(line.split(" ", 1)[0]) if line else ""
         stat = _stat(pid)
-        if tag in line and (program.startswith("qemu-system") or program.startswith("nix")) and stat \
-                and stat[0] != "Z":
+        if tag in line and (program.startswith("qemu-system") or program.startswith("nix")) and stat and stat[0] != "Z":
             found[pid] = line
     return found
 

@@ -44,9 +44,14 @@ def run_sshd(workdir: Path, host_key: Path, client_pub: Path, login: Path, deadl
         config.write_text(
             f"ListenAddress 127.0.0.1:{port}\nHostKey {host_key}\nAuthorizedKeysFile {workdir / 'authorized_keys'}\n"
             f"ForceCommand {login}\nPidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
-        with log.open("wb") as out, spawn(["unshare", "--pid", "--fork", "--kill-child", SSHD, "-D", "-e",
-                                           "-f", str(config)], stdout=out) as proc:
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        )
+        with (
+            log.open("wb") as out,
+            spawn(
+                ["unshare", "--pid", "--fork", "--kill-child", SSHD, "-D", "-e", "-f", str(config)], stdout=out
+            ) as proc,
+        ):
             until = time.monotonic() + deadline
             while proc.poll() is None and time.monotonic() < until:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -59,8 +64,6 @@ def run_sshd(workdir: Path, host_key: Path, client_pub: Path, login: Path, deadl
             yield port
             return
     raise AssertionError(f"sshd would not start:\n{log.read_text()}")
-
-
 
 
 @pytest.fixture
