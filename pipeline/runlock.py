@@ -27,6 +27,7 @@ from pipeline.artifacts import MANIFEST, Manifest
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_text
 from pipeline.log import say
+from pipeline.paths import state_root
 
 DEFAULT_WAIT = 6 * 3600.0
 POLL = 0.5
@@ -60,7 +61,7 @@ def parse_wait(value: str | None) -> float:
 
 def lock_path(root: Path, artifacts_dir: Path) -> Path:
     artifacts_dir = artifacts_dir.resolve()
-    return root / ".cim" / "locks" / f"artifacts-{artifacts_dir.name}-{xxh3_text(str(artifacts_dir))[:12]}.lock"
+    return state_root(root) / "locks" / f"artifacts-{artifacts_dir.name}-{xxh3_text(str(artifacts_dir))[:12]}.lock"
 
 
 @dataclass(frozen=True)

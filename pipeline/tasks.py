@@ -9,7 +9,7 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
   check:<artifact>   its drvPath (not in the default run: it rebuilds the image to prove it reproducible)
-A boot or install that passed is kept in .cim/results by image digest and spec (pipeline.results): when its
+A boot or install that passed is kept in the state root's results/ (.cim/results) by image digest and spec (pipeline.results): when its
 published log is gone the task runs, finds the pass and re-publishes it without a VM.
 """
 
@@ -51,6 +51,7 @@ from pipeline.domain import Artifact, Domain, Host
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_files, xxh3_text
 from pipeline.log import progress, say, step
+from pipeline.paths import state_root
 from pipeline.results import PassStore
 from pipeline.runlock import RunLock
 from pipeline.validate import flake_files, load_checked, validate
@@ -97,7 +98,7 @@ class Context:
     @property
     def machine_state(self) -> Path:
         """State shared by every domain of this checkout (the KVM verdict)."""
-        return self.root / ".cim"
+        return state_root(self.root)
 
     @property
     def gcroots(self) -> Path:
@@ -118,7 +119,7 @@ def state_dir_for(root: Path, domain_dir: Path) -> Path:
     """Everything a domain's runs keep: .cim/state/<dir name>-<hash of its path> (one sub-directory per artifacts
     directory, see `run_state_dir`)."""
     domain_dir = (root / domain_dir).resolve()
-    return root / ".cim" / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
+    return state_root(root) / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
 
 
 def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
@@ -140,7 +141,7 @@ def make_context(
     State (the doit DB, records, VM work dirs) lives in `run_state_dir`: keyed by the domain's path and the artifacts
     directory, so two domains, two copies of one, or one domain into two directories never share cached facts.
     `artifacts_dir` defaults to <root>/artifacts.  Passed boots and installs are content-addressed, so they are
-    shared: `results_dir` defaults to <root>/.cim/results.
+    shared: `results_dir` defaults to results/ in the state root (pipeline.paths: $CIM_STATE or <root>/.cim).
     """
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
@@ -151,7 +152,7 @@ def make_context(
         domain=domain,
         artifacts_dir=artifacts,
         state_dir=run_state_dir(root, domain_dir, artifacts),
-        results_dir=root / (results_dir or Path(".cim") / "results"),
+        results_dir=root / results_dir if results_dir else state_root(root) / "results",
     )
 
 
@@ -211,7 +212,7 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            log = Path(__file__).resolve().parent.parent / ".cim" / "last-traceback.txt"
+            log = state_root(Path(__file__).resolve().parent.parent) / "last-traceback.txt"
             log.parent.mkdir(exist_ok=True)
             log.write_text(traceback.format_exc())
             return TaskFailed(f"internal error: {type(exc).__name__}: {exc} (traceback in {log}; please report it)")

@@ -1,3 +1,3 @@
 """The test suite's shared fixtures come from plugins in tests/cimtest/, never from this file by name."""
 
-pytest_plugins = ["cimtest.demo", "cimtest.ports", "cimtest.sshd"]
+pytest_plugins = ["cimtest.state", "cimtest.demo", "cimtest.ports", "cimtest.sshd"]

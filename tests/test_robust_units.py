@@ -392,7 +392,7 @@ def test_a_run_that_has_just_taken_the_lock_is_still_named(tmp_path: Path) -> No
     domain, artifacts = tmp_path / "demo", tmp_path / "artifacts"
     domain.mkdir()
     path = lock_path(tmp_path, artifacts)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"pid": 2**22 + 1, "domain_dir": str(domain), "started": "earlier"}))  # > pid_max
     first = python(
         """
