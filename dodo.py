@@ -12,7 +12,9 @@ process and end the run (pipeline.process).  `doit list` / `info` / `help` take 
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from doit import get_var
 
@@ -52,29 +54,29 @@ DOIT_CONFIG = {
 CTX.state_dir.mkdir(parents=True, exist_ok=True)
 
 
-def task_validate():
+def task_validate() -> dict[str, Any]:
     return tasks.task_validate(CTX)
 
 
-def task_eval():
+def task_eval() -> Iterator[dict[str, Any]]:
     yield from tasks.task_eval(CTX)
 
 
-def task_build():
+def task_build() -> Iterator[dict[str, Any]]:
     yield from tasks.task_build(CTX)
 
 
-def task_boot():
+def task_boot() -> Iterator[dict[str, Any]]:
     yield from tasks.task_boot(CTX)
 
 
-def task_install():
+def task_install() -> Iterator[dict[str, Any]]:
     yield from tasks.task_install(CTX)
 
 
-def task_check():
+def task_check() -> Iterator[dict[str, Any]]:
     yield from tasks.task_check(CTX)
 
 
-def task_release():
+def task_release() -> dict[str, Any]:
     return tasks.task_release(CTX)

@@ -9,8 +9,8 @@ values: eval's derivation paths, build's image digest.  A stage re-runs only whe
   boot:<artifact>    the image digest (from build) and the VM/probe spec
   install:<host>     the ISO digest, the disk-config digest and the install spec
   check:<artifact>   its drvPath (not in the default run: it rebuilds the image to prove it reproducible)
-A boot or install that passed is kept in the state root's results/ (.cim/results) by image digest and spec (pipeline.results): when its
-published log is gone the task runs, finds the pass and re-publishes it without a VM.
+A boot or install that passed is kept in the state root's results/ (.cim/results) by image digest and spec
+(pipeline.results): when its published log is gone the task runs, finds the pass and re-publishes it without a VM.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from cimtest.demo import ROOT
+
 from pipeline.paths import state_root
 from pipeline.runlock import lock_path
 from pipeline.tasks import make_context, run_state_dir
