@@ -8,6 +8,8 @@ it shows it is alive.  One ticker thread draws every wait under way: on a termin
 (phase, elapsed / deadline, the last console line); anywhere else (CI, a pipe) as a plain line per wait every
 PLAIN_EVERY seconds.  `CIM_PROGRESS=live|plain` overrides the choice.  Progress goes to the process's stdout only,
 never into a console log or any other file the pipeline writes.
+
+`CIM_DEBUG=1` also shows every command the pipeline runs, as it starts it (`[debug] $ argv…  (in cwd)`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 PLAIN_EVERY = 10.0  # seconds between two plain progress lines of one wait
@@ -55,6 +59,17 @@ def say(prefix: str, message: str) -> None:
         _clear_live()  # the live line is redrawn below it at the next tick
         sys.stdout.write(f"[{prefix}] {message}\n")
         sys.stdout.flush()
+
+
+def debugging() -> bool:
+    """CIM_DEBUG set (to anything but 0): show the commands the pipeline runs."""
+    return os.environ.get("CIM_DEBUG", "").strip() not in ("", "0")
+
+
+def show_command(argv: Sequence[str], cwd: Path | str | None = None) -> None:
+    """Under CIM_DEBUG, one line naming a command about to start, copy-pasteable into a shell, and where it runs."""
+    if debugging():
+        say("debug", f"$ {shlex.join(argv)}  (in {cwd or os.getcwd()})")
 
 
 class Step:
@@ -109,6 +124,19 @@ def live() -> bool:
         return _stream().isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def last_line_of(path: Path) -> str:
+    """The last non-empty line of a file another process is writing (a console log, a build log), read from its
+    end: safe to call from the progress thread, "" while there is none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 2048))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line for line in tail.replace("\r", "\n").splitlines() if printable(line)]
+    return lines[-1] if lines else ""
 
 
 @dataclass

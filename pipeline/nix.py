@@ -67,12 +67,18 @@ def output_installable(drv_path: str, output: str = "out") -> str:
 
 
 def _run_nix(
-    args: Sequence[str], what: str, timeout: float, options: Sequence[str] = (), hint: str = ""
+    args: Sequence[str],
+    what: str,
+    timeout: float,
+    options: Sequence[str] = (),
+    hint: str = "",
+    log_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The funnel: `nix <options> <args>` with flakes on, a deadline, and NixError carrying nix's own words."""
+    """The funnel: `nix <options> <args>` with flakes on, a deadline, and NixError carrying nix's own words; with
+    `log_file`, nix's stderr (its build log) is written there as it comes."""
     argv = ["nix", *FEATURES, *options, *args]
     try:
-        proc = run(argv, timeout=timeout)
+        proc = run(argv, timeout=timeout, stderr_file=log_file)
     except FileNotFoundError:
         raise NixError("nix is not installed.", hint="Run scripts/setup.sh and try again.") from None
     except ProcessTimeout as exc:
@@ -206,10 +212,18 @@ class BuildResult:
     log: str
 
 
-def build(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUILD_TIMEOUT, hint: str = "") -> BuildResult:
-    """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs)."""
+def build(
+    drv_path: str,
+    *,
+    options: Sequence[str] = (),
+    timeout: float = BUILD_TIMEOUT,
+    hint: str = "",
+    log_file: Path | None = None,
+) -> BuildResult:
+    """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs),
+    written to `log_file` as it comes when one is given (so a progress line can show its last line)."""
     args = ["build", "--json", "--no-link", "-L", output_installable(drv_path)]
-    proc = _run_nix(args, f"nix build {drv_path}", timeout, [*BUILD_SETTINGS, *options], hint)
+    proc = _run_nix(args, f"nix build {drv_path}", timeout, [*BUILD_SETTINGS, *options], hint, log_file)
     (entry,) = json.loads(proc.stdout)
     return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
 

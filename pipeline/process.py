@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, TypedDict, Unpack
 
 from pipeline.errors import CimError
+from pipeline.log import show_command
 
 SETPRIV = "setpriv"  # util-linux; present wherever Debian's or Ubuntu's base system is
 REAPER = [sys.executable, "-I", "-S", str(Path(__file__).with_name("reaper.py"))]  # then: PARENT_PID -- PROGRAM …
@@ -117,6 +118,7 @@ def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     with _lock:
         check_interrupted()
         env = kwargs.get("env")
+        show_command(argv, kwargs.get("cwd"))  # CIM_DEBUG: the command as asked for, not the death-signal wrapper
         argv = _with_death_signal(argv, env.get("PATH") if env else None)
         proc: subprocess.Popen[Any] = subprocess.Popen(argv, start_new_session=True, **kwargs)
         _children[proc.pid] = proc
@@ -195,15 +197,44 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     input_text: str | None = None,
+    stderr_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run to completion and capture stdout/stderr as text; raises ProcessTimeout past `timeout` seconds.
 
-    A run stopped by a signal raises `Interrupted` (its output is incomplete and no caller should judge it).
+    With `stderr_file`, stderr is written there as it comes (a progress line can show its last line while a long
+    build runs) and read back as the result's stderr.  A run stopped by a signal raises `Interrupted` (its output is
+    incomplete and no caller should judge it).
     """
+    with contextlib.ExitStack() as files:
+        err_to: IO[str] | int = subprocess.PIPE
+        if stderr_file is not None:
+            stderr_file.parent.mkdir(parents=True, exist_ok=True)
+            err_to = files.enter_context(stderr_file.open("w+", encoding="utf-8", errors="replace"))
+        try:
+            proc = _communicate(argv, timeout, env, cwd, input_text, err_to)
+        except ProcessTimeout as exc:
+            if not isinstance(err_to, int):
+                err_to.seek(0)
+                exc.output += err_to.read()
+            raise
+        if not isinstance(err_to, int):
+            err_to.seek(0)
+            proc.stderr = err_to.read()
+        return proc
+
+
+def _communicate(
+    argv: Sequence[str],
+    timeout: float,
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+    input_text: str | None,
+    stderr: IO[str] | int,
+) -> subprocess.CompletedProcess[str]:
     proc: subprocess.Popen[str] = _popen(
         argv,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
         env=dict(env) if env else None,

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import enum
 import json
-import logging
 import os
 import re
 import shutil
@@ -28,10 +27,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from pipeline import process
 from pipeline.domain import System
 from pipeline.errors import CimError
-from pipeline.log import printable, progress
+from pipeline.log import last_line_of, progress
 from pipeline.process import kill_group
-
-log = logging.getLogger("cim.qemu")
 
 OVMF_CODE = [Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_CODE.fd")]
 OVMF_VARS = [Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")]
@@ -272,7 +269,6 @@ class Vm:
         self._offset = spec.console_log.stat().st_size if spec.console_log.exists() else 0
         stderr_log = (spec.workdir / "qemu.stderr").open("wb")
         argv = spec.argv()
-        log.info("%s: starting %s", spec.name, " ".join(argv))
         try:
             # Through process.start: its own session, registered for a signal's clean stop, killed by the kernel if
             # the pipeline dies (parent-death signal).
@@ -377,14 +373,7 @@ class Vm:
 
     def last_console_line(self) -> str:
         """The guest's last non-empty console line, read from the log's end (safe from the progress thread)."""
-        try:
-            with self.spec.console_log.open("rb") as f:
-                f.seek(max(0, self.spec.console_log.stat().st_size - 2048))
-                tail = f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        lines = [line for line in tail.replace("\r", "\n").splitlines() if printable(line)]
-        return lines[-1] if lines else ""
+        return last_line_of(self.spec.console_log)
 
     def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
         """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""

@@ -50,7 +50,7 @@ from pipeline.artifacts import (
 from pipeline.domain import Artifact, Domain, Host
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_files, xxh3_text
-from pipeline.log import progress, say, step
+from pipeline.log import last_line_of, progress, say, step
 from pipeline.paths import state_root
 from pipeline.results import PassStore
 from pipeline.runlock import RunLock
@@ -480,8 +480,12 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
-    with step(name, "built", announce=False) as built, progress(name, "nix build", nix.BUILD_TIMEOUT):
-        result = nix.build(drv, options=plan.options)
+    live_log = ctx.state_dir / "build" / f"{name}.log"  # nix's log as it comes: its last line shows in the progress
+    with (
+        step(name, "built", announce=False) as built,
+        progress(name, "nix build", nix.BUILD_TIMEOUT, functools.partial(last_line_of, live_log)),
+    ):
+        result = nix.build(drv, options=plan.options, log_file=live_log)
     out = Path(result.outputs["out"])
     product = nix.hydra_product(out, artifact.format.product_type)
     dest_dir = ctx.artifact_dir(name)

@@ -33,7 +33,9 @@ def test_lint_fails_on_a_lint_error_and_names_the_file(tmp_path: Path) -> None:
     copy = tracked_copy(tmp_path / "copy")
     errors = copy / "pipeline" / "errors.py"
     errors.write_text(errors.read_text() + "\nimport os\n")  # unused, and an import after code
-    proc = process.run([str(copy / "scripts" / "lint.sh")], cwd=copy, timeout=300, env={**os.environ, "CIM_LINT_BIN": str(BIN)})
+    proc = process.run(
+        [str(copy / "scripts" / "lint.sh")], cwd=copy, timeout=300, env={**os.environ, "CIM_LINT_BIN": str(BIN)}
+    )
     assert proc.returncode != 0, proc.stdout
     assert "pipeline/errors.py" in proc.stdout + proc.stderr and "F401" in proc.stdout + proc.stderr
 

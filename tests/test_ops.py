@@ -15,13 +15,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import junitparser
 import pytest
-from cimtest.demo import DEMO, ROOT, executed, needs_demo
+from cimtest.demo import DEMO, ROOT, DoitRunner, executed, needs_demo
 
 from pipeline.artifacts import JUNIT, ArtifactRecord, BootResult, BuildInfo, ProbeResult, Records, publish_file
 from pipeline.process import kill_group
@@ -361,3 +362,48 @@ def _walk(domain: Path, artifacts: Path) -> None:
     why = explain(domain, artifacts, "boot:vhost-pi-sd")
     assert why["state"] == "run" and why["reasons"][0].startswith("its last run failed"), why
     assert "probe tcp 9" in why["reasons"][0], why
+
+
+# -- CIM_DEBUG and a long build's progress ----------------------------------------------------------------------------
+
+
+def test_cim_debug_shows_each_command_with_its_cwd_as_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline import process
+
+    monkeypatch.delenv("CIM_DEBUG", raising=False)
+    process.run(["true"], timeout=30, cwd=tmp_path)
+    assert "[debug]" not in capsys.readouterr().out
+    monkeypatch.setenv("CIM_DEBUG", "1")
+    process.run(["echo", "two words", "it's"], timeout=30, cwd=tmp_path)
+    assert f"[debug] $ echo 'two words' 'it'\"'\"'s'  (in {tmp_path})" in capsys.readouterr().out
+
+
+def test_a_commands_stderr_is_written_as_it_comes_for_the_progress_line(tmp_path: Path) -> None:
+    from pipeline import process
+    from pipeline.log import last_line_of
+
+    log = tmp_path / "build" / "x.log"
+    script = "echo building >&2; echo 'copying path' >&2; sleep 1.5; echo out"
+    seen: list[str] = []
+    runner = threading.Thread(
+        target=lambda: seen.append(process.run(["sh", "-c", script], timeout=30, stderr_file=log).stderr)
+    )
+    runner.start()
+    deadline = time.monotonic() + 10
+    while last_line_of(log) != "copying path" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert last_line_of(log) == "copying path", "the last line is there while the command still runs"
+    assert runner.is_alive()
+    runner.join(30)
+    assert seen == ["building\ncopying path\n"]
+
+
+@pytest.mark.nix
+@needs_demo
+def test_cim_debug_shows_the_nix_argv_of_a_build(demo_domain: Path, doit: DoitRunner) -> None:
+    proc = doit(demo_domain, "build:vhost-dev-iso", env={"CIM_DEBUG": "1"}, check=True)
+    builds = [line for line in proc.stdout.splitlines() if line.startswith("[debug] $ nix ") and " build " in line]
+    assert builds, proc.stdout
+    assert "--json --no-link" in builds[0] and ".drv" in builds[0] and f"(in {ROOT})" in builds[0], builds
