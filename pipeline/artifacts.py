@@ -10,6 +10,7 @@ parallel.  `manifest.json` is a `Manifest`; `cim schema manifest` prints its JSO
 from __future__ import annotations
 
 import contextlib
+import datetime
 import enum
 import errno
 import fcntl
@@ -20,7 +21,6 @@ import re
 import shutil
 import socket
 import threading
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.domain import Accel, Sandbox, Strategy
 from pipeline.errors import CimError
 from pipeline.hashing import remember_xxh3
 
@@ -209,19 +210,20 @@ class Record(BaseModel):
 Outcome = Literal["pass", "fail"]
 
 
-def utc_now() -> str:
-    """The time now, as records and the manifest write it (UTC, ISO 8601)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def utc_now() -> datetime.datetime:
+    """The time now, to the second, in UTC (records and the manifest write it as ISO 8601, `…Z`)."""
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
 class BuildInfo(Record):
     """How the image was built."""
 
-    strategy: str  # native, emulation or remote (pipeline.nix.Strategy)
+    strategy: Strategy
     reason: str
     seconds: float
     log: str  # relative to the artifacts directory
-    at: str | None = None  # when it was published (UTC, ISO 8601)
+    at: datetime.datetime | None = None  # when it was published
+    sandbox: Sandbox = Sandbox.on  # CIM_SANDBOX: off (or relaxed) images are not hermetic
 
 
 class ProbeResult(Record):
@@ -239,14 +241,14 @@ class BootResult(Record):
     """A boot test of the image whose xxh3 is `image_xxh3`."""
 
     result: Outcome
-    accel: str
+    accel: Accel
     log: str
     image_xxh3: str
     seconds: float = 0.0
     probes: list[ProbeResult] = Field(default_factory=list)
     planned: list[str] | None = None  # every probe's name, in order: those after a failed one did not run
     error: str | None = None
-    at: str | None = None  # when it ended (UTC, ISO 8601)
+    at: datetime.datetime | None = None  # when it ended
     # What, besides the image, decided this boot (VM, probes): a pass with the same image and fingerprint is reused
     # (its inventory report re-reconciled) without a VM.
     fingerprint: str = ""
@@ -296,7 +298,7 @@ class InventoryResult(Record):
     log: str  # the boot log, whose end holds the verdict (relative to the artifacts directory)
     seconds: float = 0.0
     error: str | None = None  # the enforce failure, naming each difference
-    at: str | None = None  # when it was reconciled (UTC, ISO 8601)
+    at: datetime.datetime | None = None  # when it was reconciled
     differences: list[InventoryDifference] = Field(default_factory=list)
     unchecked: list[InventoryUnchecked] = Field(default_factory=list)
 
@@ -313,7 +315,7 @@ class InstallResult(Record):
     phases: dict[str, float] = Field(default_factory=dict)
     checks: list[str] = Field(default_factory=list)
     error: str | None = None
-    at: str | None = None  # when it ended (UTC, ISO 8601)
+    at: datetime.datetime | None = None  # when it ended
     reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
 
 
@@ -354,7 +356,7 @@ class Manifest(Record):
     domain: str
     fqdn: str
     domain_dir: str
-    generated: str  # UTC, ISO 8601
+    generated: datetime.datetime
     artifacts: dict[str, ArtifactRecord]
 
 
@@ -540,7 +542,7 @@ def _check_case(suite: ET.Element, artifact: str, stage: str, checked: _Checked,
         _fail(case, checked.error or "failed", artifacts_dir / checked.log)
 
 
-def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp: str) -> str:
+def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp: datetime.datetime) -> str:
     """The results as JUnit XML, in the shape pytest writes: a testsuite per artifact; a testcase per boot probe,
     for the install check and for the inventory check; a failure carries its message and the console's last lines.
     A probe after a failed one is `skipped` (it did not run)."""
@@ -562,7 +564,7 @@ def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp
             skipped=str(counts["skipped"]),
             tests=str(len(cases)),
             time=f"{sum(float(c.get('time', 0)) for c in cases):.3f}",
-            timestamp=timestamp,
+            timestamp=timestamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
             hostname=hostname,
         )
     ET.indent(root)

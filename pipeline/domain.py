@@ -12,7 +12,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -83,6 +83,30 @@ class System(enum.StrEnum):
     @property
     def debian_arch(self) -> str:
         return {"x86_64": "amd64", "aarch64": "arm64"}[self.arch]
+
+
+class Strategy(enum.StrEnum):
+    """How an image of a system gets built here (pipeline.nix.plan_build chooses)."""
+
+    native = "native"
+    emulation = "emulation"
+    remote = "remote"
+
+
+class Sandbox(enum.StrEnum):
+    """Nix's build sandbox as the pipeline asks for it (CIM_SANDBOX): `on` by default; `relaxed` is Nix's relaxed
+    mode (derivations may opt out with __noChroot); `off` builds with no sandbox, where Nix cannot make one."""
+
+    on = "on"
+    relaxed = "relaxed"
+    off = "off"
+
+    @property
+    def nix_value(self) -> str:
+        return {"on": "true", "relaxed": "relaxed", "off": "false"}[self.value]
+
+
+Accel = Literal["kvm", "tcg"]  # how QEMU runs a guest: hardware virtualisation or its own translator
 
 
 class Format(enum.StrEnum):

@@ -7,9 +7,9 @@ Only CLI common to Nix 2.8 (Debian 12) and current 2.2x is used: `nix eval --jso
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.domain import Builder, System
+from pipeline.domain import Builder, Sandbox, Strategy, System
 from pipeline.errors import CimError
 from pipeline.process import ProcessTimeout, run
 
 FEATURES = ["--extra-experimental-features", "nix-command flakes"]
-# Settings every build needs, passed per invocation so a user's nix.conf is never changed: builds are sandboxed
-# (Nix falls back to no sandbox where the kernel cannot give one, sandbox-fallback being on by default).
-BUILD_SETTINGS = ["--option", "sandbox", "true"]
+SANDBOX_VARIABLE = "CIM_SANDBOX"
 EVAL_TIMEOUT = 600.0
 BUILD_TIMEOUT = 3 * 3600.0
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
@@ -55,6 +53,54 @@ def version() -> tuple[int, ...]:
     if not match:
         raise NixError(f"cannot read the Nix version from {out!r}.")
     return tuple(int(g or 0) for g in match.groups())
+
+
+def sandbox_mode() -> Sandbox:
+    """The sandbox the user asked for: CIM_SANDBOX = on (the default) | relaxed | off."""
+    value = os.environ.get(SANDBOX_VARIABLE, "").strip().lower() or Sandbox.on.value
+    try:
+        return Sandbox(value)
+    except ValueError:
+        raise NixError(
+            f"{SANDBOX_VARIABLE}={value!r} is not a sandbox mode.",
+            hint=f"Use {SANDBOX_VARIABLE}=on (the default), relaxed or off.",
+        ) from None
+
+
+@functools.cache
+def user_namespaces() -> tuple[bool, str]:
+    """Can this process create a user namespace, as Nix's sandbox does for every build?  (yes, what was seen)
+
+    Refused in a chroot (the kernel's rule for CLONE_NEWUSER) and in containers that forbid them; Nix 2.8 then fails
+    every sandboxed build, `relaxed` included, rather than fall back (measured in a chroot, sandbox-fallback on).
+    """
+    try:
+        proc = run(["unshare", "--user", "true"], timeout=30)
+    except FileNotFoundError:
+        return True, "util-linux's unshare is not installed: not checked"  # nix's own error will say it, if any
+    return proc.returncode == 0, (proc.stderr.strip() or f"exit {proc.returncode}")
+
+
+def sandbox_settings() -> tuple[Sandbox, list[str]]:
+    """The sandbox mode of this run's builds and the options that ask Nix for it (per invocation: a user's
+    nix.conf is never changed).  Before the first build, where Nix cannot sandbox and the user did not choose
+    `off`: one paragraph saying why, what it means and the choice."""
+    mode = sandbox_mode()
+    if mode is not Sandbox.off:
+        able, seen = user_namespaces()
+        if not able:
+            raise NixError(
+                "Nix cannot sandbox builds on this machine: this process may not create a user namespace "
+                f"(unshare --user: {seen}), which every sandboxed Nix build needs — the case in a container that "
+                "forbids user namespaces and in a chroot. Every build would fail with nix's 'user namespaces are not "
+                "enabled'. Built without the sandbox, images are not hermetic (a builder could read this machine's "
+                "/usr or the network) and `check:` cannot prove them reproducible.",
+                hint=f"Run where user namespaces are allowed (a VM, or a container that permits them), or choose "
+                f"{SANDBOX_VARIABLE}=off to build without the sandbox; the manifest's build info then says "
+                f'"sandbox": "off". ({SANDBOX_VARIABLE}=relaxed is Nix\'s relaxed sandbox: it needs user namespaces '
+                "too.)",
+            )
+    return mode, ["--option", "sandbox", mode.nix_value]
 
 
 def output_installable(drv_path: str, output: str = "out") -> str:
@@ -210,6 +256,7 @@ class BuildResult:
     drv_path: str
     outputs: dict[str, str]
     log: str
+    sandbox: Sandbox = Sandbox.on
 
 
 def build(
@@ -222,10 +269,11 @@ def build(
 ) -> BuildResult:
     """`nix build --json --no-link` of a derivation's out output; the log is nix's stderr (`-L` prints build logs),
     written to `log_file` as it comes when one is given (so a progress line can show its last line)."""
+    sandbox, settings = sandbox_settings()
     args = ["build", "--json", "--no-link", "-L", output_installable(drv_path)]
-    proc = _run_nix(args, f"nix build {drv_path}", timeout, [*BUILD_SETTINGS, *options], hint, log_file)
+    proc = _run_nix(args, f"nix build {drv_path}", timeout, [*settings, *options], hint, log_file)
     (entry,) = json.loads(proc.stdout)
-    return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr)
+    return BuildResult(drv_path=drv_path, outputs=dict(entry["outputs"]), log=proc.stderr, sandbox=sandbox)
 
 
 def add_gc_root(out_path: Path, link: Path) -> None:
@@ -279,7 +327,7 @@ def rebuild(drv_path: str, *, options: Sequence[str] = (), timeout: float = BUIL
     """
     args = ["build", "--no-link", "-L", "--rebuild", "--keep-failed", output_installable(drv_path)]
     try:
-        proc = _run_nix(args, f"nix build --rebuild {drv_path}", timeout, [*BUILD_SETTINGS, *options])
+        proc = _run_nix(args, f"nix build --rebuild {drv_path}", timeout, [*sandbox_settings()[1], *options])
     except NixError as exc:
         match = _NOT_DETERMINISTIC.search(exc.stderr)
         if not match:
@@ -359,12 +407,6 @@ def hydra_product(out_path: Path, product_type: str) -> Path:
 
 
 # --- How a system gets built: native, local emulation (binfmt), or a remote builder. ---------------------------------
-
-
-class Strategy(enum.StrEnum):
-    native = "native"
-    emulation = "emulation"
-    remote = "remote"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pipeline import process
-from pipeline.domain import System
+from pipeline.domain import Accel, System
 from pipeline.errors import CimError
 from pipeline.log import last_line_of, progress
 from pipeline.process import kill_group
@@ -123,7 +123,7 @@ class VmSpec:
     console_log: Path
     memory_mib: int = 1024
     cpus: int = 1
-    accel: str = "tcg"
+    accel: Accel = "tcg"
     firmware: Firmware = Firmware.bios
     drives: tuple[Drive, ...] = ()
     boot_order: str = ""  # x86 "d" (cdrom) or "c" (disk)
@@ -461,14 +461,14 @@ def kvm_canary(spec: VmSpec, timeout: float = KVM_CANARY_SECONDS) -> tuple[bool,
     return False, f"a KVM canary boot printed nothing on the console within {timeout:g} s (KVM hangs here)"
 
 
-def choose_accel(spec: VmSpec, state_dir: Path) -> tuple[str, str]:
+def choose_accel(spec: VmSpec, state_dir: Path) -> tuple[Accel, str]:
     """("kvm" | "tcg", why) for `spec`.  The canary runs once per machine boot; its verdict is kept in state_dir,
     which is machine-wide (the checkout's .cim/), not per domain: KVM works or not for every domain alike."""
     host_arch = os.uname().machine
     if spec.system.arch != host_arch:
         return "tcg", f"{spec.system.value} guest on an {host_arch} host: TCG emulation"
     if os.environ.get("CIM_ACCEL") in {"kvm", "tcg"}:
-        return os.environ["CIM_ACCEL"], "CIM_ACCEL is set"
+        return ("kvm" if os.environ["CIM_ACCEL"] == "kvm" else "tcg"), "CIM_ACCEL is set"
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     cache = state_dir / "kvm-canary.json"
     with contextlib.suppress(OSError, ValueError, KeyError):

@@ -47,7 +47,7 @@ from pipeline.artifacts import (
     sweep_temps,
     utc_now,
 )
-from pipeline.domain import Artifact, Domain, Host
+from pipeline.domain import Artifact, Domain, Host, Sandbox
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_files, xxh3_text
 from pipeline.log import last_line_of, progress, say, step
@@ -477,6 +477,9 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
             f"{artifact.host}.",
             hint=f"Add it to the flake or remove '{artifact.format.value}' from hosts.{artifact.host}.images.",
         )
+    sandbox, _ = nix.sandbox_settings()  # where Nix cannot sandbox, say so before anything is built
+    if sandbox is not Sandbox.on:
+        say(name, f"sandbox: {sandbox.value} ({nix.SANDBOX_VARIABLE}): this image is not built hermetically")
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(name, f"building {drv}")
     say(name, f"strategy: {plan.describe()}")
@@ -513,7 +516,8 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
             sha256=sha256,
             xxh3=xxh3,
             build=BuildInfo(
-                strategy=plan.strategy.value,
+                strategy=plan.strategy,
+                sandbox=result.sandbox,
                 reason=plan.reason,
                 seconds=built.seconds,
                 log=f"{name}/build.log",

@@ -3,6 +3,7 @@ hardware, declared vs detected, the policies, and `cim inventory` (--facter, --w
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import subprocess
@@ -320,6 +321,6 @@ def test_an_enforced_difference_is_a_failed_inventory_case_in_junit(tmp_path: Pa
             differences=[InventoryDifference(field="memory_gib", declared="1 GiB", detected="2 GiB", kind="differs")],
         ),
     )
-    xml = junit_xml({"vhost-dev-iso": record}, tmp_path, "2026-11-27T00:00:00")
+    xml = junit_xml({"vhost-dev-iso": record}, tmp_path, datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC))
     assert 'classname="vhost-dev-iso.inventory" name="inventory"' in xml
     assert "memory_gib: declared 1 GiB" in xml and 'failures="1"' in xml

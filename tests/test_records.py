@@ -30,7 +30,7 @@ from pipeline.artifacts import (
 # The keys a demo run's manifest.json had before the records were typed: tools reading it rely on them.
 MANIFEST_KEYS = {"artifacts", "domain", "domain_dir", "fqdn", "generated"}
 RECORD_KEYS = {"boot", "build", "drvPath", "file", "format", "host", "outPath", "sha256", "size", "system", "xxh3"}
-BUILD_KEYS = {"log", "reason", "seconds", "strategy"}
+BUILD_KEYS = {"log", "reason", "sandbox", "seconds", "strategy"}
 BOOT_KEYS = {"accel", "fingerprint", "image_xxh3", "log", "probes", "result", "seconds"}
 PROBE_KEYS = {"detail", "ok", "probe", "seconds"}
 INSTALL_KEYS = {"checks", "disk_mib", "image_xxh3", "log", "phases", "plan", "result", "seconds"}

@@ -436,7 +436,7 @@ def test_another_domain_is_refused_an_artifacts_directory(tmp_path: Path) -> Non
                 "domain": manifest["name"],
                 "fqdn": manifest["fqdn"],
                 "domain_dir": str(demo),
-                "generated": "now",
+                "generated": "2026-12-04T00:00:00Z",
                 "artifacts": {},
             }
         )
