@@ -215,6 +215,13 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
+def iso_z(at: datetime.datetime | None) -> str | None:
+    """A record's time as its JSON has it (`2026-11-27T17:49:46Z`), for the places that print or dump it."""
+    if at is None:
+        return None
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class BuildInfo(Record):
     """How the image was built."""
 

@@ -4,7 +4,7 @@ Read-only and runs nothing (no nix, no VM): it loads the same task graph `doit` 
 machinery (`Dependency.get_status`) about each task against a private copy of doit's dependency DB, so not even the
 DB is touched.  doit's reasons ("uptodate_false", a changed file) are then put into words with the facts the tasks
 saved: a file's old and new digest, the drvPath or image digest a task was last run with, the VM/probe spec (kept
-beside its digest by `tasks.spec_dep`) against today's.
+beside its digest by `uptodate.spec_dep`) against today's.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from doit.dependency import Dependency, SqliteDB
 from doit.loader import load_tasks
 from doit.task import result_dep
 
-from pipeline.artifacts import ArtifactRecord
+from pipeline.artifacts import ArtifactRecord, iso_z
+from pipeline.context import Context
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file
-from pipeline.tasks import Context, creators, outputs_intact, spec_dep, value_dep
+from pipeline.tasks import creators
+from pipeline.uptodate import outputs_intact, spec_dep, value_dep
 
 State = Literal["up-to-date", "run", "after"]  # "after": up to date unless a task it depends on changes its fact
 _MISSING = object()
@@ -141,7 +143,7 @@ class Graph:
         result = getattr(record, stage, None) if record else None
         if result is None or result.result != "fail":
             return None
-        return f"its last run failed ({result.at or 'time unknown'}): {result.error or 'see its log'}"
+        return f"its last run failed ({iso_z(result.at) or 'time unknown'}): {result.error or 'see its log'}"
 
     def _upstream(self, name: str, direct: bool = False) -> list[str]:
         """The tasks `name` depends on (doit's task_dep, a group's sub-tasks expanded), nearest first; only the
@@ -281,7 +283,7 @@ def graph(ctx: Context) -> Iterator[Graph]:
 def _stage(result: Any) -> dict[str, Any]:
     if result is None:
         return {"result": "never"}
-    data = {"result": result.result, "at": result.at, "seconds": result.seconds}
+    data = {"result": result.result, "at": iso_z(result.at), "seconds": result.seconds}
     for key in ("accel", "error"):
         if getattr(result, key, None) is not None:
             data[key] = getattr(result, key)
@@ -307,7 +309,7 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
             "file": record.file,
             "size": record.size,
             "drvPath": record.drvPath,
-            "built": record.build.at or _mtime(ctx.artifacts_dir / record.file),
+            "built": iso_z(record.build.at) or _mtime(ctx.artifacts_dir / record.file),
             "sha256": record.sha256,
         }
         row["boot"] = _stage(record.boot)

@@ -6,6 +6,7 @@ integration test walks a real demo run on a private copy — real nix, real QEMU
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pty
@@ -25,9 +26,9 @@ import pytest
 from cimtest.demo import DEMO, ROOT, DoitRunner, executed, needs_demo
 
 from pipeline.artifacts import JUNIT, ArtifactRecord, BootResult, BuildInfo, ProbeResult, Records, publish_file
+from pipeline.context import run_state_dir, state_dir_for
 from pipeline.process import kill_group
 from pipeline.status import spec_changes
-from pipeline.tasks import state_dir_for
 
 PROGRESS = re.compile(r"^\[(?P<prefix>[^\]]+)\] (?P<phase>.+): (?P<elapsed>\d+) s / (?P<deadline>\d+) s")
 
@@ -196,6 +197,44 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
         wrong = cim("explain", "boot:nope", "--domain", str(domain))
         assert wrong.returncode == 2 and "no task 'boot:nope'" in wrong.stderr and "boot:vhost-pi-sd" in wrong.stderr
         assert "Traceback" not in wrong.stderr
+    finally:
+        shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
+
+
+def test_status_json_carries_the_records_times_as_their_json_has_them(tmp_path: Path) -> None:
+    """Records keep datetimes; `cim status --json` prints them as the manifest does (`…Z`), not a traceback."""
+    domain, artifacts = tmp_path / "demo", tmp_path / "artifacts"
+    shutil.copytree(DEMO, domain, ignore=shutil.ignore_patterns("result*", "inputs.json"))
+    at = datetime.datetime(2026, 11, 27, 17, 49, 46, tzinfo=datetime.UTC)
+    meta = {"domain": "demo", "fqdn": "demo.local", "domain_dir": str(domain)}
+    records = Records(run_state_dir(ROOT, domain, artifacts), artifacts, meta)
+    try:
+        records.save_build(
+            "vhost-dev-iso",
+            ArtifactRecord(
+                host="vhost-dev",
+                format="iso",
+                system="x86_64-linux",
+                drvPath="/nix/store/x.drv",
+                outPath="/nix/store/x",
+                file="vhost-dev-iso/image.iso",
+                size=1,
+                sha256="0" * 64,
+                xxh3="0" * 32,
+                build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log", at=at),
+            ),
+        )
+        records.save_boot(
+            "vhost-dev-iso",
+            BootResult(
+                result="fail", accel="tcg", log="vhost-dev-iso/boot.log", image_xxh3="0" * 32, seconds=2.0, at=at
+            ),
+        )
+        row = status(domain, artifacts)["artifacts"][0]
+        assert row["image"]["built"] == row["boot"]["at"] == "2026-11-27T17:49:46Z"
+        assert "its last run failed (2026-11-27T17:49:46Z)" in " ".join(
+            explain(domain, artifacts, "boot:vhost-dev-iso")["reasons"]
+        )
     finally:
         shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
 
