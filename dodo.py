@@ -18,7 +18,7 @@ from typing import Any
 
 from doit import get_var
 
-from pipeline import process, runlock, tasks
+from pipeline import context, process, runlock, tasks
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker
 
@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent
 process.stop_on_signals()
 RUN_LOCK = None  # held (module global) until the process ends
 try:
-    CTX = tasks.make_context(
+    CTX = context.make_context(
         ROOT,
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
         Path(os.environ["CIM_RESULTS"]) if os.environ.get("CIM_RESULTS") else None,
     )
-    if tasks.doit_command(sys.argv[1:]) not in tasks.READ_ONLY_COMMANDS:
-        RUN_LOCK = tasks.begin_run(CTX, runlock.parse_wait(get_var("wait", os.environ.get("CIM_WAIT"))))
+    if context.doit_command(sys.argv[1:]) not in context.READ_ONLY_COMMANDS:
+        RUN_LOCK = context.begin_run(CTX, runlock.parse_wait(get_var("wait", os.environ.get("CIM_WAIT"))))
 except CimError as exc:
     # Bad input is the user's to fix: one paragraph, no traceback, nothing run, artifacts/ untouched.
     sys.stderr.write(f"error: {exc.report()}\n")
@@ -48,7 +48,7 @@ DOIT_CONFIG = {
     # Parallel by default: one worker per core this process may use (`-n N` overrides it; `-n 0` runs serially).
     "num_process": len(os.sched_getaffinity(0)),
     # doit's console output, plus telling the batched evaluation which eval:<host> tasks this run selected.
-    "reporter": tasks.reporter_for(CTX),
+    "reporter": context.reporter_for(CTX),
     "verbosity": 2,
 }
 CTX.state_dir.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.boot import boot_spec  # noqa: E402 - after the path set-up, so the script runs from a checkout
+from pipeline.context import make_context  # noqa: E402
 from pipeline.domain import Artifact, Format, System, load_domain  # noqa: E402
 from pipeline.process import run  # noqa: E402
 from pipeline.qemu import Vm, choose_accel  # noqa: E402
-from pipeline.tasks import make_context  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import benchlib
 from benchlib import ROOT, BenchError, executed
 
+from pipeline.context import make_context
 from pipeline.domain import load_domain
-from pipeline.tasks import make_context
 
 BUILD_TIMEOUT = 3 * 3600.0
 BOOT_TIMEOUT = 1800.0

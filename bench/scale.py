@@ -34,7 +34,7 @@ from pathlib import Path
 import benchlib
 from benchlib import ROOT, BenchError, executed
 
-from pipeline.tasks import state_dir_for
+from pipeline.context import state_dir_for
 
 TIMEOUT = 900.0
 

@@ -80,7 +80,7 @@ def disk_plan(host: str, domain_dir: Path) -> None:
 def _context(domain_dir: Path | None, artifacts_dir: Path | None) -> Any:
     """The run's context as `doit` builds it; paths given are from the current directory, defaults from the
     checkout `doit` runs in (dodo.py's directory, whose .cim/ holds the state of every domain)."""
-    from pipeline.tasks import make_context
+    from pipeline.context import make_context
 
     root = Path(__file__).resolve().parent.parent
     return make_context(

@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from doit.exceptions import TaskFailed
-from doit.reporter import ConsoleReporter
-from doit.task import UptodateCalculator
 
 from pipeline import boot, install, nix, process, reproduce
 from pipeline.artifacts import (
@@ -40,163 +34,33 @@ from pipeline.artifacts import (
     BootResult,
     BuildInfo,
     InstallResult,
-    Records,
     ReproducibilityCheck,
     atomic_write_text,
     publish_file,
-    sweep_temps,
     utc_now,
 )
-from pipeline.domain import Artifact, Domain, Host, Sandbox
+from pipeline.context import Context
+from pipeline.domain import Artifact, Host, Sandbox
 from pipeline.errors import CimError
-from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_files, xxh3_text
+from pipeline.hashing import xxh3_files, xxh3_text
 from pipeline.log import last_line_of, progress, say, step
 from pipeline.paths import state_root
-from pipeline.results import PassStore
-from pipeline.runlock import RunLock
-from pipeline.validate import flake_files, load_checked, validate
+from pipeline.uptodate import flake_dep, outputs_intact, records_unchanged, spec_dep, value_dep
+from pipeline.validate import validate
 
 
-@dataclass(frozen=True)
-class Context:
-    """One run's paths and domain."""
+class BuiltImage(TypedDict):
+    """What build:<artifact> hands boot, install and check (doit's saved values, through getargs)."""
 
-    root: Path
-    domain_dir: Path
-    domain: Domain
-    artifacts_dir: Path
-    state_dir: Path
-    results_dir: Path
-
-    @functools.cached_property
-    def records(self) -> Records:
-        return Records(
-            self.state_dir,
-            self.artifacts_dir,
-            {"domain": self.domain.name, "fqdn": self.domain.fqdn, "domain_dir": str(self.domain_dir)},
-        )
-
-    @functools.cached_property
-    def passes(self) -> PassStore:
-        """Boots and installs that passed, by image digest and spec: shared by every domain of this checkout."""
-        return PassStore(self.results_dir)
-
-    @functools.cached_property
-    def files(self) -> list[str]:
-        """The domain's flake files, walked once per run (validate and every eval depend on them)."""
-        return flake_files(self.domain_dir)
-
-    @functools.cached_property
-    def evaluations(self) -> Evaluations:
-        return Evaluations(self.domain_dir)
-
-    @property
-    def dep_file(self) -> Path:
-        """doit's dependency DB (sqlite3) for this domain."""
-        return self.state_dir / "doit.sqlite3"
-
-    @property
-    def machine_state(self) -> Path:
-        """State shared by every domain of this checkout (the KVM verdict)."""
-        return state_root(self.root)
-
-    @property
-    def gcroots(self) -> Path:
-        """The Nix GC roots of this run's published images, one symlink per artifact."""
-        return self.state_dir / "gcroots"
-
-    def artifact_dir(self, artifact: str) -> Path:
-        return self.artifacts_dir / artifact
-
-    def vm_dir(self, name: str) -> Path:
-        """A fresh, unique working directory for one VM run (sockets, firmware variables, raw console log)."""
-        path = self.state_dir / "vm" / f"{name}-{os.getpid()}-{time.monotonic_ns()}"
-        path.mkdir(parents=True)
-        return path
-
-
-def state_dir_for(root: Path, domain_dir: Path) -> Path:
-    """Everything a domain's runs keep: .cim/state/<dir name>-<hash of its path> (one sub-directory per artifacts
-    directory, see `run_state_dir`)."""
-    domain_dir = (root / domain_dir).resolve()
-    return state_root(root) / "state" / f"{domain_dir.name}-{xxh3_text(str(domain_dir))[:12]}"
-
-
-def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
-    """Where the doit DB, records, GC roots and VM work dirs of one domain *into one artifacts directory* live.
-
-    State says what is published where, so it is keyed by both: `doit artifacts=NEW_DIR` after a run into artifacts/
-    starts from nothing and publishes everything into NEW_DIR (the builds themselves are in the Nix store already).
-    """
-    artifacts_dir = (root / artifacts_dir).resolve()
-    key = f"{artifacts_dir.name}-{xxh3_text(str(artifacts_dir))[:12]}"
-    return state_dir_for(root, domain_dir) / "artifacts" / key
-
-
-def make_context(
-    root: Path, domain_dir: Path, artifacts_dir: Path | None = None, results_dir: Path | None = None
-) -> Context:
-    """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
-
-    State (the doit DB, records, VM work dirs) lives in `run_state_dir`: keyed by the domain's path and the artifacts
-    directory, so two domains, two copies of one, or one domain into two directories never share cached facts.
-    `artifacts_dir` defaults to <root>/artifacts.  Passed boots and installs are content-addressed, so they are
-    shared: `results_dir` defaults to results/ in the state root (pipeline.paths: $CIM_STATE or <root>/.cim).
-    """
-    domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
-    domain = load_checked(domain_dir)
-    artifacts = (root / (artifacts_dir or "artifacts")).resolve()
-    return Context(
-        root=root,
-        domain_dir=domain_dir,
-        domain=domain,
-        artifacts_dir=artifacts,
-        state_dir=run_state_dir(root, domain_dir, artifacts),
-        results_dir=root / results_dir if results_dir else state_root(root) / "results",
-    )
-
-
-# doit commands that only read the graph or its state: they take no run lock and never wait.
-READ_ONLY_COMMANDS = frozenset({"list", "info", "help", "dumpdb", "tabcompletion"})
-_DOIT_COMMANDS = READ_ONLY_COMMANDS | {"run", "clean", "forget", "ignore", "strace", "reset-dep", "auto"}
-_LOADER_OPTIONS_WITH_VALUE = frozenset({"-f", "--file", "-d", "--dir"})
-
-
-def doit_command(argv: list[str]) -> str:
-    """The doit command an argument list runs, found as doit finds it (loader options and NAME=VALUE skipped).
-
-    >>> doit_command(["domain=configs/demo", "list", "--all"]), doit_command(["-n", "2", "boot"])
-    ('list', 'run')
-    """
-    args = list(argv)
-    while args and args[0] in _LOADER_OPTIONS_WITH_VALUE | {"-k", "--seek-file"}:
-        args = args[2:] if args[0] in _LOADER_OPTIONS_WITH_VALUE else args[1:]
-    args = [a for a in args if a.startswith("-") or "=" not in a]
-    return args[0] if args and args[0] in _DOIT_COMMANDS else "run"
-
-
-def begin_run(ctx: Context, wait: float) -> RunLock:
-    """Before doit opens the state: take the artifacts directory's run lock (waiting up to `wait` s for another run
-    of this domain), then clear what a killed run left (named temporary files, VM disks of dead processes)."""
-    lock = RunLock(ctx.root, ctx.domain_dir, ctx.artifacts_dir)
-    lock.acquire(wait)
-    for path in sweep_temps(ctx.artifacts_dir):
-        say("cim", f"removed {path}, a temporary file a killed run left")
-    _sweep_vm_dirs(ctx.state_dir / "vm")
-    return lock
-
-
-def _sweep_vm_dirs(vm_root: Path) -> None:
-    """Remove the disks and sockets of VM work dirs whose run is gone (killed); their console logs stay."""
-    if not vm_root.is_dir():
-        return
-    for workdir in vm_root.iterdir():
-        pid = workdir.name.rsplit("-", 2)[-2] if workdir.name.count("-") >= 2 else ""
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
-            continue
-        for path in workdir.rglob("*"):
-            if path.is_file() and not path.name.endswith(".log"):
-                path.unlink(missing_ok=True)
+    drvPath: str
+    outPath: str
+    path: str
+    file: str  # relative to the artifacts directory
+    size: int
+    xxh3: str
+    sha256: str
+    strategy: str
+    outputs: list[str]
 
 
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -218,101 +82,6 @@ def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
             return TaskFailed(f"internal error: {type(exc).__name__}: {exc} (traceback in {log}; please report it)")
 
     return wrapper
-
-
-# -- uptodate calculators ---------------------------------------------------------------------------------------------
-
-
-class value_dep(UptodateCalculator):  # type: ignore[misc]
-    """Up to date while one saved value of another task (e.g. eval's drvPath) is what it was at our last success."""
-
-    def __init__(self, dep_task: str, key: str) -> None:
-        self.dep_task = dep_task
-        self.key = key
-        self.saved_as = f"_value:{dep_task}:{key}"
-
-    def configure_task(self, task: Any) -> None:
-        task.task_dep.append(self.dep_task)
-
-    def _current(self) -> Any:
-        return (self.get_val(self.dep_task, "_values_:") or {}).get(self.key)
-
-    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
-        task.value_savers.append(lambda: {self.saved_as: self._current()})
-        current = self._current()
-        return current is not None and values.get(self.saved_as) == current
-
-
-class spec_dep:
-    """Up to date while a spec (what decides a test besides its image) is the one of our last success.
-
-    Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
-    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.  The spec is made when doit
-    (or `cim explain`) checks the task, not when the graph loads: a 1,000-host graph would otherwise build 1,000 probe
-    lists just to run `doit eval`.
-    """
-
-    def __init__(self, make: Callable[[], dict[str, Any]]) -> None:
-        self.make = make
-
-    @functools.cached_property
-    def spec(self) -> dict[str, Any]:
-        return self.make()
-
-    @functools.cached_property
-    def digest(self) -> str:
-        return xxh3_text(json.dumps(self.spec, sort_keys=True))
-
-    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
-        task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
-        return bool(values.get("spec_digest") == self.digest)
-
-
-class outputs_intact:
-    """Up to date while every file the task published under *this run's* artifacts directory is still there with the
-    digest it was published with: a task whose output was replaced or removed runs again.
-
-    The action returns the files it published as "outputs" (paths relative to the artifacts directory); their stamps
-    ([mtime, size, xxh3]) are saved after it ran, as a separate value, so that re-publishing the same bytes changes
-    nothing a later task's `getargs` compares (doit re-runs a task whose getargs source returned something else).
-    """
-
-    def __init__(self, artifacts_dir: Path) -> None:
-        self.artifacts_dir = artifacts_dir
-
-    def _stamps(self, task: Any) -> dict[str, Any]:
-        stamps = {}
-        for rel in task.values.get("outputs") or []:
-            path = self.artifacts_dir / rel
-            try:
-                stat = path.stat()
-                stamps[rel] = [stat.st_mtime, stat.st_size, xxh3_file(path)]
-            except OSError:
-                continue  # gone already: the next check finds it missing
-        return {"stamps": stamps}
-
-    def problems(self, values: dict[str, Any]) -> list[str]:
-        """Why the outputs are not intact, in words (none when they are)."""
-        stamps = values.get("stamps")
-        outputs = values.get("outputs") or []
-        if not isinstance(stamps, dict) or not stamps:
-            return ["no published file is recorded for it"]
-        found = [f"the published {rel} was not stamped at its last run" for rel in outputs if rel not in stamps]
-        checker = XXH3Checker()
-        for rel, (mtime, size, digest) in stamps.items():
-            path = self.artifacts_dir / rel
-            try:
-                stat = os.stat(path)
-            except OSError:
-                found.append(f"the published {rel} is missing")
-                continue
-            if checker.check_modified(str(path), stat, (mtime, size, digest)):
-                found.append(f"the published {rel} no longer has the digest it was published with")
-        return found
-
-    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
-        task.value_savers.append(lambda: self._stamps(task))
-        return not self.problems(values)
 
 
 def relative_outputs(ctx: Context, *paths: Path) -> list[str]:
@@ -348,102 +117,6 @@ def task_validate(ctx: Context) -> dict[str, Any]:
     }
 
 
-# -- eval -------------------------------------------------------------------------------------------------------------
-
-
-class Evaluations:
-    """This run's host evaluations: one `nix eval` process for every host the run needs evaluated.
-
-    The first `eval:<host>` action to run evaluates, in one batch, its own host and every host `plan()` named (the
-    hosts whose eval task this run selected and whose flake digest is stale); later ones find their result here.
-    Each `eval:<host>` still saves only its own drvPaths, so a change to one host rebuilds only that host, and a host
-    whose evaluation failed fails only its own task.  doit's thread pool may run several eval actions at once: the lock
-    makes them share the one evaluation.
-    """
-
-    def __init__(self, domain_dir: Path) -> None:
-        self.domain_dir = domain_dir
-        self._lock = threading.Lock()
-        self._wanted: set[str] = set()
-        self._planned = False
-        self._results: dict[str, nix.EvalOutcome] = {}
-        self.selected: set[str] = set()  # hosts whose eval:<host> this run selected (set by the reporter)
-
-    def plan(self, hosts: set[str]) -> None:
-        """The hosts this run will evaluate (called once, before any eval action runs)."""
-        with self._lock:
-            self._wanted |= hosts
-            self._planned = True
-
-    @property
-    def planned(self) -> bool:
-        return self._planned
-
-    def of(self, host: str) -> dict[str, str]:
-        """The drvPaths of `host`, evaluated (with the rest of the batch) on first demand; raises its NixError."""
-        with self._lock:
-            if host not in self._results:
-                # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
-                # then every selected host is expected to run.
-                wanted = self._wanted if self._planned and host in self._wanted else self.selected
-                todo = sorted((wanted - self._results.keys()) | {host})
-                what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
-                prefix = "eval" if len(todo) > 1 else f"eval:{host}"
-                with step(prefix, what, announce=False), progress(prefix, "nix eval", nix.EVAL_TIMEOUT):
-                    self._results.update(nix.eval_hosts(self.domain_dir, todo))
-            outcome = self._results[host]
-        if isinstance(outcome, CimError):
-            raise CimError(outcome.message, outcome.hint, outcome.detail)
-        return outcome
-
-
-def needed_tasks(tasks: dict[str, Any], selected: list[str]) -> set[str]:
-    """Every task a doit run with these selected tasks reaches through task_dep (getargs and value_dep add theirs)."""
-    seen: set[str] = set()
-    todo = list(selected)
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in tasks:
-            continue
-        seen.add(name)
-        todo.extend(tasks[name].task_dep)
-        todo.extend(tasks[name].setup_tasks)
-    return seen
-
-
-def reporter_for(ctx: Context) -> type:
-    """doit's console reporter, which also tells `ctx.evaluations` which eval tasks this run selected."""
-
-    class Reporter(ConsoleReporter):  # type: ignore[misc]
-        def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
-            super().initialize(tasks, selected_tasks)
-            needed = needed_tasks(tasks, selected_tasks)
-            ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
-
-    return Reporter
-
-
-class flake_dep(value_dep):
-    """eval:<host>'s uptodate: the flake digest validate saved.  Its first call plans the run's batch: every selected
-    eval:<host> whose saved digest differs from the current one (what this check says of each of them)."""
-
-    def __init__(self, ctx: Context) -> None:
-        super().__init__("validate", "flake")
-        self.ctx = ctx
-
-    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
-        evaluations = self.ctx.evaluations
-        if not evaluations.planned:
-            current = self._current()
-            stale = set()
-            for host in evaluations.selected:
-                saved = self.get_val(f"eval:{host}", "_values_:") or {}
-                if current is None or saved.get(self.saved_as) != current:
-                    stale.add(host)
-            evaluations.plan(stale)
-        return bool(super().__call__(task, values))
-
-
 @user_errors
 def eval_action(ctx: Context, host: str) -> dict[str, str]:
     drvs = ctx.evaluations.of(host)
@@ -458,7 +131,7 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
             "name": host,
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
-            "uptodate": [flake_dep(ctx)],
+            "uptodate": [flake_dep(ctx.evaluations)],
             "verbosity": 2,
         }
 
@@ -467,7 +140,7 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 @user_errors
-def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict[str, Any]:
+def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> BuiltImage:
     name = artifact.name
     drv = drvs.get(artifact.format.attribute)
     if not drv:
@@ -526,17 +199,17 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> dict
         ),
     )
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
-    return {
-        "drvPath": drv,
-        "outPath": str(out),
-        "path": str(dest),
-        "file": rel,
-        "size": size,
-        "xxh3": xxh3,
-        "sha256": sha256,
-        "strategy": plan.strategy.value,
-        "outputs": relative_outputs(ctx, dest, build_log),
-    }
+    return BuiltImage(
+        drvPath=drv,
+        outPath=str(out),
+        path=str(dest),
+        file=rel,
+        size=size,
+        xxh3=xxh3,
+        sha256=sha256,
+        strategy=plan.strategy.value,
+        outputs=relative_outputs(ctx, dest, build_log),
+    )
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
@@ -566,7 +239,7 @@ def boot_outputs(ctx: Context, artifact: str, host: Host) -> list[Path]:
 
 
 @user_errors
-def boot_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any]:
+def boot_action(ctx: Context, artifact: Artifact, image: BuiltImage) -> dict[str, Any]:
     name = artifact.name
     host = ctx.domain.hosts[artifact.host]
     fingerprint = boot.fingerprint(artifact, ctx.domain, ctx.domain_dir)
@@ -650,7 +323,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 @user_errors
-def install_action(ctx: Context, host_name: str, image: dict[str, Any]) -> dict[str, Any]:
+def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str, Any]:
     artifact = f"{host_name}-iso"
     host = ctx.domain.hosts[host_name]
     log_dest = ctx.artifact_dir(artifact) / "install.log"
@@ -712,7 +385,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 @user_errors
-def check_action(ctx: Context, artifact: Artifact, image: dict[str, Any]) -> dict[str, Any] | TaskFailed:
+def check_action(ctx: Context, artifact: Artifact, image: BuiltImage) -> dict[str, Any] | TaskFailed:
     name, task = artifact.name, f"check:{artifact.name}"
     plan = nix.plan_build(artifact.system, nix.local_facts(), ctx.domain.builders)
     say(task, f"checking {image['drvPath']} and what it is made from ({plan.describe()})")
@@ -785,19 +458,6 @@ def release_action(ctx: Context) -> dict[str, Any]:
     }
 
 
-def records_unchanged(ctx: Context) -> Callable[[Any, dict[str, Any]], bool]:
-    """Up to date while every artifact record (digests, boot and install results) is what the last release saw."""
-
-    def digest() -> str:
-        return xxh3_text(ctx.records.digest_source())
-
-    def check(task: Any, values: dict[str, Any]) -> bool:
-        task.value_savers.append(lambda: {"records": digest()})
-        return values.get("records") == digest()
-
-    return check
-
-
 def task_release(ctx: Context) -> dict[str, Any]:
     deps = [f"boot:{a.name}" for a in ctx.domain.artifacts()]
     deps += [f"install:{h}" for h in install.installable_hosts(ctx.domain)]
@@ -805,7 +465,7 @@ def task_release(ctx: Context) -> dict[str, Any]:
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
         "task_dep": deps,
-        "uptodate": [records_unchanged(ctx), outputs_intact(ctx.artifacts_dir)],
+        "uptodate": [records_unchanged(ctx.records), outputs_intact(ctx.artifacts_dir)],
         "verbosity": 2,
     }
 

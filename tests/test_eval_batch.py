@@ -16,7 +16,7 @@ import pytest
 from cimtest.demo import DoitRunner, executed
 
 from pipeline import nix
-from pipeline.tasks import needed_tasks, state_dir_for
+from pipeline.context import needed_tasks, state_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

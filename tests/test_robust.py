@@ -23,8 +23,8 @@ from test_pipeline import manifest, sha256sum_check, snapshot
 from test_robust_units import mounted, needs_root
 
 from pipeline import process
+from pipeline.context import run_state_dir, state_dir_for
 from pipeline.runlock import lock_path
-from pipeline.tasks import run_state_dir, state_dir_for
 
 pytestmark = [pytest.mark.nix, needs_demo]
 

@@ -22,8 +22,8 @@ from cimtest.procs import cmdline, descendants, survivors, wait_for, wait_for_ou
 
 from pipeline import process, reaper
 from pipeline.artifacts import ArtifactError, atomic_file, publish_file, sweep_temps
+from pipeline.context import READ_ONLY_COMMANDS, doit_command
 from pipeline.runlock import RunLock, RunLockError, lock_path, parse_wait
-from pipeline.tasks import READ_ONLY_COMMANDS, doit_command
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a read-only bind needs root")
 

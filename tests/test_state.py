@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from cimtest.demo import ROOT
 
+from pipeline.context import make_context, run_state_dir
 from pipeline.paths import state_root
 from pipeline.runlock import lock_path
-from pipeline.tasks import make_context, run_state_dir
 
 
 def test_the_test_run_never_uses_the_checkouts_state() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import nix, process
+from pipeline.context import state_dir_for
 from pipeline.runlock import lock_path
-from pipeline.tasks import state_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEMO = ROOT / "configs" / "demo"

@@ -1,0 +1,148 @@
+"""doit `uptodate` checks: when a task's work is still valid.  Each names one fact the task consumes (another task's
+saved value, a spec, the files it published, the records), saves it after a success, and compares it next time.
+
+`cim status` / `cim explain` ask the same checks why a task would run (pipeline.status).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doit.task import UptodateCalculator
+
+from pipeline.hashing import XXH3Checker, xxh3_file, xxh3_text
+
+if TYPE_CHECKING:
+    from pipeline.artifacts import Records
+    from pipeline.context import Evaluations
+
+
+class value_dep(UptodateCalculator):  # type: ignore[misc]
+    """Up to date while one saved value of another task (e.g. eval's drvPath) is what it was at our last success."""
+
+    def __init__(self, dep_task: str, key: str) -> None:
+        self.dep_task = dep_task
+        self.key = key
+        self.saved_as = f"_value:{dep_task}:{key}"
+
+    def configure_task(self, task: Any) -> None:
+        task.task_dep.append(self.dep_task)
+
+    def _current(self) -> Any:
+        return (self.get_val(self.dep_task, "_values_:") or {}).get(self.key)
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {self.saved_as: self._current()})
+        current = self._current()
+        return current is not None and values.get(self.saved_as) == current
+
+
+class spec_dep:
+    """Up to date while a spec (what decides a test besides its image) is the one of our last success.
+
+    Like doit's `config_changed`, but the spec itself is saved beside its digest, so that `cim explain` can name the
+    field that changed and its old value: `hosts.vhost-dev.boot.memory_mib: 1024 → 2048`.  The spec is made when doit
+    (or `cim explain`) checks the task, not when the graph loads: a 1,000-host graph would otherwise build 1,000 probe
+    lists just to run `doit eval`.
+    """
+
+    def __init__(self, make: Callable[[], dict[str, Any]]) -> None:
+        self.make = make
+
+    @functools.cached_property
+    def spec(self) -> dict[str, Any]:
+        return self.make()
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return xxh3_text(json.dumps(self.spec, sort_keys=True))
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"spec_digest": self.digest, "spec": self.spec})
+        return bool(values.get("spec_digest") == self.digest)
+
+
+class outputs_intact:
+    """Up to date while every file the task published under *this run's* artifacts directory is still there with the
+    digest it was published with: a task whose output was replaced or removed runs again.
+
+    The action returns the files it published as "outputs" (paths relative to the artifacts directory); their stamps
+    ([mtime, size, xxh3]) are saved after it ran, as a separate value, so that re-publishing the same bytes changes
+    nothing a later task's `getargs` compares (doit re-runs a task whose getargs source returned something else).
+    """
+
+    def __init__(self, artifacts_dir: Path) -> None:
+        self.artifacts_dir = artifacts_dir
+
+    def _stamps(self, task: Any) -> dict[str, Any]:
+        stamps = {}
+        for rel in task.values.get("outputs") or []:
+            path = self.artifacts_dir / rel
+            try:
+                stat = path.stat()
+                stamps[rel] = [stat.st_mtime, stat.st_size, xxh3_file(path)]
+            except OSError:
+                continue  # gone already: the next check finds it missing
+        return {"stamps": stamps}
+
+    def problems(self, values: dict[str, Any]) -> list[str]:
+        """Why the outputs are not intact, in words (none when they are)."""
+        stamps = values.get("stamps")
+        outputs = values.get("outputs") or []
+        if not isinstance(stamps, dict) or not stamps:
+            return ["no published file is recorded for it"]
+        found = [f"the published {rel} was not stamped at its last run" for rel in outputs if rel not in stamps]
+        checker = XXH3Checker()
+        for rel, (mtime, size, digest) in stamps.items():
+            path = self.artifacts_dir / rel
+            try:
+                stat = os.stat(path)
+            except OSError:
+                found.append(f"the published {rel} is missing")
+                continue
+            if checker.check_modified(str(path), stat, (mtime, size, digest)):
+                found.append(f"the published {rel} no longer has the digest it was published with")
+        return found
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: self._stamps(task))
+        return not self.problems(values)
+
+
+class flake_dep(value_dep):
+    """eval:<host>'s uptodate: the flake digest validate saved.  Its first call plans the run's batch: every selected
+    eval:<host> whose saved digest differs from the current one (what this check says of each of them)."""
+
+    def __init__(self, evaluations: Evaluations) -> None:
+        super().__init__("validate", "flake")
+        self.evaluations = evaluations
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        evaluations = self.evaluations
+        if not evaluations.planned:
+            current = self._current()
+            stale = set()
+            for host in evaluations.selected:
+                saved = self.get_val(f"eval:{host}", "_values_:") or {}
+                if current is None or saved.get(self.saved_as) != current:
+                    stale.add(host)
+            evaluations.plan(stale)
+        return bool(super().__call__(task, values))
+
+
+def records_unchanged(records: Records) -> Callable[[Any, dict[str, Any]], bool]:
+    """Up to date while every artifact record (digests, boot and install results) is what the last release saw."""
+
+    def digest() -> str:
+        return xxh3_text(records.digest_source())
+
+    def check(task: Any, values: dict[str, Any]) -> bool:
+        task.value_savers.append(lambda: {"records": digest()})
+        return values.get("records") == digest()
+
+    return check
