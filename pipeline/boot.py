@@ -188,42 +188,13 @@ def boot_test(
             ports = vm.forwarded_ports()
             ctx = probes.ProbeContext(domain=domain, host_name=artifact.host, domain_dir=domain_dir, ports=ports)
             deadline = started + host.boot.timeout_s
-
-            def run(probe: Probe) -> ProbeResult:
-                remaining = max(1.0, deadline - time.monotonic())
-                timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
-                result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), ctx)
-                say(
-                    name,
-                    f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — {result.detail}",
-                )
-                return result
-
-            results += [run(p) for p in consoles]
-            with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
-                results += list(pool.map(run, services))
+            results += run_probes(vm, ctx, consoles, services, deadline, name)
             if inventory_planned:
                 assert report_keep is not None and report_forward is not None
-                received = time.monotonic()
-                try:
-                    report = _receive_report(vm, artifact.host, ports[report_forward], deadline, report_keep)
-                    results.append(report.model_copy(update={"guest": report_guest, "port": ports[report_forward]}))
-                except probes.ProbeFailed as exc:
-                    results.append(
-                        ProbeResult(
-                            probe="inventory",
-                            ok=False,
-                            guest=report_guest,
-                            port=ports[report_forward],
-                            detail=f"probe inventory failed: {exc}",
-                            seconds=round(time.monotonic() - received, 2),
-                        )
-                    )
-                say(
-                    name,
-                    f"probe inventory: {'ok' if results[-1].ok else 'FAILED'} in {results[-1].seconds} s — "
-                    f"{results[-1].detail}",
+                results.append(
+                    _inventory_probe(vm, artifact.host, ports[report_forward], report_guest, deadline, report_keep)
                 )
+                say(name, _said(results[-1]))
             tail = vm.tail()
         failed = [r for r in results if not r.ok]
         if failed:
@@ -254,6 +225,46 @@ def boot_test(
     shutil.rmtree(workdir, ignore_errors=True)
     say(name, f"boot test passed in {outcome.seconds} s; console log {log_dest}")
     return outcome
+
+
+def run_probes(
+    vm: Vm, ctx: probes.ProbeContext, consoles: list[Probe], services: list[Probe], deadline: float, name: str
+) -> list[ProbeResult]:
+    """The console probes first (they may use the whole budget up to `deadline`), then the service probes side by
+    side, each within its own deadline, so one failing guest never hides another's result."""
+
+    def run(probe: Probe) -> ProbeResult:
+        remaining = max(1.0, deadline - time.monotonic())
+        timeout = remaining if probe.kind is ProbeKind.console else min(probe.timeout_s, remaining)
+        result = probes.run_probe(vm, probe.model_copy(update={"timeout_s": timeout}), ctx)
+        say(name, _said(result))
+        return result
+
+    results = [run(p) for p in consoles]
+    with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
+        results += list(pool.map(run, services))
+    return results
+
+
+def _said(result: ProbeResult) -> str:
+    return f"probe {result.probe}: {'ok' if result.ok else 'FAILED'} in {result.seconds} s — {result.detail}"
+
+
+def _inventory_probe(vm: Vm, host_name: str, port: int, guest: str | None, deadline: float, keep: Path) -> ProbeResult:
+    """The hardware report as a probe: received (and kept in `keep`) before the deadline, or failed saying why."""
+    received = time.monotonic()
+    try:
+        report = _receive_report(vm, host_name, port, deadline, keep)
+        return report.model_copy(update={"guest": guest, "port": port})
+    except probes.ProbeFailed as exc:
+        return ProbeResult(
+            probe="inventory",
+            ok=False,
+            guest=guest,
+            port=port,
+            detail=f"probe inventory failed: {exc}",
+            seconds=round(time.monotonic() - received, 2),
+        )
 
 
 def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Path) -> ProbeResult:

@@ -123,6 +123,29 @@ def _priority(name: str, part: dict[str, Any]) -> int:
 
 def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source: str) -> DiskPlan:
     """Turn evaluated `disko.devices` into a plan for the named disk, refusing what the installer cannot do."""
+    spec, where = _the_disk(devices, disk, source)
+    raw = spec["content"].get("partitions") or {}
+    if not raw:
+        raise DiskPlanError(f"{source}: {where}.content.partitions is empty.")
+    ordered = sorted(raw.items(), key=lambda item: _priority(*item))  # stable: ties keep Nix's order
+    parts = tuple(
+        _partition(number, name, part, disk, f"{where}.content.partitions.{name}", source)
+        for number, (name, part) in enumerate(ordered, start=1)
+    )
+    plan = DiskPlan(disk, str(spec.get("device", "")), disk_mib, parts)
+    _check_fits(plan, where, source)
+    if plan.by_mountpoint("/") is None:
+        raise DiskPlanError(f'{source}: no partition of {where} is mounted on "/".')
+    return plan
+
+
+_PARTITION_KEYS = frozenset(
+    {"size", "type", "content", "priority", "label", "name", "start", "end", "alignment", "device", "_index"}
+)
+
+
+def _the_disk(devices: dict[str, Any], disk: str, source: str) -> tuple[dict[str, Any], str]:
+    """The named disk's evaluated spec and its option path; refused unless it is a gpt `disk` and the only kind."""
     prefix = "disko.devices"
     for kind in devices:
         if kind != "disk" and devices[kind]:
@@ -145,76 +168,61 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
         raise DiskPlanError(
             f'{source}: {where}.content.type = {content.get("type")!r} is not supported by the installer (use "gpt").'
         )
-    raw = content.get("partitions") or {}
-    if not raw:
-        raise DiskPlanError(f"{source}: {where}.content.partitions is empty.")
-    ordered = sorted(raw.items(), key=lambda item: _priority(*item))  # stable: ties keep Nix's order
-    parts = []
-    for number, (name, part) in enumerate(ordered, start=1):
-        pwhere = f"{where}.content.partitions.{name}"
-        unknown = set(part) - {
-            "size",
-            "type",
-            "content",
-            "priority",
-            "label",
-            "name",
-            "start",
-            "end",
-            "alignment",
-            "device",
-            "_index",
-        }
-        if unknown:
-            raise DiskPlanError(f"{source}: {pwhere}.{sorted(unknown)[0]} is not supported by the installer.")
-        pcontent = part.get("content") or {}
-        ctype = pcontent.get("type")
-        if ctype == "filesystem":
-            fmt = pcontent.get("format")
-            if fmt not in FORMATS:
-                raise DiskPlanError(
-                    f"{source}: {pwhere}.content.format = {fmt!r} is not supported by the installer "
-                    f"(supported: {', '.join(sorted(FORMATS))})."
-                )
-            mountpoint = pcontent.get("mountpoint")
-            default_type = "EF00" if mountpoint == "/boot" and fmt == "vfat" else "8300"
-        elif ctype == "swap":
-            fmt, mountpoint, default_type = "swap", None, "8200"
-        else:
+    return {**spec, "content": content}, where
+
+
+def _partition(number: int, name: str, part: dict[str, Any], disk: str, pwhere: str, source: str) -> Partition:
+    """One gpt partition of the plan: a file system or swap, its GPT type and size."""
+    unknown = set(part) - _PARTITION_KEYS
+    if unknown:
+        raise DiskPlanError(f"{source}: {pwhere}.{sorted(unknown)[0]} is not supported by the installer.")
+    pcontent = part.get("content") or {}
+    ctype = pcontent.get("type")
+    if ctype == "filesystem":
+        fmt = pcontent.get("format")
+        if fmt not in FORMATS:
             raise DiskPlanError(
-                f"{source}: {pwhere}.content.type = {ctype!r} is not supported by the installer "
-                "(supported: filesystem, swap)."
+                f"{source}: {pwhere}.content.format = {fmt!r} is not supported by the installer "
+                f"(supported: {', '.join(sorted(FORMATS))})."
             )
-        type_code = str(part.get("type", default_type)).upper()
-        if type_code not in TYPE_GUIDS:
-            raise DiskPlanError(
-                f"{source}: {pwhere}.type = {type_code!r} is not a GPT type the installer knows "
-                f"({', '.join(TYPE_GUIDS)})."
-            )
-        if "size" not in part:
-            raise DiskPlanError(f'{source}: {pwhere}.size is required (e.g. "512M" or "100%").')
-        size = parse_size(part["size"], f"{pwhere}.size")
-        label = str(part.get("label") or f"disk-{disk}-{name}")
-        parts.append(Partition(number, name, label, size, type_code, fmt, mountpoint))
-    rest = [p for p in parts if p.size_mib is None]
+        mountpoint = pcontent.get("mountpoint")
+        default_type = "EF00" if mountpoint == "/boot" and fmt == "vfat" else "8300"
+    elif ctype == "swap":
+        fmt, mountpoint, default_type = "swap", None, "8200"
+    else:
+        raise DiskPlanError(
+            f"{source}: {pwhere}.content.type = {ctype!r} is not supported by the installer "
+            "(supported: filesystem, swap)."
+        )
+    type_code = str(part.get("type", default_type)).upper()
+    if type_code not in TYPE_GUIDS:
+        raise DiskPlanError(
+            f"{source}: {pwhere}.type = {type_code!r} is not a GPT type the installer knows ({', '.join(TYPE_GUIDS)})."
+        )
+    if "size" not in part:
+        raise DiskPlanError(f'{source}: {pwhere}.size is required (e.g. "512M" or "100%").')
+    size = parse_size(part["size"], f"{pwhere}.size")
+    label = str(part.get("label") or f"disk-{disk}-{name}")
+    return Partition(number, name, label, size, type_code, fmt, mountpoint)
+
+
+def _check_fits(plan: DiskPlan, where: str, source: str) -> None:
+    """At most one partition takes the rest, and the fixed sizes plus the GPT fit the install disk."""
+    rest = [p for p in plan.partitions if p.size_mib is None]
     if len(rest) > 1:
         raise DiskPlanError(
             f'{source}: {where}.content.partitions: only one partition can take "100%" '
             f"({', '.join(p.name for p in rest)} do)."
         )
-    plan = DiskPlan(disk, str(spec.get("device", "")), disk_mib, tuple(parts))
-    fixed = sum(p.size_mib or 0 for p in parts)
+    fixed = sum(p.size_mib or 0 for p in plan.partitions)
     need = ALIGN_MIB + fixed + GPT_BACKUP_MIB + (1 if rest else 0)
-    if need > disk_mib:
+    if need > plan.disk_mib:
         raise DiskPlanError(
             f"{source}: {where}.content.partitions need {need} MiB "
-            f"({' + '.join(f'{p.name} {p.size_mib}' for p in parts if p.size_mib)} MiB plus the GPT), but the "
-            f"install disk is {disk_mib} MiB. Shrink a partition or give the disk more room (domain.json "
-            "install.size_gib or the hardware disk's size_gib)."
+            f"({' + '.join(f'{p.name} {p.size_mib}' for p in plan.partitions if p.size_mib)} MiB plus the GPT), "
+            f"but the install disk is {plan.disk_mib} MiB. Shrink a partition or give the disk more room "
+            "(domain.json install.size_gib or the hardware disk's size_gib)."
         )
-    if plan.by_mountpoint("/") is None:
-        raise DiskPlanError(f'{source}: no partition of {where} is mounted on "/".')
-    return plan
 
 
 # Accept both a plain attrset and a disko-style function ({ lib ? …, ... }: { disko.devices = …; }).

@@ -208,109 +208,22 @@ def verify(
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "disk.qcow2"
-    proc = run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{plan.disk_mib}M"], timeout=60)
-    if proc.returncode != 0:
-        raise InstallError(f"qemu-img could not create the blank disk {disk}: {proc.stderr.strip()}")
+    disk = _blank_disk(workdir, plan.disk_mib)
     say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})")
-
-    installer = VmSpec(
-        name=f"{host_name}-installer",
-        system=System.x86_64_linux,
-        workdir=workdir / "installer",
-        console_log=workdir / "installer.log",
-        memory_mib=vm_size(host)[0],
-        cpus=vm_size(host)[1],
-        firmware=Firmware.bios,
-        boot_order="d",
-        published_log=log_dest,
-        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
-        extra=tuple(contract.install_request()),
-    )
-    disk_boot = VmSpec(
-        name=f"{host_name}-disk",
-        system=System.x86_64_linux,
-        workdir=workdir / "disk-boot",
-        console_log=workdir / "disk-boot.log",
-        memory_mib=vm_size(host)[0],
-        cpus=vm_size(host)[1],
-        firmware=Firmware.uefi,
-        drives=(Drive(disk, format="qcow2", bus=kind.value),),
-        published_log=log_dest,
-    )
+    installer, disk_boot = _vm_specs(host_name, host, image, disk, kind, workdir, log_dest)
     if machine_state is not None:
         # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.
         accel, why = choose_accel(dataclasses.replace(installer, drives=installer.drives[:1], extra=()), machine_state)
         installer = dataclasses.replace(installer, accel=accel)
         disk_boot = dataclasses.replace(disk_boot, accel=accel)
         say(task, f"both VMs run under {accel}: {why}")
-    names = CONTRACT.install
-    started_re = contract.line_pattern(names.started, host_name) + ".*$"
-    failed_re = contract.line_pattern(names.failed, host_name) + ".*$"
-    done_re = contract.line_pattern(names.done, host_name)
     started = time.monotonic()
     phases: dict[str, float] = {}
     checks: list[str] = []
     error: str | None = None
     try:
-        with (
-            step(
-                task,
-                f"phase installer: {image.name} (BIOS) beside the blank disk, install requested "
-                f"({names.credential} credential)",
-            ) as phase,
-            Vm(installer) as vm,
-        ):
-            try:
-                first = vm.wait_for_console(
-                    f"{started_re}|{failed_re}|{probes.boot_complete_pattern(host_name)}",
-                    timeout,
-                    "the installer's started line",
-                )
-                if re.match(probes.boot_complete_pattern(host_name), first.group(0)):
-                    grace = min(LIVE_GRACE_S, max(1.0, timeout - phase.seconds))
-                    try:
-                        first = vm.wait_for_console(f"{started_re}|{failed_re}", grace, "the installer's started line")
-                    except VmTimeout:
-                        raise InstallError(
-                            f"install phase 'installer' failed: the ISO booted its live system and no installer "
-                            f"started within {grace:g} s of its boot-complete line: the image does not act on the "
-                            f"install request (SMBIOS type {names.smbios_type} '{names.smbios_value}'); log "
-                            f"{log_dest}"
-                        ) from None
-                remaining = max(1.0, timeout - phase.seconds)
-                if re.match(failed_re, first.group(0), re.M):
-                    # The reason may still be on its way: give the installer its power-off, then read the line.
-                    with contextlib.suppress(VmError):
-                        vm.wait_for_exit(min(30.0, remaining), "power-off after the failed line")
-                else:
-                    say(task, f"installer started: {first.group(0).strip()}")
-                    vm.wait_for_exit(remaining, "clean power-off after the install")
-            except InstallError:
-                raise
-            except VmError as exc:
-                raise _phase_error(exc, "installer") from None
-            console = vm.console.replace("\r", "")
-            failed = re.search(failed_re, console, re.M)
-            if failed or not re.search(done_re, console, re.M):
-                raise InstallError(
-                    f"install phase 'installer' failed: "
-                    f"{failed.group(0) if failed else 'powered off without the done line'}; "
-                    f"log {log_dest}"
-                )
-        phases["installer"] = phase.seconds
-
-        with (
-            step(task, "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)") as phase,
-            Vm(disk_boot) as vm,
-        ):
-            try:
-                vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
-            except VmError as exc:
-                raise _phase_error(exc, "disk-boot") from None
-            console = vm.console
-        phases["disk-boot"] = phase.seconds
+        phases["installer"] = _run_installer(installer, host_name, image.name, timeout, log_dest)
+        phases["disk-boot"], console = _boot_disk(disk_boot, host_name, timeout)
         checks = check_installed(plan, console)
         for line in checks:
             say(task, f"check: {line}")
@@ -335,6 +248,127 @@ def verify(
     shutil.rmtree(workdir, ignore_errors=True)
     say(task, f"install verified in {outcome.seconds} s; log {log_dest}")
     return outcome
+
+
+def _blank_disk(workdir: Path, mib: int) -> Path:
+    """A sparse blank qcow2 disk of `mib` MiB in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk = workdir / "disk.qcow2"
+    proc = run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{mib}M"], timeout=60)
+    if proc.returncode != 0:
+        raise InstallError(f"qemu-img could not create the blank disk {disk}: {proc.stderr.strip()}")
+    return disk
+
+
+def _vm_specs(
+    host_name: str, host: Host, image: Path, disk: Path, kind: DiskBus, workdir: Path, log_dest: Path
+) -> tuple[VmSpec, VmSpec]:
+    """The installer VM (the ISO under BIOS beside the blank disk, install requested) and the disk-only VM (UEFI)."""
+    memory_mib, cpus = vm_size(host)
+    installer = VmSpec(
+        name=f"{host_name}-installer",
+        system=System.x86_64_linux,
+        workdir=workdir / "installer",
+        console_log=workdir / "installer.log",
+        memory_mib=memory_mib,
+        cpus=cpus,
+        firmware=Firmware.bios,
+        boot_order="d",
+        published_log=log_dest,
+        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
+        extra=tuple(contract.install_request()),
+    )
+    disk_boot = VmSpec(
+        name=f"{host_name}-disk",
+        system=System.x86_64_linux,
+        workdir=workdir / "disk-boot",
+        console_log=workdir / "disk-boot.log",
+        memory_mib=memory_mib,
+        cpus=cpus,
+        firmware=Firmware.uefi,
+        drives=(Drive(disk, format="qcow2", bus=kind.value),),
+        published_log=log_dest,
+    )
+    return installer, disk_boot
+
+
+def _run_installer(spec: VmSpec, host_name: str, image_name: str, timeout: float, log_dest: Path) -> float:
+    """Phase 'installer': boot the installer, wait for its started line, its power-off and its done line; the
+    phase's seconds.  Raises InstallError with the failed line's reason, or when the image ignores the request."""
+    task = f"install:{host_name}"
+    names = CONTRACT.install
+    started_re = contract.line_pattern(names.started, host_name) + ".*$"
+    failed_re = contract.line_pattern(names.failed, host_name) + ".*$"
+    done_re = contract.line_pattern(names.done, host_name)
+    with (
+        step(
+            task,
+            f"phase installer: {image_name} (BIOS) beside the blank disk, install requested "
+            f"({names.credential} credential)",
+        ) as phase,
+        Vm(spec) as vm,
+    ):
+        try:
+            first = vm.wait_for_console(
+                f"{started_re}|{failed_re}|{probes.boot_complete_pattern(host_name)}",
+                timeout,
+                "the installer's started line",
+            )
+            if re.match(probes.boot_complete_pattern(host_name), first.group(0)):
+                first = _started_after_live_boot(vm, started_re, failed_re, timeout - phase.seconds, log_dest)
+            remaining = max(1.0, timeout - phase.seconds)
+            if re.match(failed_re, first.group(0), re.M):
+                # The reason may still be on its way: give the installer its power-off, then read the line.
+                with contextlib.suppress(VmError):
+                    vm.wait_for_exit(min(30.0, remaining), "power-off after the failed line")
+            else:
+                say(task, f"installer started: {first.group(0).strip()}")
+                vm.wait_for_exit(remaining, "clean power-off after the install")
+        except InstallError:
+            raise
+        except VmError as exc:
+            raise _phase_error(exc, "installer") from None
+        console = vm.console.replace("\r", "")
+        failed = re.search(failed_re, console, re.M)
+        if failed or not re.search(done_re, console, re.M):
+            raise InstallError(
+                f"install phase 'installer' failed: "
+                f"{failed.group(0) if failed else 'powered off without the done line'}; "
+                f"log {log_dest}"
+            )
+    return phase.seconds
+
+
+def _started_after_live_boot(vm: Vm, started_re: str, failed_re: str, left: float, log_dest: Path) -> re.Match[str]:
+    """An installer ordered after the live system's boot-complete line: its started (or failed) line, within
+    LIVE_GRACE_S of that line."""
+    names = CONTRACT.install
+    grace = min(LIVE_GRACE_S, max(1.0, left))
+    try:
+        return vm.wait_for_console(f"{started_re}|{failed_re}", grace, "the installer's started line")
+    except VmTimeout:
+        raise InstallError(
+            f"install phase 'installer' failed: the ISO booted its live system and no installer "
+            f"started within {grace:g} s of its boot-complete line: the image does not act on the "
+            f"install request (SMBIOS type {names.smbios_type} '{names.smbios_value}'); log "
+            f"{log_dest}"
+        ) from None
+
+
+def _boot_disk(spec: VmSpec, host_name: str, timeout: float) -> tuple[float, str]:
+    """Phase 'disk-boot': the installed disk alone until its boot-complete line; the phase's seconds and console."""
+    with (
+        step(
+            f"install:{host_name}", "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)"
+        ) as phase,
+        Vm(spec) as vm,
+    ):
+        try:
+            vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
+        except VmError as exc:
+            raise _phase_error(exc, "disk-boot") from None
+        console = vm.console
+    return phase.seconds, console
 
 
 def _publish_install_log(installer_log: Path, disk_log: Path, dest: Path) -> None:

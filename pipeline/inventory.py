@@ -358,6 +358,15 @@ def _gpu_matches(gpu: Gpu, found: DetectedGpu) -> bool:
 
 def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ()) -> list[Difference]:
     """Declared `hw` vs `detected`; facts in `unchecked` (field names as in `Unchecked`) are not compared."""
+    return [
+        *_machine_differences(hw, detected, unchecked),
+        *_disk_differences(hw, detected, unchecked),
+        *_gpu_differences(hw, detected, unchecked),
+    ]
+
+
+def _machine_differences(hw: Hardware, detected: Detected, unchecked: Collection[str]) -> list[Difference]:
+    """The board (vendor, model), the CPU and the memory."""
     out: list[Difference] = []
 
     def differs(name: str, declared: str, found: str) -> None:
@@ -379,14 +388,18 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
     declared_bytes = hw.memory_gib * GIB
     if abs(detected.memory_bytes - declared_bytes) > MEMORY_TOLERANCE * declared_bytes:
         differs("memory_gib", _gib(hw.memory_gib), _gib(round(detected.memory_gib, 2)))
+    return out
 
+
+def _disk_differences(hw: Hardware, detected: Detected, unchecked: Collection[str]) -> list[Difference]:
+    """Declared disks by device name and size; detected disks nobody declared."""
+    out: list[Difference] = []
     found = {d.name: d for d in detected.disks}
     for disk in hw.disks:
         name = f"disks.{disk.name}"
-        if name in unchecked:
-            found.pop(disk.device.removeprefix("/dev/"), None)
-            continue
         match = found.pop(disk.device.removeprefix("/dev/"), None)
+        if name in unchecked:
+            continue
         if match is None:
             out.append(
                 Difference(
@@ -408,7 +421,12 @@ def reconcile(hw: Hardware, detected: Detected, unchecked: Collection[str] = ())
     for extra in found.values():
         seen = f"/dev/{extra.name} {_gib(round(extra.size_gib, 2))}" + (f" {extra.model}" if extra.model else "")
         out.append(Difference(field=f"disks.{extra.name}", declared="(none)", detected=seen, kind=Kind.unexpected))
+    return out
 
+
+def _gpu_differences(hw: Hardware, detected: Detected, unchecked: Collection[str]) -> list[Difference]:
+    """Declared GPUs by PCI id or model; detected display adapters nobody declared."""
+    out: list[Difference] = []
     gpus = list(detected.gpus)
     for index, gpu in enumerate(hw.gpus):
         name = f"gpus[{index}]"
