@@ -107,7 +107,7 @@ def partition_device(disk: str, number: int) -> str:
 
 
 def leaf_names(value: Any = None) -> list[str]:
-    """Every name the contract defines (strings and ports), for the README and Nix-side checks."""
+    """Every name the contract defines (strings and ports), for docs/contract.md and Nix-side checks."""
     if value is None:
         value = CONTRACT.model_dump(exclude={"about"})
     if isinstance(value, dict):

@@ -1,6 +1,6 @@
 """Install verification: the installer ISO + a blank disk → install per the host's disk-config → the disk boots alone.
 
-Every image is driven the same way, through the image contract (pipeline.contract, README "The image contract"):
+Every image is driven the same way, through the image contract (pipeline.contract, docs/contract.md):
   plan       evaluate disk-config.nix (disko's format) into partitions; refused before any VM if it cannot work or
              if its device is not where the host's declared disk kind appears (nvme /dev/nvme0n1, virtio /dev/vda, …)
   installer  BIOS boot of the ISO beside a blank qcow2 disk attached as the host declares it; the install is requested

@@ -64,7 +64,7 @@ fi
 if [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
     say "binfmt: aarch64 registered ($(head -n1 /proc/sys/fs/binfmt_misc/qemu-aarch64))"
 else
-    say "binfmt: aarch64 NOT registered; aarch64 images need a remote builder (see README)"
+    say "binfmt: aarch64 NOT registered; aarch64 images need a remote builder (see docs/operator.md)"
 fi
 
 # Nix on an offline machine: no substituters, flakes on, builds as root without Debian's nixbld users; the sandbox

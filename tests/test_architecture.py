@@ -1,4 +1,4 @@
-"""The shape of the package: no import circles, the rooms' boundaries (shared/DESIGN.md), one error type."""
+"""The shape of the package: no import circles, the rooms' boundaries (docs/architecture.md), one error type."""
 
 from __future__ import annotations
 
