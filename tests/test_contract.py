@@ -103,7 +103,7 @@ def string_constants(path: Path) -> list[tuple[int, str | int]]:
 
 
 def test_pipeline_code_takes_every_contract_name_from_the_contract() -> None:
-    # Each name the pipeline relies on inside an image is read from pipeline.contract, so the docs/contract.md check above
+    # Each name the pipeline relies on inside an image is read from pipeline.contract, so the docs check above
     # covers every name the code uses; a literal spelled elsewhere would escape both.
     ports = {CONTRACT.ports.nats}  # 53 and 22 are too common as plain numbers to police
     found = []
