@@ -244,6 +244,50 @@ class ProbeResult(Record):
     port: int | None = None  # the port on 127.0.0.1 forwarded to that guest
 
 
+class NetbootLease(Record):
+    """The lease the provisioner gave the netbooted host, as its NIC's firmware took it."""
+
+    mac: str
+    address: str | None = None  # None: no lease within the deadline
+    server: str | None = None  # the DHCP server / next server
+    bootfile: str | None = None  # the iPXE script's URL the lease named
+    seconds: float = 0.0  # from the VM's start
+
+
+class NetbootFetch(Record):
+    """One file the netbooted host's firmware fetched from the provisioner."""
+
+    url: str
+    size: int | None = None  # the published file's size, when it is one of the image's files
+    seconds: float = 0.0  # from the previous fetch's end (the lease, for the first) to this one's
+
+
+class IntruderCheck(Record):
+    """A machine with an undeclared MAC on the same LAN: what it got (nothing, when the LAN keeps it out)."""
+
+    mac: str
+    address: str  # the static address it took in the LAN after getting no lease
+    lease: bool  # it got a DHCP lease
+    answered: dict[str, bool] = Field(default_factory=dict)  # service (dhcp, dns, nats) -> it got an answer
+    details: dict[str, str] = Field(default_factory=dict)  # service -> what its firmware said
+    refused_logged: bool = False  # the provisioner's console names its MAC as refused
+    log: str = ""  # its console log, relative to the artifacts directory
+    seconds: float = 0.0
+
+
+class NetbootFacts(Record):
+    """What a netboot test saw on the LAN: the provisioner image, the lease, the fetches and the intruder."""
+
+    provisioner: str  # the provisioner's artifact (its ISO)
+    provisioner_xxh3: str
+    provisioner_log: str  # its console log, relative to the artifacts directory
+    lease: NetbootLease
+    fetches: list[NetbootFetch] = Field(default_factory=list)
+    os_lease: str | None = None  # the lease line the booted system printed (its own DHCP client)
+    provisioner_lines: list[str] = Field(default_factory=list)  # the provisioner's DHCP/HTTP lines for this host
+    intruder: IntruderCheck | None = None
+
+
 class BootResult(Record):
     """A boot test of the image whose xxh3 is `image_xxh3`."""
 
@@ -260,6 +304,7 @@ class BootResult(Record):
     # (its inventory report re-reconciled) without a VM.
     fingerprint: str = ""
     reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
+    netboot: NetbootFacts | None = None  # a netboot test: the LAN's side of it
 
 
 class InventoryKind(enum.StrEnum):
@@ -337,8 +382,20 @@ class ReproducibilityCheck(Record):
     differs: str | None = None  # its first differing file, in words
 
 
+class ImagePart(Record):
+    """One more file of an image made of several (netboot: the kernel and the initrd beside the iPXE script)."""
+
+    file: str  # relative to the artifacts directory
+    size: int
+    sha256: str
+    xxh3: str
+
+
 class ArtifactRecord(Record):
-    """One image and what was learned about it; its boot and install results belong to its bytes (`xxh3`)."""
+    """One image and what was learned about it; its boot and install results belong to its bytes (`xxh3`).
+
+    An image of several files (netboot) names its entry file in `file` (the iPXE script, with its size and sha256)
+    and the others in `parts`; its `xxh3` is then the digest of all of them together."""
 
     host: str
     format: str
@@ -355,6 +412,7 @@ class ArtifactRecord(Record):
     install: InstallResult | None = None
     reproducible: bool | None = None  # set by check:<artifact>; details in `check`
     check: ReproducibilityCheck | None = None
+    parts: list[ImagePart] | None = None
 
 
 class Manifest(Record):
@@ -465,7 +523,8 @@ class Records:
         manifest = Manifest(**self.domain_meta, generated=utc_now(), artifacts=records)
         atomic_write_text(self.artifacts_dir / MANIFEST, _dump(manifest))
         atomic_write_text(self.artifacts_dir / JUNIT, junit_xml(records, self.artifacts_dir, manifest.generated))
-        lines = sorted(f"{record.sha256}  {record.file}\n" for record in records.values())
+        lines = [f"{record.sha256}  {record.file}\n" for record in records.values()]
+        lines += [f"{part.sha256}  {part.file}\n" for record in records.values() for part in record.parts or ()]
         atomic_write_text(self.artifacts_dir / SUMS, "".join(sorted(lines, key=lambda ln: ln.split()[1])))
         return manifest
 

@@ -114,26 +114,59 @@ class Format(enum.StrEnum):
 
     iso = "iso"
     sd = "sd"
+    netboot = "netboot"  # a kernel, an initrd and an iPXE script, served to the host by the domain's provisioner
 
     @property
     def attribute(self) -> str:
         """The `config.system.build` attribute that builds it."""
-        return {"iso": "isoImage", "sd": "sdImage"}[self.value]
+        return {"iso": "isoImage", "sd": "sdImage", "netboot": "netboot"}[self.value]
 
     @property
     def product_type(self) -> str:
-        """The subtype in `nix-support/hydra-build-products` (`file <subtype> <path>`)."""
-        return {"iso": "iso", "sd": "sd-image"}[self.value]
+        """The subtype in `nix-support/hydra-build-products` (`file <subtype> <path>`): the image's one file, or for
+        netboot the iPXE script that names the others."""
+        return {"iso": "iso", "sd": "sd-image", "netboot": "ipxe"}[self.value]
+
+    @property
+    def product_types(self) -> tuple[str, ...]:
+        """Every file the image is made of, by its hydra-build-products subtype (nixpkgs' netboot Hydra job writes
+        `file kernel …`, `file initrd …`, `file ipxe …`)."""
+        return ("kernel", "initrd", "ipxe") if self is Format.netboot else (self.product_type,)
 
     @property
     def extension(self) -> str:
-        return {"iso": ".iso", "sd": ".img"}[self.value]
+        return {"iso": ".iso", "sd": ".img", "netboot": ".ipxe"}[self.value]
 
 
 class GuestKind(enum.StrEnum):
     dev = "dev"
     dns = "dns"
     nats = "nats"
+    # The LAN service of the domain's provisioner (DHCP for declared MACs only, TFTP/HTTP for netboot images): on
+    # the host's LAN bridge, its address in the LAN, not on the guests' bridge.
+    provisioner = "provisioner"
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _mac(value: str) -> str:
+    mac = value.lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise ValueError(f"{value!r} is not a MAC address: write six hex bytes, e.g. '52:54:00:23:00:12'")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"{value!r} is a multicast address (its first byte is odd); a NIC's address is unicast")
+    return mac
+
+
+Mac = Annotated[str, AfterValidator(_mac)]
+
+
+class Nic(Model):
+    """A network interface of the host, by the MAC the LAN knows it by (the provisioner leases to declared MACs)."""
+
+    name: Label
+    mac: Mac
 
 
 class Cpu(Model):
@@ -227,6 +260,16 @@ class Hardware(Model):
     memory_gib: float = Field(gt=0)
     gpus: tuple[Gpu, ...] = ()
     disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
+
+    @field_validator("nics")
+    @classmethod
+    def _unique_nic_names(cls, nics: tuple[Nic, ...]) -> tuple[Nic, ...]:
+        names = [n.name for n in nics]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"nic names must be unique; repeated: {', '.join(dupes)}")
+        return nics
 
 
 def _guest_name(value: str) -> str:
@@ -390,10 +433,11 @@ class Host(Model):
     @field_validator("guests")
     @classmethod
     def _guest_network(cls, guests: tuple[Guest, ...]) -> tuple[Guest, ...]:
-        if not guests:
+        bridged = [g for g in guests if g.kind is not GuestKind.provisioner]  # the LAN's guest is checked by Host
+        if not bridged:
             return guests
-        network = ipaddress.IPv4Network(f"{guests[0].address}/24", strict=False)
-        for guest in guests:
+        network = ipaddress.IPv4Network(f"{bridged[0].address}/24", strict=False)
+        for guest in bridged:
             if guest.address not in network:
                 raise ValueError(
                     f"guest {guest.name!r} has address {guest.address}, outside {network} where the host's other "
@@ -415,7 +459,41 @@ class Host(Model):
                 raise ValueError("an 'sd' image is for aarch64-linux hosts; use 'iso' for x86_64-linux")
             if image is Format.iso and system not in (None, System.x86_64_linux):
                 raise ValueError("an 'iso' image is built for x86_64-linux hosts here; use 'sd' for aarch64-linux")
+            if image is Format.netboot and system not in (None, System.x86_64_linux):
+                raise ValueError(
+                    "a 'netboot' image is booted here by the NIC's iPXE ROM (x86_64); an aarch64 host boots from its "
+                    "'sd' image (Debian's U-Boot on QEMU's virt board runs no PXE menu by itself)"
+                )
         return images
+
+    @property
+    def lan_mac(self) -> str | None:
+        """The MAC of the host's LAN interface (its first declared NIC): what the provisioner leases to."""
+        return self.hardware.nics[0].mac if self.hardware.nics else None
+
+    @property
+    def provisioner_guest(self) -> Guest | None:
+        return next((g for g in self.guests if g.kind is GuestKind.provisioner), None)
+
+    @model_validator(mode="after")
+    def _provisioner_guest_on_the_lan(self) -> Host:
+        guest = self.provisioner_guest
+        if guest is None:
+            return self
+        lan = ipaddress.IPv4Network(f"{self.address}/24", strict=False)
+        if guest.address not in lan or int(guest.address) & 0xFF in (0, 255):
+            raise ValueError(
+                f"guest {guest.name!r} (kind provisioner) serves the LAN, so its address must be in the host's LAN "
+                f"{lan} (the host's address {self.address}); it has {guest.address}"
+            )
+        if sum(g.kind is GuestKind.provisioner for g in self.guests) > 1:
+            raise ValueError("a host runs at most one guest of kind 'provisioner'")
+        if not self.hardware.nics:
+            raise ValueError(
+                f"guest {guest.name!r} (kind provisioner) is bridged to the host's LAN interface, which the host does "
+                'not declare: add hardware.nics, e.g. [{"name": "lan", "mac": "52:54:00:23:00:10"}]'
+            )
+        return self
 
     @model_validator(mode="after")
     def _probes_name_guests(self) -> Host:
@@ -485,6 +563,8 @@ class Domain(Model):
     accounts: tuple[Account, ...] = ()
     builders: tuple[Builder, ...] = ()
     inventory: InventoryPolicy = InventoryPolicy.record
+    # The host whose provisioner guest boots the domain's netboot hosts (DHCP, TFTP/HTTP) and keeps unknown MACs out.
+    provisioner: Label | None = None
     hosts: dict[Label, Host]
 
     @field_validator("hosts")
@@ -504,6 +584,62 @@ class Domain(Model):
                     raise ValueError(f"{owners[address]} and {owner} both have address {address}; give each its own")
                 owners[address] = owner
         return hosts
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_macs(cls, hosts: dict[str, Host]) -> dict[str, Host]:
+        owners: dict[str, str] = {}
+        for name, host in hosts.items():
+            for nic in host.hardware.nics:
+                owner = f"hosts.{name}.hardware.nics {nic.name!r}"
+                if nic.mac in owners:
+                    raise ValueError(
+                        f"MAC {nic.mac} is declared twice, by {owners[nic.mac]} and by {owner}: a MAC names one "
+                        "machine on the LAN (the provisioner leases by it); give each NIC its own"
+                    )
+                owners[nic.mac] = owner
+        return hosts
+
+    @model_validator(mode="after")
+    def _netboot_needs_mac_and_provisioner(self) -> Domain:
+        netboot = [n for n, h in self.hosts.items() if Format.netboot in h.images]
+        if self.provisioner is not None:
+            host = self.hosts.get(self.provisioner)
+            if host is None:
+                raise ValueError(
+                    f"field 'provisioner': {self.provisioner!r} is not a host of the domain "
+                    f"(hosts: {', '.join(self.hosts)})"
+                )
+            if host.provisioner_guest is None:
+                raise ValueError(
+                    f"field 'provisioner': host {self.provisioner!r} has no guest of kind 'provisioner' to serve the "
+                    'LAN; add one to its guests, e.g. {"name": "pxe", "kind": "provisioner", "address": "<a LAN '
+                    'address>"}'
+                )
+            if Format.iso not in host.images:
+                raise ValueError(
+                    f"field 'provisioner': host {self.provisioner!r} has no 'iso' image, and the netboot test "
+                    "boots the provisioner from it; add 'iso' to its images"
+                )
+        for name in netboot:
+            if self.provisioner is None:
+                raise ValueError(
+                    f"hosts.{name}.images holds 'netboot', but the domain names no provisioner to boot it from: set "
+                    "the top-level 'provisioner' to the host whose provisioner guest serves the LAN "
+                    '(e.g. "provisioner": "vhost-dev")'
+                )
+            if self.hosts[name].lan_mac is None:
+                raise ValueError(
+                    f"hosts.{name}.images holds 'netboot', but hosts.{name}.hardware.nics declares no MAC: the "
+                    f"provisioner leases only to declared MACs; add e.g. "
+                    '[{"name": "lan", "mac": "52:54:00:23:00:12"}]'
+                )
+            if name == self.provisioner:
+                raise ValueError(f"hosts.{name}: the provisioner cannot boot itself from the network; give it 'iso'")
+        return self
+
+    def netboot_hosts(self) -> list[str]:
+        return [n for n, h in self.hosts.items() if Format.netboot in h.images]
 
     def records(self) -> dict[str, Address]:
         """The names the domain's dns guests answer: `<host>.<fqdn>` and `<guest>.<host>.<fqdn>`, with addresses."""
@@ -552,6 +688,8 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"field '{loc}' is required but missing"
     msg = str(error["msg"]).removeprefix("Value error, ")
+    if loc == "(top level)":  # a check across fields: its message names them
+        return msg
     return f"field '{loc}': {msg}"
 
 

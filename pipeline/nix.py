@@ -150,8 +150,9 @@ def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVA
 
 
 # The image attributes the pipeline knows; intersectAttrs keeps nix from evaluating the rest of system.build.
-_HOST_ATTRS = (
-    "b: builtins.mapAttrs (n: v: v.drvPath) (builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; } b)"
+EVALUATED_ATTRIBUTES = _HOST_ATTRS = (
+    "b: builtins.mapAttrs (n: v: v.drvPath) "
+    "(builtins.intersectAttrs { toplevel = 1; isoImage = 1; sdImage = 1; netboot = 1; } b)"
 )
 
 
@@ -176,7 +177,7 @@ def _host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
 
 
 def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
-    """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …} as far as it has them."""
+    """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …, 'netboot': …}, those it has."""
     installable = f"{flake_ref(domain_dir)}#nixosConfigurations.{host}.config.system.build"
     try:
         result = eval_json(installable, apply=_HOST_ATTRS)

@@ -104,6 +104,23 @@ class Forward:
         return (self.proto, self.address or USERNET_GUEST, self.guest_port)
 
 
+@dataclass(frozen=True)
+class LanPort:
+    """A NIC on a private virtual LAN: QEMU's own VDE hub over a unix socket (no tap device, no bridge and no
+    address on this machine).  The VM that `owns` the hub creates it at `socket` (the provisioner); the others join
+    it.  A `boot` NIC carries its iPXE option ROM and the first boot index: the VM boots from the network."""
+
+    socket: Path
+    mac: str
+    owns: bool = False
+    boot: bool = False
+
+    def argv(self) -> list[str]:
+        sock = f"hub://{self.socket}" if self.owns else str(self.socket)
+        device = f"virtio-net-pci,netdev=lan,mac={self.mac}" + (",bootindex=1" if self.boot else ",romfile=")
+        return ["-netdev", f"vde,id=lan,sock={sock}", "-device", device]
+
+
 def parse_usernet(text: str) -> dict[tuple[str, str, int], int]:
     """HMP `info usernet` → (proto, guest address, guest port) → the host port QEMU bound on 127.0.0.1.
 
@@ -134,6 +151,8 @@ class VmSpec:
     # Unix sockets (QMP, console) live here; a socket path must stay under ~107 bytes (sun_path), which a deep
     # workdir exceeds, so `Vm` gives each VM a short private directory in the system temp dir.
     socket_dir: Path | None = None
+    lan: LanPort | None = None  # a NIC on a private LAN (netboot); a booting one comes first on the PCI bus
+    management: bool = True  # the user-networking NIC the probes' forwards go through
 
     @property
     def shown_log(self) -> Path:
@@ -174,7 +193,9 @@ class VmSpec:
         if self.system is System.aarch64_linux:
             argv += ["-machine", f"virt,accel={self.accel}", "-cpu", "cortex-a57" if self.accel == "tcg" else "host"]
         else:
-            argv += ["-machine", f"pc,accel={self.accel}"]
+            # A network boot's firmware (SeaBIOS, the NIC's iPXE) prints on the serial console only without graphics.
+            graphics = ",graphics=off" if self.lan is not None and self.lan.boot else ""
+            argv += ["-machine", f"pc,accel={self.accel}{graphics}"]
             if self.accel == "kvm":
                 argv += ["-cpu", "host"]
         if self.firmware is Firmware.uboot:
@@ -225,12 +246,21 @@ class VmSpec:
                 # SeaBIOS: no boot menu and its wait for a key press; only the devices named (no fallback tries).
                 boot += ",menu=off,strict=on"
             argv += ["-boot", boot]
-        netdev = "user,id=net0"
-        for forward in self.port_forwards:
-            netdev += f",{forward.hostfwd}"
-        # romfile= : no iPXE option ROM, which the firmware would otherwise load and initialise on every boot
-        # (nothing here boots from the network).
-        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+        if self.lan is not None and self.lan.boot:
+            argv += self.lan.argv()
+        if self.management:
+            netdev = "user,id=net0"
+            if self.lan is not None:
+                # Beside a LAN the VM's user networking only carries the probes' forwards: nothing it sends is
+                # relayed to this machine's network.
+                netdev += ",restrict=on"
+            for forward in self.port_forwards:
+                netdev += f",{forward.hostfwd}"
+            # romfile= : no iPXE option ROM, which the firmware would otherwise load and initialise on every boot
+            # (this NIC never boots from the network).
+            argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+        if self.lan is not None and not self.lan.boot:
+            argv += self.lan.argv()
         return argv + list(self.extra)
 
 
@@ -375,25 +405,38 @@ class Vm:
         """The guest's last non-empty console line, read from the log's end (safe from the progress thread)."""
         return last_line_of(self.spec.console_log)
 
-    def wait_for_console(self, pattern: str, timeout: float, what: str = "") -> re.Match[str]:
-        """Wait until the console prints `pattern` (a regex); VmTimeout past the deadline, VmError if QEMU exits."""
+    def wait_for_console(self, pattern: str, timeout: float, what: str = "", after: int = 0) -> re.Match[str]:
+        """Wait until the console prints `pattern` (a regex) at or past offset `after` of `console`; VmTimeout past
+        the deadline, VmError if QEMU exits."""
         with progress(self.spec.name, f"waiting for {what or repr(pattern)}", timeout, self.last_console_line):
-            return self._wait_for_console(pattern, timeout, what)
+            return self._wait_for_console(pattern, timeout, what, after)
 
-    def _wait_for_console(self, pattern: str, timeout: float, what: str) -> re.Match[str]:
+    def type_text(self, text: str, timeout: float = 10.0) -> None:
+        """Type `text` on the serial console a character at a time, each echoed before the next (a firmware's
+        shell under TCG drops what its UART cannot take at once)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as console:
+            console.settimeout(timeout)
+            console.connect(str(self.spec.console_socket))
+            for char in text:
+                mark = len(self.console)
+                console.sendall(char.encode())
+                if char.isprintable():
+                    self._wait_for_console(re.escape(char), timeout, f"the echo of {char!r}", mark)
+
+    def _wait_for_console(self, pattern: str, timeout: float, what: str, after: int = 0) -> re.Match[str]:
         regex = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
-        searched_from = 0
+        searched_from = after
         while True:
             self._read_new()
-            match = regex.search(self._seen, max(0, searched_from - 4096))
+            match = regex.search(self._seen, max(after, searched_from - 4096))
             if match:
                 return match
             searched_from = len(self._seen)
             process.check_interrupted()  # a signal stopped QEMU: say so, not that the VM died
             if not self.running:
                 self._read_new()
-                match = regex.search(self._seen)
+                match = regex.search(self._seen, after)
                 if match:
                     return match
                 code = self.proc.returncode if self.proc else None

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from doit.exceptions import TaskFailed
+from doit.tools import config_changed
 
-from pipeline import boot, install, nix, process, reproduce
+from pipeline import boot, install, netboot, nix, process, reproduce
 from pipeline.artifacts import (
     JUNIT,
     MANIFEST,
@@ -33,6 +34,7 @@ from pipeline.artifacts import (
     ArtifactRecord,
     BootResult,
     BuildInfo,
+    ImagePart,
     InstallResult,
     ReproducibilityCheck,
     atomic_write_text,
@@ -40,7 +42,7 @@ from pipeline.artifacts import (
     utc_now,
 )
 from pipeline.context import Context
-from pipeline.domain import Artifact, Host, Sandbox
+from pipeline.domain import Artifact, Format, Host, Sandbox
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_files, xxh3_text
 from pipeline.log import last_line_of, progress, say, step
@@ -61,6 +63,7 @@ class BuiltImage(TypedDict):
     sha256: str
     strategy: str
     outputs: list[str]
+    files: dict[str, str]  # hydra product type -> file, relative to the artifacts directory (netboot: three)
 
 
 def user_errors(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,8 +106,9 @@ def validate_action(ctx: Context) -> dict[str, Any]:
     keep = {a.name for a in ctx.domain.artifacts()}
     ctx.records.drop(keep)
     nix.drop_gc_roots(ctx.gcroots, keep)
-    # The one fact every eval:<host> consumes: the digest of the flake's inputs.
-    flake = xxh3_files([Path(f) for f in ctx.files], ctx.domain_dir)
+    # The one fact every eval:<host> consumes: the digest of the flake's inputs and of what is asked of them (the
+    # image attributes the pipeline evaluates: a pipeline that knows a new format evaluates again).
+    flake = xxh3_text(xxh3_files([Path(f) for f in ctx.files], ctx.domain_dir), nix.EVALUATED_ATTRIBUTES)
     return {"hosts": sorted(ctx.domain.hosts), "nix_files": len(checked.nix_files), "flake": flake}
 
 
@@ -113,6 +117,7 @@ def task_validate(ctx: Context) -> dict[str, Any]:
         "doc": "validate domain.json (pydantic) and parse-check every .nix file",
         "actions": [(validate_action, [ctx])],
         "file_dep": ctx.files,
+        "uptodate": [config_changed(nix.EVALUATED_ATTRIBUTES)],
         "verbosity": 2,
     }
 
@@ -163,10 +168,19 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> Buil
     ):
         result = nix.build(drv, options=plan.options, log_file=live_log)
     out = Path(result.outputs["out"])
-    product = nix.hydra_product(out, artifact.format.product_type)
     dest_dir = ctx.artifact_dir(name)
-    dest = dest_dir / product.name
-    sha256, xxh3, size = publish_file(product, dest)
+    # Every file of the image (one, or a netboot's kernel, initrd and iPXE script), the entry file last.
+    published: list[tuple[Path, str, str, int]] = []
+    for product_type in artifact.format.product_types:
+        product = nix.hydra_product(out, product_type)
+        published.append((dest_dir / product.name, *publish_file(product, dest_dir / product.name)))
+    dest, sha256, entry_xxh3, size = published[-1]
+    parts = [
+        ImagePart(file=str(path.relative_to(ctx.artifacts_dir)), size=psize, sha256=psha, xxh3=pxxh)
+        for path, psha, pxxh, psize in published[:-1]
+    ]
+    # The image's digest: its file's, or that of all its files together (a boot re-runs when any of them changes).
+    xxh3 = entry_xxh3 if not parts else xxh3_text(" ".join(f"{p[0].name}:{p[2]}" for p in published))
     build_log = dest_dir / "build.log"
     atomic_write_text(build_log, result.log)
     for stale in dest_dir.glob(f"*{artifact.format.extension}"):
@@ -196,6 +210,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> Buil
                 log=f"{name}/build.log",
                 at=utc_now(),
             ),
+            parts=parts or None,
         ),
     )
     say(name, f"published {rel} ({size / 2**20:.1f} MiB, sha256 {sha256[:16]}…)")
@@ -208,7 +223,11 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> Buil
         xxh3=xxh3,
         sha256=sha256,
         strategy=plan.strategy.value,
-        outputs=relative_outputs(ctx, dest, build_log),
+        outputs=relative_outputs(ctx, *(p[0] for p in published), build_log),
+        files={
+            t: str(p[0].relative_to(ctx.artifacts_dir))
+            for t, p in zip(artifact.format.product_types, published, strict=True)
+        },
     )
 
 
@@ -303,6 +322,9 @@ def boot_action(ctx: Context, artifact: Artifact, image: BuiltImage) -> dict[str
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
     for artifact in ctx.domain.artifacts():
+        if artifact.format is Format.netboot:
+            yield netboot_task(ctx, artifact)
+            continue
         yield {
             "name": artifact.name,
             "doc": f"boot {artifact.name} in QEMU, run its probes and reconcile its hardware report",
@@ -317,6 +339,67 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             ],
             "verbosity": 2,
         }
+
+
+NETBOOT_LOGS = {"host": "boot.log", "provisioner": "provisioner.log", "intruder": "intruder.log"}
+
+
+@user_errors
+def netboot_action(ctx: Context, artifact: Artifact, image: BuiltImage, provisioner: BuiltImage) -> dict[str, Any]:
+    name = artifact.name
+    prov = netboot.provisioner_artifact(ctx.domain)
+    fingerprint = netboot.fingerprint(artifact, ctx.domain, ctx.domain_dir)
+    logs = {key: ctx.artifact_dir(name) / file for key, file in NETBOOT_LOGS.items()}
+    # A pass belongs to both images' bytes: the netboot image and the provisioner's that served it.
+    both = xxh3_text(f"{image['xxh3']} {provisioner['xxh3']}")
+    kept = ctx.passes.find("netboot", both, fingerprint, tuple(NETBOOT_LOGS.values()))
+    if kept:
+        outcome = BootResult.model_validate(kept.restore({NETBOOT_LOGS[k]: path for k, path in logs.items()}))
+        ctx.records.save_boot(name, outcome)
+        say(name, f"these images passed this netboot test before: result and console logs from {kept.path}, no VM")
+    else:
+        outcome = netboot.netboot_test(
+            artifact,
+            ctx.domain,
+            ctx.domain_dir,
+            {t: ctx.artifacts_dir / f for t, f in image["files"].items()},
+            image["xxh3"],
+            ctx.artifacts_dir / provisioner["file"],
+            provisioner["xxh3"],
+            workdir=ctx.vm_dir(name),
+            logs=logs,
+            log_names={key: f"{name}/{file}" for key, file in NETBOOT_LOGS.items()},
+            machine_state=ctx.machine_state,
+            record=functools.partial(ctx.records.save_boot, name),
+        )
+        if outcome.result == "pass":
+            ctx.passes.keep(
+                "netboot",
+                both,
+                fingerprint,
+                outcome.model_dump(mode="json"),
+                {NETBOOT_LOGS[k]: path for k, path in logs.items()},
+            )
+    say(name, f"provisioned by {prov.name}")
+    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, *logs.values())}
+
+
+def netboot_task(ctx: Context, artifact: Artifact) -> dict[str, Any]:
+    """boot:<host>-netboot: the provisioner's ISO and the host's netboot image, on a LAN of their own (netboot.py)."""
+    prov = netboot.provisioner_artifact(ctx.domain)
+    return {
+        "name": artifact.name,
+        "doc": f"boot {artifact.host} from the LAN served by {prov.host}; an undeclared MAC beside it is kept out",
+        "actions": [(netboot_action, [ctx, artifact])],
+        "getargs": {"image": (f"build:{artifact.name}", None), "provisioner": (f"build:{prov.name}", None)},
+        "uptodate": [
+            value_dep(f"build:{artifact.name}", "xxh3"),
+            value_dep(f"build:{prov.name}", "xxh3"),
+            spec_dep(functools.partial(netboot.spec, artifact, ctx.domain, ctx.domain_dir)),
+            outputs_intact(ctx.artifacts_dir),
+        ],
+        "verbosity": 2,
+    }
 
 
 # -- install ----------------------------------------------------------------------------------------------------------

@@ -51,6 +51,11 @@ MODULES = {
         "bridge",
         "stp",
         "llc",
+        # the provisioner's MAC filter on its LAN bridge: nftables' bridge family, a rate-limited log of refusals
+        "nf_tables",
+        "nft_limit",
+        "nft_log",
+        "nf_log_syslog",
         # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
         "nvme",
         "ahci",
@@ -120,11 +125,23 @@ IMAGE_PACKAGES = [
 ]
 
 # The guests' services besides nats-server (name in the guest: path in the Debian packages): dnsmasq for the dns
-# guest, dropbear (a far smaller closure than openssh-server, which pulls PAM, Kerberos and OpenSSL) for dev.
-GUEST_TOOLS = {"dnsmasq": "usr/sbin/dnsmasq", "dropbear": "usr/sbin/dropbear", "dropbearkey": "usr/bin/dropbearkey"}
+# and provisioner guests, dropbear (a far smaller closure than openssh-server, which pulls PAM, Kerberos and OpenSSL)
+# for dev; nft for the provisioner's host, which drops the frames of undeclared MACs on its LAN bridge (busybox has
+# no nft).
+GUEST_TOOLS = {
+    "dnsmasq": "usr/sbin/dnsmasq",
+    "dropbear": "usr/sbin/dropbear",
+    "dropbearkey": "usr/bin/dropbearkey",
+    "nft": "usr/sbin/nft",
+}
 GUEST_PACKAGES = [
     "dnsmasq-base",
     "dropbear-bin",
+    "nftables",
+    "libedit2",
+    "libbsd0",
+    "libmd0",
+    "libtinfo6",
     "libdbus-1-3",
     "libidn2-0",
     "libnetfilter-conntrack3",

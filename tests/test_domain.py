@@ -58,12 +58,12 @@ def domain_error(directory: Path) -> str:
 def test_demo_domain_loads() -> None:
     domain = load_domain(DEMO_JSON.parent)
     assert domain.fqdn == "cim.local"
-    assert list(domain.hosts) == ["vhost-dev", "vhost-pi"]
+    assert list(domain.hosts) == ["vhost-dev", "vhost-pi", "vhost-2"]
     assert domain.hosts["vhost-dev"].system is System.x86_64_linux
     assert domain.hosts["vhost-pi"].system is System.aarch64_linux
-    assert [a.name for a in domain.artifacts()] == ["vhost-dev-iso", "vhost-pi-sd"]
-    assert [a.format for a in domain.artifacts()] == [Format.iso, Format.sd]
-    assert {g.name for g in domain.hosts["vhost-dev"].guests} == {"dev", "dns", "nats"}
+    assert [a.name for a in domain.artifacts()] == ["vhost-dev-iso", "vhost-pi-sd", "vhost-2-netboot"]
+    assert [a.format for a in domain.artifacts()] == [Format.iso, Format.sd, Format.netboot]
+    assert {g.name for g in domain.hosts["vhost-dev"].guests} == {"dev", "dns", "nats", "pxe"}
 
 
 def test_domain_is_frozen() -> None:
@@ -106,7 +106,7 @@ def test_host_name_must_be_an_rfc1123_label(tmp_path: Path, demo_data: dict[str,
     assert "RFC 1123" in message
 
 
-@pytest.mark.parametrize("name", ["a", "vhost-dev", "vhost2", "a" * 63])
+@pytest.mark.parametrize("name", ["a", "vhost-3", "vhost2", "a" * 63])
 def test_valid_host_names_pass(tmp_path: Path, demo_data: dict[str, Any], name: str) -> None:
     demo_data["hosts"][name] = demo_data["hosts"].pop("vhost-pi")
     assert name in load_domain(write_domain(tmp_path / "d", demo_data)).hosts
@@ -229,7 +229,7 @@ def test_json_schema_export() -> None:
     assert schema["additionalProperties"] is False
     defs = schema["$defs"]
     assert set(defs["Host"]["properties"]) >= {"system", "hardware", "guests", "images", "boot", "install"}
-    assert defs["Format"]["enum"] == ["iso", "sd"]
+    assert defs["Format"]["enum"] == ["iso", "sd", "netboot"]
     assert set(defs["System"]["enum"]) == {"x86_64-linux", "aarch64-linux"}
     json.dumps(schema)  # serialisable as it is, for `cim schema`
 

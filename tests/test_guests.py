@@ -148,8 +148,11 @@ def test_dns_names_are_host_dot_fqdn_and_guest_dot_host_dot_fqdn() -> None:
         "dev.vhost-dev.cim.local": "10.23.0.10",
         "dns.vhost-dev.cim.local": "10.23.0.11",
         "nats.vhost-dev.cim.local": "10.23.0.12",
+        "pxe.vhost-dev.cim.local": "192.168.23.2",
         "vhost-pi.cim.local": "192.168.23.11",
         "nats.vhost-pi.cim.local": "10.23.1.10",
+        "vhost-2.cim.local": "192.168.23.12",
+        "nats.vhost-2.cim.local": "10.23.2.10",
     }
 
 

@@ -186,6 +186,7 @@ def test_status_of_a_domain_that_never_ran_runs_nothing(tmp_path: Path) -> None:
         assert [(r["artifact"], r["image"], r["boot"]["result"]) for r in data["artifacts"]] == [
             ("vhost-dev-iso", None, "never"),
             ("vhost-pi-sd", None, "never"),
+            ("vhost-2-netboot", None, "never"),
         ]
         assert data["artifacts"][0]["install"] == {"result": "never"} and "install" not in data["artifacts"][1]
         assert {t["state"] for t in data["out_of_date"]} == {"run"}
@@ -323,11 +324,11 @@ def _walk(domain: Path, artifacts: Path) -> None:
     for log in artifacts.glob("*/*.log"):  # progress is for the reader of the run, never in a log file
         assert not re.search(r"^\[[^\]]+\] [^\n]*: \d+ s / \d+ s", log.read_text(errors="replace"), re.M), log
 
-    # 2. cim status: both artifacts, boot and install passed, nothing out of date.
+    # 2. cim status: every artifact, boot and install passed, nothing out of date.
     data = status(domain, artifacts)
     rows = {row["artifact"]: row for row in data["artifacts"]}
-    assert set(rows) == {"vhost-dev-iso", "vhost-pi-sd"}
-    assert rows["vhost-dev-iso"]["boot"]["result"] == rows["vhost-pi-sd"]["boot"]["result"] == "pass"
+    assert set(rows) == {"vhost-dev-iso", "vhost-pi-sd", "vhost-2-netboot"}
+    assert {rows[a]["boot"]["result"] for a in rows} == {"pass"}
     assert rows["vhost-dev-iso"]["install"]["result"] == "pass"
     assert rows["vhost-dev-iso"]["image"]["drvPath"].endswith(".drv") and rows["vhost-pi-sd"]["image"]["size"] > 0
     assert data["out_of_date"] == [], data["out_of_date"]
@@ -339,7 +340,8 @@ def _walk(domain: Path, artifacts: Path) -> None:
     # 3. junit.xml: a suite per artifact, a passed case per probe and for the install.
     xml = junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))
     suites = {suite.name: suite for suite in xml}
-    assert set(suites) == {"vhost-dev-iso", "vhost-pi-sd"}
+    assert set(suites) == {"vhost-dev-iso", "vhost-pi-sd", "vhost-2-netboot"}
+    assert {case.name for case in suites["vhost-2-netboot"]} == {"lease", "console", "nats", "stats", "intruder"}
     # The hardware report is a probe of the boot, and its reconcile a check of its own (both named "inventory").
     assert {case.name for case in suites["vhost-dev-iso"]} == {
         "console",

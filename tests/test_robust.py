@@ -258,7 +258,7 @@ def test_shared_and_new_artifacts_directories(demo_domain: Path, artifacts_dir: 
     # A normal run of the demo.
     run_doit(demo_domain, artifacts_dir, check=True)
     first = manifest(artifacts_dir)
-    assert sorted(first["artifacts"]) == ["vhost-dev-iso", "vhost-pi-sd"]
+    assert sorted(first["artifacts"]) == ["vhost-2-netboot", "vhost-dev-iso", "vhost-pi-sd"]
     sha256sum_check(artifacts_dir)
     roots = run_state_dir(ROOT, demo_domain, artifacts_dir) / "gcroots"
     for name, record in first["artifacts"].items():
@@ -292,7 +292,7 @@ def test_shared_and_new_artifacts_directories(demo_domain: Path, artifacts_dir: 
     assert {"build:vhost-dev-iso", "boot:vhost-pi-sd", "release"} <= set(ran), mended.stdout
     assert not {"boot:vhost-dev-iso", "install:vhost-dev", "build:vhost-pi-sd"} & set(ran), mended.stdout
     assert "boot complete" in (artifacts_dir / "vhost-pi-sd" / "boot.log").read_text(errors="replace")
-    assert sorted(manifest(artifacts_dir)["artifacts"]) == ["vhost-dev-iso", "vhost-pi-sd"]
+    assert sorted(manifest(artifacts_dir)["artifacts"]) == ["vhost-2-netboot", "vhost-dev-iso", "vhost-pi-sd"]
     sha256sum_check(artifacts_dir)
 
     # The same domain into a new directory: everything is published there and the run completes.
@@ -301,7 +301,7 @@ def test_shared_and_new_artifacts_directories(demo_domain: Path, artifacts_dir: 
         moved = run_doit(demo_domain, new, check=True)
         assert "booting " not in moved.stdout and "phase installer" not in moved.stdout, "passes come from .cim"
         fresh = manifest(new)
-        assert sorted(fresh["artifacts"]) == ["vhost-dev-iso", "vhost-pi-sd"]
+        assert sorted(fresh["artifacts"]) == ["vhost-2-netboot", "vhost-dev-iso", "vhost-pi-sd"]
         for name, record in fresh["artifacts"].items():
             assert (new / record["file"]).is_file() and record["sha256"] == first["artifacts"][name]["sha256"]
             assert record["boot"]["result"] == "pass"

@@ -3,7 +3,7 @@
 # No inputs: nixpkgs is out of reach here.  The derivations build from Debian's kernels, busybox and services,
 # which scripts/setup.sh imports into the Nix store and names in ./inputs.json (see ./lib/inputs.nix).  Each host
 # is exposed as NixOS exposes it, so the pipeline treats this flake and configs/cim the same way:
-#   nixosConfigurations.<host>.config.system.build.{toplevel,isoImage,sdImage}
+#   nixosConfigurations.<host>.config.system.build.{toplevel,isoImage,sdImage,netboot}
 {
   description = "cim demo domain (offline, Debian-built NixOS look-alike images)";
 
@@ -17,7 +17,12 @@
       # Every timestamp the images carry (SOURCE_DATE_EPOCH): a constant of the flake, never the clock and not
       # self.lastModified (for a path: flake that is the newest file's mtime, which a `touch` changes).
       sourceDateEpoch = 1764201600; # 2025-11-27 00:00:00 UTC
-      mkHost = hostName: host: import ./lib/host.nix { inherit contract domain hostName host inputs sourceDateEpoch; };
+      # The provisioner's system refers to each netboot host's netboot output as a store path (as a NixOS
+      # provisioner names self.nixosConfigurations.<host>.config.system.build.netboot): it serves what it carries.
+      netbootOf = h: self.nixosConfigurations.${h}.config.system.build.netboot;
+      mkHost = hostName: host: import ./lib/host.nix {
+        inherit contract domain hostName host inputs sourceDateEpoch netbootOf;
+      };
     in
     {
       nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;

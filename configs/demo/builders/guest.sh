@@ -18,7 +18,7 @@ done
 # glibc (with nats-server's input) and, for the guests that run them, the guest tools' libraries, at the FHS paths
 # the ELF headers name.
 libs="$services/lib/$triplet/*"
-case "$kind" in dns|dev) libs="$libs $guestTools/lib/$triplet/*" ;; esac
+case "$kind" in dns|dev|provisioner) libs="$libs $guestTools/lib/$triplet/*" ;; esac
 for lib in $libs; do
     ln -s "$lib" "$u/lib/$triplet/${lib##*/}"
 done
@@ -60,6 +60,42 @@ case "$kind" in
         # Only the domain's names: no upstream, and NXDOMAIN (not REFUSED) for every name it does not hold.
         echo "exec dnsmasq --keep-in-foreground --no-resolv --no-hosts --addn-hosts=/etc/cim/dns-hosts --local=/#/" \
              "--pid-file= --log-facility=- --user=nobody --group=nogroup >> /var/log/dnsmasq.log 2>&1" >> "$start" ;;
+    provisioner)
+        # The LAN's one DHCP server, for declared MACs only (each gets its declared address and name; dhcp-ignore
+        # answers nobody else), and the netboot images of the domain's netboot hosts over HTTP (busybox httpd; an
+        # iPXE client is told its script's URL) and TFTP (dnsmasq's own); it also answers the domain's names.
+        ln -s "$guestTools/bin/dnsmasq" "$u/usr/sbin/dnsmasq"
+        printf '%b' "$dnsHosts" > "$r/etc/cim/dns-hosts"
+        printf '%b' "$dhcpHosts" > "$r/etc/cim/dhcp-hosts"
+        mkdir -p "$r/srv/netboot"
+        conf="$r/etc/cim/dnsmasq.conf"
+        {
+            echo "interface=eth0"
+            echo "bind-interfaces"
+            echo "dhcp-range=${address%.*}.0,static,255.255.255.0,1h"
+            echo "dhcp-hostsfile=/etc/cim/dhcp-hosts"
+            echo "dhcp-ignore=tag:!known"
+            echo "dhcp-option=option:dns-server,$address"
+            echo "dhcp-option=option:router"  # none: the provisioner serves the LAN, it routes nothing
+            echo "dhcp-match=set:ipxe,175"
+            echo "enable-tftp"
+            echo "tftp-root=/srv/netboot"
+            echo "log-dhcp"
+            echo "leasefile-ro"  # leases are the declared ones; nothing to keep across restarts
+        } > "$conf"
+        printf '%b' "$netbootLines" | while read -r host path; do
+            [ -n "$host" ] || continue
+            mkdir -p "$r/srv/netboot/$host"
+            for f in bzImage initrd netboot.ipxe; do ln -s "$path/$f" "$r/srv/netboot/$host/$f"; done
+            echo "dhcp-boot=tag:ipxe,tag:$host,http://$address/$host/netboot.ipxe" >> "$conf"
+        done
+        cat >> "$start" <<PROV
+httpd -f -vv -p 80 -h /srv/netboot >> /var/log/httpd.log 2>&1 &
+exec dnsmasq --keep-in-foreground --no-resolv --no-hosts --addn-hosts=/etc/cim/dns-hosts --local=/#/ \
+    --conf-file=/etc/cim/dnsmasq.conf --pid-file= --log-facility=- --user=nobody --group=nogroup \
+    >> /var/log/dnsmasq.log 2>&1
+PROV
+        ;;
     dev)
         ln -s "$guestTools/bin/dropbear" "$u/usr/sbin/dropbear"
         ln -s "$guestTools/bin/dropbearkey" "$u/usr/bin/dropbearkey"

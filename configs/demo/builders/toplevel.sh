@@ -41,6 +41,16 @@ printf '%s' "$guestLines" > etc/cim/guests
 # Each guest's supervisor line (name, store path, address, memory MiB), the bridge, the reporter's settings.
 printf '%s' "$supervisorLines" > etc/cim/supervisors
 printf 'gateway=%s\nnats=%s\ninterval=%s\n' "$gateway" "$natsAddress" "$statsInterval" > etc/cim/network
+# The LAN interface (found by its MAC at boot) and, on the provisioner, the MACs its bridge lets in.
+printf '%b' "$lanConfig" > etc/cim/lan
+printf '%b' "$lanAllowed" > etc/cim/lan-allowed
+if [ -n "$guestTools" ]; then
+    # nft is Debian's, dynamically linked: run through the glibc the guests' services carry.
+    libs="$guestTools/lib/x86_64-linux-gnu:$servicesPath/lib/x86_64-linux-gnu"
+    printf '#!/bin/sh\nexec %s --library-path %s --argv0 nft %s "$@"\n' \
+        "$servicesPath/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$libs" "$guestTools/bin/nft" > usr/sbin/nft
+    chmod 555 usr/sbin/nft
+fi
 printf '%s' "$consoleTty" > etc/cim/console
 printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
 printf 'root:x:0:0:root:/root:/bin/sh\n' > etc/passwd

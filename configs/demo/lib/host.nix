@@ -1,5 +1,5 @@
 # One host of the domain: its system closure (toplevel) and the images domain.json asks for.
-{ contract, domain, hostName, host, inputs, sourceDateEpoch }:
+{ contract, domain, hostName, host, inputs, sourceDateEpoch, netbootOf }:
 let
   system = host.system;
 
@@ -69,10 +69,25 @@ let
   # The guests, each isolated as a NixOS container is (see ../rootfs/sbin/cim-guest): a store path per guest holding
   # its root skeleton and what its PID 1 runs, on a bridge of the host whose address is .1 of the guests' /24.
   guests = host.guests or [ ];
+  # The provisioner guest sits on the LAN bridge (lan0) with a LAN address; the others on the guests' bridge (br0).
+  bridged = builtins.filter (g: g.kind != "provisioner") guests;
   network = address:
     let m = builtins.match "([0-9]+[.][0-9]+[.][0-9]+)[.][0-9]+" address;
     in if m == null then throw "domain.json: '${address}' is not an IPv4 address" else builtins.head m;
-  gateway = if guests == [ ] then "" else "${network (builtins.head guests).address}.1";
+  gateway = if bridged == [ ] then "" else "${network (builtins.head bridged).address}.1";
+
+  # The LAN: every declared MAC of the domain (the provisioner's allow-list and its leases), and this host's own.
+  nicsOf = hv: hv.hardware.nics or [ ];
+  lanMac = if nicsOf host == [ ] then "" else (builtins.head (nicsOf host)).mac;
+  netbootHosts = builtins.filter (h: builtins.elem "netboot" (domain.hosts.${h}.images or [ ])) (builtins.attrNames domain.hosts);
+  isProvisioner = (domain.provisioner or null) == hostName;
+  lanRole = if isProvisioner then "provisioner" else if builtins.elem "netboot" (host.images or [ ]) then "dhcp" else "static";
+  allowedMacs = builtins.concatLists (map (h: map (n: n.mac) (nicsOf domain.hosts.${h})) (builtins.attrNames domain.hosts));
+  # dnsmasq's dhcp-host lines: MAC, a tag of the host's name, its declared address and name; nothing else leases.
+  dhcpHosts = builtins.concatStringsSep "" (builtins.concatLists (map
+    (h: map (n: "${n.mac},set:${h},${domain.hosts.${h}.address},${h}\n") (nicsOf domain.hosts.${h}))
+    (builtins.attrNames domain.hosts)));
+  netboots = map (h: { name = h; path = netbootOf h; }) netbootHosts;
   allGuests = builtins.concatLists (builtins.attrValues (builtins.mapAttrs
     (h: hv: map (g: g // { host = h; }) (hv.guests or [ ])) domain.hosts));
   # The dns guests' zone: <host>.<fqdn> and <guest>.<host>.<fqdn>, every one of the domain at its declared address.
@@ -93,7 +108,9 @@ let
     guestName = guest.name;
     inherit (own) busybox services;
     guestTools = own.guest-tools;
-    dnsHosts = if guest.kind == "dns" then dnsHosts else "";
+    dnsHosts = if guest.kind == "dns" || guest.kind == "provisioner" then dnsHosts else "";
+    dhcpHosts = if guest.kind == "provisioner" then dhcpHosts else "";
+    netbootLines = if guest.kind == "provisioner" then builtins.concatStringsSep "" (map (n: "${n.name} ${n.path}\n") netboots) else "";
     resolvers = builtins.concatStringsSep " " resolvers;
     accountLines = if guest.kind == "dev" then accountLines else "";
   };
@@ -107,14 +124,23 @@ let
     # Accounts get uids from 1000 in domain.json order; each line: name uid, then its SSH public keys.
     inherit accountLines;
     # Each guest's supervisor line: name, store path, address, memory (MiB); the store paths the image carries.
+    # Each line also names the bridge the guest's veth joins and its default route (none on the LAN).
     supervisorLines = builtins.concatStringsSep ""
-      (map (g: "${g.name} ${g.store} ${g.address} ${toString (g.memory_mib or 256)}\n") guestSystems);
+      (map (g: "${g.name} ${g.store} ${g.address} ${toString (g.memory_mib or 256)} "
+        + (if g.kind == "provisioner" then "lan0 -" else "br0 ${gateway}") + "\n") guestSystems);
+    # The LAN interface: role (provisioner / dhcp / static), its MAC, the host's address; the allow-list.
+    lanConfig = "role=${lanRole}\nmac=${lanMac}\naddress=${host.address}\n";
+    lanAllowed = builtins.concatStringsSep "" (map (m: "${m}\n") allowedMacs);
     # What the guests run: busybox always (the host's own userland links to it), nats-server and glibc for any
     # guest, dnsmasq and dropbear only where a dns or dev guest runs them.
     storePaths = [ own.busybox ]
       ++ (if guests != [ ] then [ own.services ] else [ ])
-      ++ (if builtins.any (g: g.kind == "dns" || g.kind == "dev") guests then [ own.guest-tools ] else [ ])
-      ++ map (g: g.store) guestSystems;
+      ++ (if builtins.any (g: g.kind == "dns" || g.kind == "dev" || g.kind == "provisioner") guests then [ own.guest-tools ] else [ ])
+      ++ map (g: g.store) guestSystems
+      ++ (if builtins.any (g: g.kind == "provisioner") guests then map (n: n.path) netboots else [ ]);
+    # The provisioner's host runs nft (from the guest tools, with the services' glibc) on its LAN bridge.
+    guestTools = if builtins.any (g: g.kind == "provisioner") guests then own.guest-tools else "";
+    servicesPath = if guests != [ ] then own.services else "";
     inherit gateway;
     natsAddress = let n = builtins.filter (g: g.kind == "nats") guests; in if n == [ ] then "" else (builtins.head n).address;
     statsInterval = toString (host.stats_interval_s or 5);
@@ -138,6 +164,10 @@ let
       imageTools = own.image-tools;
       inherit (ids) rootUuid rootHashSeed firmwareVolumeId diskId;
     };
+    # As nixpkgs' netboot: the kernel, an initrd holding the whole system, and the iPXE script that boots them.
+    netboot = busyboxBuild "nixos-netboot-${hostName}" ../builders/netboot.sh {
+      inherit toplevel hostName;
+    };
   };
   wants = format: builtins.elem format (host.images or [ ]);
 in
@@ -145,5 +175,6 @@ in
   config.system.build =
     { inherit toplevel; }
     // (if wants "iso" then { isoImage = images.iso; } else { })
-    // (if wants "sd" then { sdImage = images.sd; } else { });
+    // (if wants "sd" then { sdImage = images.sd; } else { })
+    // (if wants "netboot" then { netboot = images.netboot; } else { });
 }
