@@ -287,6 +287,15 @@ def _stage(result: Any) -> dict[str, Any]:
     for key in ("accel", "error"):
         if getattr(result, key, None) is not None:
             data[key] = getattr(result, key)
+    facts = getattr(result, "netboot", None)
+    if facts is not None:  # a netboot test: what the LAN gave the host, and what it refused the intruder
+        intruder = facts.intruder
+        kept_out = intruder is not None and not intruder.lease and not any(intruder.answered.values())
+        data["lan"] = (
+            f"lease {facts.lease.address or 'none'} from {facts.lease.server or '?'}, {len(facts.fetches)} fetch(es)"
+            + (f", intruder {intruder.mac} {'kept out' if kept_out else 'NOT kept out'}" if intruder else "")
+        )
+        data["netboot"] = facts.model_dump(mode="json")
     return data
 
 
@@ -401,6 +410,8 @@ def _result_cell(stage: dict[str, Any]) -> str:
         parts.append(f"{stage['seconds']} s")
     if stage.get("accel"):
         parts.append(str(stage["accel"]))
+    if stage.get("lan"):
+        parts.append(str(stage["lan"]))
     return ", ".join(parts)
 
 
