@@ -16,14 +16,16 @@ Every console is kept: artifacts/<host>-netboot/boot.log, provisioner.log, intru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,23 +41,30 @@ from pipeline.artifacts import (
     publish_log,
     utc_now,
 )
-from pipeline.domain import Artifact, Domain, Format, GuestKind
+from pipeline.domain import Accel, Artifact, Domain, Format, GuestKind, Host
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_text
 from pipeline.inventory import boot_machine
 from pipeline.log import say, step
-from pipeline.qemu import Drive, Firmware, LanPort, Vm, VmError, VmSpec, choose_accel
+from pipeline.qemu import Drive, Firmware, Forward, LanPort, Vm, VmError, VmSpec, choose_accel
 
 # The intruder's MAC: QEMU's prefix, a host part no demo declares; the next free one if a domain declares it.
 INTRUDER_MAC = "52:54:00:0b:ad:01"
 INTRUDER_MEMORY_MIB = 256
 PROVISIONER_READY = r"^cim-lan: provisioner on lan0 .*$"
+# Netboot stage 1 (configs/demo/netboot/init) says each file of the system it fetched.
+FETCHED = r"^cim netboot: fetched (\S+) \((\d+) bytes in ([\d.]+) s\)"
 # iPXE's words (the Debian ipxe-qemu ROM, 1.0.0+git-20190125) on the serial console.
 IPXE_SHELL_PROMPT = "Press Ctrl-B for the iPXE command line"
 IPXE_PROMPT = "iPXE> "
 IPXE_NO_LEASE = "No configuration methods"
 IPXE_TIMED_OUT = "Connection timed out"
 IPXE_WAIT_S = 90.0  # one iPXE command: its DHCP gives up after about 35 s, a TCP connection after about 20 s
+
+
+# The provisioners this process runs, by image: the one place a VM outlives a task (see ProvisionerLan.shared).
+_RUNNING: dict[str, ProvisionerLan] = {}
+_RUNNING_LOCK = threading.Lock()
 
 
 class NetbootFailed(VmError):
@@ -112,67 +121,104 @@ def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
     return xxh3_text(json.dumps(spec(artifact, domain, domain_dir), sort_keys=True))
 
 
-@dataclasses.dataclass
-class _Lan:
-    """The LAN's VMs and where their consoles are kept."""
+class ProvisionerLan:
+    """The provisioner's VM and the LAN it owns (a VDE hub inside its QEMU), shared by every test of one run that
+    needs the same provisioner image: the first to ask boots it, the last to leave stops it.  doit's workers are
+    threads of one process, so `doit -n 2 install` installs two machines from the one provisioner."""
 
-    provisioner: VmSpec
-    host: VmSpec
-    intruder: VmSpec
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.users = 0
+        self.ready = threading.Lock()
+        self.vm: Vm | None = None
+        self.lan_dir = Path(tempfile.mkdtemp(prefix="cim-lan-"))  # short: a unix socket path holds ~107 bytes
+        self.accel: str = "tcg"
+        self.why = ""
+        self.nats_port: int | None = None
+
+    @property
+    def hub(self) -> Path:
+        return self.lan_dir / "hub"
+
+    @classmethod
+    @contextlib.contextmanager
+    def shared(
+        cls, domain: Domain, image: Path, image_xxh3: str, workdir: Path, machine_state: Path, name: str
+    ) -> Iterator[ProvisionerLan]:
+        key = f"{image}:{image_xxh3}"
+        with _RUNNING_LOCK:
+            lan = _RUNNING.get(key) or _RUNNING.setdefault(key, ProvisionerLan(key))
+            lan.users += 1
+        try:
+            with lan.ready:
+                if lan.vm is None or not lan.vm.running:
+                    lan._start(domain, image, workdir, machine_state, name)
+            yield lan
+        finally:
+            with _RUNNING_LOCK:
+                lan.users -= 1
+                last = lan.users == 0
+                if last:
+                    del _RUNNING[key]
+            if last:
+                if lan.vm is not None:
+                    lan.vm.stop()
+                shutil.rmtree(lan.lan_dir, ignore_errors=True)
+
+    def _start(self, domain: Domain, image: Path, workdir: Path, machine_state: Path, name: str) -> None:
+        assert domain.provisioner is not None
+        prov = domain.hosts[domain.provisioner]
+        machine = boot_machine(prov)
+        assert prov.lan_mac is not None
+        nats = next((g for g in prov.guests if g.kind is GuestKind.nats), None)
+        report = (Forward("tcp", probes.PORTS.nats, str(nats.address)),) if nats is not None else ()
+        spec = VmSpec(
+            name=f"{domain.provisioner}-provisioner",
+            system=prov.system,
+            workdir=workdir / "provisioner",
+            console_log=workdir / "provisioner.log",
+            memory_mib=machine.memory_mib,
+            cpus=machine.cpus,
+            firmware=Firmware.bios,
+            boot_order="d",
+            drives=(Drive(image, media="cdrom"),),
+            port_forwards=report,
+            lan=LanPort(self.hub, prov.lan_mac, owns=True),
+        )
+        # The KVM canary (when this machine boot has no verdict yet) boots the provisioner's ISO off the LAN: a
+        # hub it made would stand in the real one's way.
+        accel, self.why = choose_accel(dataclasses.replace(spec, lan=None, port_forwards=()), machine_state)
+        self.accel = accel
+        say(name, f"LAN: a VDE hub on {self.hub} (unix sockets only); VMs under {accel}: {self.why}")
+        self.vm = Vm(dataclasses.replace(spec, accel=accel))
+        self.vm.start()
+        timeout = prov.boot.timeout_s
+        with step(name, f"provisioner {domain.provisioner} up on the LAN"):
+            self.vm.wait_for_console(PROVISIONER_READY, timeout, "the provisioner's LAN line")
+            self.vm.wait_for_console(probes.boot_complete_pattern(domain.provisioner), timeout, "its boot-complete")
+        if report:
+            self.nats_port = self.vm.forwarded_ports()[report[0]]
+
+    def publish_log(self, dest: Path) -> None:
+        if self.vm is not None:
+            publish_log(self.vm.spec.console_log, dest)
 
 
-def _vm_specs(
-    artifact: Artifact,
-    domain: Domain,
-    provisioner_image: Path,
-    hub: Path,
-    workdir: Path,
-    logs: dict[str, Path],
-    forwards: tuple[Any, ...],
-) -> _Lan:
-    prov_name = domain.provisioner
-    assert prov_name is not None
-    prov = domain.hosts[prov_name]
-    host = domain.hosts[artifact.host]
-    prov_machine, machine = boot_machine(prov), boot_machine(host)
-    assert prov.lan_mac is not None and host.lan_mac is not None
-    provisioner = VmSpec(
-        name=f"{artifact.name}-provisioner",
-        system=prov.system,
-        workdir=workdir / "provisioner",
-        console_log=workdir / "provisioner.log",
-        memory_mib=prov_machine.memory_mib,
-        cpus=prov_machine.cpus,
-        firmware=Firmware.bios,
-        boot_order="d",
-        drives=(Drive(provisioner_image, media="cdrom"),),
-        published_log=logs["provisioner"],
-        lan=LanPort(hub, prov.lan_mac, owns=True),
-    )
-    netbooted = VmSpec(
-        name=f"{artifact.name}-boot",
+def lan_machine(name: str, host: Host, mac: str, hub: Path, workdir: Path, published: Path, **more: Any) -> VmSpec:
+    """A machine on the LAN that boots from it (its NIC's iPXE ROM), with the host's memory and CPUs."""
+    machine = boot_machine(host)
+    return VmSpec(
+        name=name,
         system=host.system,
-        workdir=workdir / "host",
-        console_log=workdir / "host.log",
-        memory_mib=machine.memory_mib,
+        workdir=workdir,
+        console_log=workdir / "console.log",
+        memory_mib=more.pop("memory_mib", machine.memory_mib),
         cpus=machine.cpus,
         firmware=Firmware.bios,
-        published_log=logs["host"],
-        port_forwards=forwards,
-        lan=LanPort(hub, host.lan_mac, boot=True),
+        published_log=published,
+        lan=LanPort(hub, mac, boot=True, bootindex=more.pop("bootindex", 1)),
+        **more,
     )
-    intruder = VmSpec(
-        name=f"{artifact.name}-intruder",
-        system=host.system,
-        workdir=workdir / "intruder",
-        console_log=workdir / "intruder.log",
-        memory_mib=INTRUDER_MEMORY_MIB,
-        firmware=Firmware.bios,
-        published_log=logs["intruder"],
-        lan=LanPort(hub, intruder_mac(domain), boot=True),
-        management=False,
-    )
-    return _Lan(provisioner, netbooted, intruder)
 
 
 def netboot_test(
@@ -199,21 +245,32 @@ def netboot_test(
     consoles = [p for p in declared if p.kind.value == "console"]
     services = [p for p in declared if p.kind.value != "console"]
     forwards = probes.forwards_for(consoles + services, host)
-    lan_dir = Path(tempfile.mkdtemp(prefix="cim-lan-"))  # short: a unix socket path holds ~107 bytes
-    lan = _vm_specs(artifact, domain, provisioner_image, lan_dir / "hub", workdir, logs, forwards)
-    # The KVM canary (when this machine boot has no verdict yet) boots the provisioner's ISO off the LAN: a hub it
-    # made would stand in the real one's way.
-    accel, why = choose_accel(dataclasses.replace(lan.provisioner, lan=None), machine_state)
-    lan = _Lan(*(dataclasses.replace(s, accel=accel) for s in (lan.provisioner, lan.host, lan.intruder)))
-    say(name, f"LAN: a VDE hub on {lan_dir / 'hub'} (unix sockets only); VMs under {accel}: {why}")
     started = time.monotonic()
     results: list[ProbeResult] = []
     facts: NetbootFacts | None = None
     error: str | None = None
+    accel: Accel = "tcg"
+    specs: dict[str, VmSpec] = {}
+    lan: ProvisionerLan | None = None
     try:
-        with Vm(lan.provisioner) as prov_vm:
-            _wait_provisioner(prov_vm, domain, name)
-            with Vm(lan.host) as host_vm, Vm(lan.intruder) as intruder_vm, ThreadPoolExecutor(2) as pool:
+        with ProvisionerLan.shared(domain, provisioner_image, provisioner_xxh3, workdir, machine_state, name) as lan:
+            accel = "kvm" if lan.accel == "kvm" else "tcg"
+            assert host.lan_mac is not None
+            specs["host"] = lan_machine(
+                f"{name}-boot", host, host.lan_mac, lan.hub, workdir / "host", logs["host"], port_forwards=forwards
+            )
+            specs["intruder"] = lan_machine(
+                f"{name}-intruder",
+                host,
+                intruder_mac(domain),
+                lan.hub,
+                workdir / "intruder",
+                logs["intruder"],
+                management=False,
+                memory_mib=INTRUDER_MEMORY_MIB,
+            )
+            specs = {k: dataclasses.replace(v, accel=accel) for k, v in specs.items()}
+            with Vm(specs["host"]) as host_vm, Vm(specs["intruder"]) as intruder_vm, ThreadPoolExecutor(2) as pool:
                 intruder_future = pool.submit(_intruder, intruder_vm, domain, name, started)
                 lease, fetches, os_lease = _watch_netboot(host_vm, domain, artifact.host, files, started, name)
                 results.append(_lease_probe(lease))
@@ -221,7 +278,8 @@ def netboot_test(
                 ctx = probes.ProbeContext(domain=domain, host_name=artifact.host, domain_dir=domain_dir, ports=ports)
                 results += boot.run_probes(host_vm, ctx, consoles, services, started + host.boot.timeout_s, name)
                 intruder = intruder_future.result()
-            intruder = _refusals(prov_vm, intruder)
+            assert lan.vm is not None
+            intruder = _refusals(lan.vm, intruder)
             facts = NetbootFacts(
                 provisioner=provisioner_artifact(domain).name,
                 provisioner_xxh3=provisioner_xxh3,
@@ -229,10 +287,11 @@ def netboot_test(
                 lease=lease,
                 fetches=fetches,
                 os_lease=os_lease,
-                provisioner_lines=_provisioner_lines(prov_vm, domain.hosts[artifact.host].lan_mac or ""),
+                provisioner_lines=_provisioner_lines(lan.vm, host.lan_mac),
                 intruder=intruder.model_copy(update={"log": log_names["intruder"]}),
             )
             results.append(_intruder_probe(intruder))
+            lan.publish_log(logs["provisioner"])
         failed = [r for r in results if not r.ok]
         if failed:
             error = f"{name}: {len(failed)} of {len(results)} check(s) failed: " + "; ".join(r.detail for r in failed)
@@ -257,22 +316,15 @@ def netboot_test(
             fingerprint=fingerprint(artifact, domain, domain_dir),
             netboot=facts,
         )
-        for key, vm_spec in (("host", lan.host), ("provisioner", lan.provisioner), ("intruder", lan.intruder)):
-            publish_log(vm_spec.console_log, logs[key])
+        for key in ("host", "intruder"):
+            if key in specs:
+                publish_log(specs[key].console_log, logs[key])
+        if lan is not None and not logs["provisioner"].exists():
+            lan.publish_log(logs["provisioner"])
         record(outcome)
-        shutil.rmtree(lan_dir, ignore_errors=True)
     shutil.rmtree(workdir, ignore_errors=True)
     say(name, f"netboot test passed in {outcome.seconds} s; console logs {logs['host']}, {logs['provisioner']}")
     return outcome
-
-
-def _wait_provisioner(vm: Vm, domain: Domain, name: str) -> None:
-    """The provisioner is up: its LAN bridge and filter, then its boot-complete line (its guests started)."""
-    assert domain.provisioner is not None
-    timeout = domain.hosts[domain.provisioner].boot.timeout_s
-    with step(name, f"provisioner {domain.provisioner} up on the LAN"):
-        vm.wait_for_console(PROVISIONER_READY, timeout, "the provisioner's LAN line")
-        vm.wait_for_console(probes.boot_complete_pattern(domain.provisioner), timeout, "its boot-complete line")
 
 
 def _watch_netboot(
@@ -298,8 +350,9 @@ def _watch_netboot(
             "domain.json declares this MAC.",
         )
     address = vm.wait_for_console(r"net0: (\d+\.\d+\.\d+\.\d+)/", left(), "its address", configured.end())
-    server = vm.wait_for_console(r"Next server: (\S+)", left(), "the next server", address.end())
-    bootfile = vm.wait_for_console(r"Filename: (\S+)", left(), "the boot file", server.end())
+    # Whole lines only: the console is read as QEMU writes it, a line may still be on its way.
+    server = vm.wait_for_console(r"Next server: (\S+)\r?\n", left(), "the next server", address.end())
+    bootfile = vm.wait_for_console(r"Filename: (\S+)\r?\n", left(), "the boot file", server.end())
     lease = NetbootLease(
         mac=mac,
         address=address.group(1),
@@ -321,7 +374,13 @@ def _watch_netboot(
         fetches.append(NetbootFetch(url=got.group(1), size=sizes.get(wanted), seconds=round(now - last, 2)))
         say(name, f"fetched {got.group(1)} ({sizes.get(wanted, '?')} bytes) in {now - last:.1f} s")
         last, mark = now, got.end()
-    os_lease = vm.wait_for_console(r"^cim-lan: (lease|no lease)[^\n]*", left(), "the system's own lease", mark)
+    # Stage 1 fetches the system itself over HTTP (the netboot initrd does not hold it).
+    system = vm.wait_for_console(FETCHED, left(), "the system's fetch by stage 1", mark)
+    fetches.append(NetbootFetch(url=system.group(1), size=int(system.group(2)), seconds=float(system.group(3))))
+    say(name, f"stage 1 fetched {system.group(1)} ({system.group(2)} bytes) in {system.group(3)} s")
+    os_lease = vm.wait_for_console(
+        r"^cim-lan: (lease|no lease)[^\n]*\r?\n", left(), "the system's own lease", system.end()
+    )
     return lease, fetches, os_lease.group(0).strip()
 
 

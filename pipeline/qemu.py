@@ -77,6 +77,7 @@ class Drive:
     snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
     serial: str = ""
     bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1) or sata (sdX, on an AHCI controller)
+    bootindex: int | None = None  # the firmware's boot order (a machine that tries its disk, then the network)
 
 
 # QEMU's user networking delivers the guest end of a forward to this address when none is named: the VM's own NIC.
@@ -114,10 +115,13 @@ class LanPort:
     mac: str
     owns: bool = False
     boot: bool = False
+    bootindex: int = 1  # a booting NIC's place in the firmware's boot order
 
     def argv(self) -> list[str]:
         sock = f"hub://{self.socket}" if self.owns else str(self.socket)
-        device = f"virtio-net-pci,netdev=lan,mac={self.mac}" + (",bootindex=1" if self.boot else ",romfile=")
+        device = f"virtio-net-pci,netdev=lan,mac={self.mac}" + (
+            f",bootindex={self.bootindex}" if self.boot else ",romfile="
+        )
         return ["-netdev", f"vde,id=lan,sock={sock}", "-device", device]
 
 
@@ -226,6 +230,7 @@ class VmSpec:
                 opts += ",snapshot=on"
             argv += ["-drive", opts]
             serial = f",serial={drive.serial}" if drive.serial else ""
+            serial += f",bootindex={drive.bootindex}" if drive.bootindex is not None else ""
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
                 argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
             elif drive.bus == "nvme":

@@ -81,11 +81,14 @@ def test_a_declared_machine_boots_from_the_lan_and_an_undeclared_one_is_kept_out
     assert facts["lease"]["server"] == "192.168.23.2"
     assert facts["lease"]["bootfile"] == "http://192.168.23.2/vhost-2/netboot.ipxe"
     sizes = {p.name: p.stat().st_size for p in nb_dir.iterdir()}
-    assert [(Path(f["url"]).name, f["size"]) for f in facts["fetches"]] == [
+    assert [(Path(f["url"]).name, f["size"]) for f in facts["fetches"][:3]] == [
         ("netboot.ipxe", sizes["netboot.ipxe"]),
         ("bzImage", sizes["bzImage"]),
         ("initrd", sizes["initrd"]),
     ]
+    # The system is not in the netboot initrd: stage 1 fetches it over the LAN, and it is the larger.
+    system = facts["fetches"][3]
+    assert system["url"] == "http://192.168.23.2/vhost-2/system/initrd" and system["size"] > sizes["initrd"]
     assert facts["os_lease"].startswith(f"cim-lan: lease 192.168.23.12/24 for {HOST_MAC}")
     assert any(f"DHCPACK(eth0) 192.168.23.12 {HOST_MAC} vhost-2" in line for line in facts["provisioner_lines"])
     console = (nb_dir / "boot.log").read_text(errors="replace")

@@ -1,5 +1,6 @@
 # What every host of the domain shares: its name in the domain, the domain's accounts (key-only), remote access, Nix,
-# the serial console, the boot-complete line the pipeline waits for, and the statistics reporter.
+# the serial console, the boot-complete line the pipeline waits for, the statistics reporter, and its side of the
+# domain's LAN (./lan.nix: the provisioner's bridge and MAC filter, a netboot host's lease).
 {
   config,
   lib,
@@ -66,7 +67,10 @@ let
   inventorySubject = forHost contract.subjects.inventory;
 in
 {
-  imports = [ login ];
+  imports = [
+    login
+    ./lan.nix
+  ];
 
   options.cim = {
     image = lib.mkOption {
@@ -74,6 +78,7 @@ in
         lib.types.enum [
           "iso"
           "sd"
+          "netboot"
         ]
       );
       default = null;

@@ -10,7 +10,12 @@
   };
 
   outputs =
-    { nixpkgs, disko, ... }:
+    {
+      self,
+      nixpkgs,
+      disko,
+      ...
+    }:
     let
       inherit (nixpkgs) lib;
 
@@ -20,6 +25,10 @@
       # `validate` refuses a copy that drifted). configuration.nix reads it too.
       contract = builtins.fromJSON (builtins.readFile ./contract.json);
       forHost = hostName: builtins.replaceStrings [ "{host}" ] [ hostName ];
+
+      # A netboot host's image as a store path (the `netboot` image below). The provisioner's system refers to every
+      # one of them (its provisioner guest serves them, provisioner.nix), so its own image carries them.
+      netbootOf = hostName: self.nixosConfigurations.${hostName}.config.system.build.netboot;
 
       hostModule =
         hostName:
@@ -105,10 +114,37 @@
         sdImage.compressImage = false;
       };
 
+      # A netboot image is the host's system booted from the LAN by the provisioner (docs/netboot.md): NixOS's netboot
+      # module gives the kernel, an initrd carrying the whole store as a squashfs, and the iPXE script that boots them.
+      # `system.build.netboot` joins the three into one directory named by nix-support/hydra-build-products, laid out
+      # as nixpkgs' netboot Hydra job (nixos/release.nix) lays it out; the script names the kernel and initrd relative
+      # to its own URL, so the three are served side by side.
+      netbootModule =
+        { config, pkgs, ... }:
+        let
+          inherit (config.system) build;
+          kernel = config.system.boot.loader.kernelFile; # bzImage: the name netboot.ipxe gives the kernel
+        in
+        {
+          imports = [ "${nixpkgs}/nixos/modules/installer/netboot/netboot.nix" ];
+          cim.image = "netboot";
+          system.build.netboot = pkgs.runCommand "netboot-${config.networking.hostName}" { } ''
+            mkdir -p $out/nix-support
+            ln -s ${build.kernel}/${kernel} $out/${kernel}
+            ln -s ${build.netbootRamdisk}/initrd $out/initrd
+            ln -s ${build.netbootIpxeScript}/netboot.ipxe $out/netboot.ipxe
+            {
+              echo "file kernel $out/${kernel}"
+              echo "file initrd $out/initrd"
+              echo "file ipxe $out/netboot.ipxe"
+            } > $out/nix-support/hydra-build-products
+          '';
+        };
+
       # `nixosConfigurations.<host>` is the installed system; each image the host asks for is that system extended
-      # with NixOS's image module, exposed where NixOS puts it (`config.system.build.isoImage`/`.sdImage`). The
-      # definitions are mkDefault: inside the extended configuration the image module's own definition wins, so these
-      # are never evaluated there and nothing recurses.
+      # with NixOS's image module, exposed where NixOS puts it (`config.system.build.isoImage`/`.sdImage`, and
+      # `.netboot` as above). The definitions are mkDefault: inside the extended configuration the image module's own
+      # definition wins, so these are never evaluated there and nothing recurses.
       imagesModule =
         hostName: host:
         { config, lib, extendModules, ... }:
@@ -123,6 +159,9 @@
             }
             // lib.optionalAttrs (wants "sd") {
               sdImage = lib.mkDefault (imageOf sdModule).sdImage;
+            }
+            // lib.optionalAttrs (wants "netboot") {
+              netboot = lib.mkDefault (imageOf netbootModule).netboot;
             };
         };
 
@@ -141,7 +180,7 @@
         hostName: host:
         lib.nixosSystem {
           inherit (host) system;
-          specialArgs = { inherit domain hostName; };
+          specialArgs = { inherit domain hostName netbootOf; };
           modules = [
             ./configuration.nix
             (hostModule hostName)

@@ -1,11 +1,14 @@
 # The guests of a host, as domain.json declares them: each a NixOS container with a private network on a bridge only
 # the host and its guests share, at the address domain.json gives it (the bridge takes .1 of the guests' /24), with
-# the memory and CPUs domain.json gives it. The demo domain runs the same guests as busybox namespaces (README).
+# the memory and CPUs domain.json gives it. A guest of kind provisioner is the exception: it serves the LAN, so its
+# veth joins the host's LAN bridge (./lan.nix) at its LAN address (./provisioner.nix says what it runs). The demo
+# domain runs the same guests as busybox namespaces (README).
 {
   config,
   lib,
   domain,
   hostName,
+  netbootOf,
   ...
 }:
 let
@@ -16,7 +19,9 @@ let
   inherit (lib.importJSON ./contract.json) ports;
 
   bridge = "br-guests";
-  prefix = lib.concatStringsSep "." (lib.take 3 (lib.splitString "." (lib.head guests).address));
+  onLan = guest: guest.kind == "provisioner";
+  bridged = lib.filter (guest: !onLan guest) guests;
+  prefix = lib.concatStringsSep "." (lib.take 3 (lib.splitString "." (lib.head bridged).address));
   gateway = "${prefix}.1";
   addressOfKind =
     kind:
@@ -28,11 +33,17 @@ let
   kindsHere = map (guest: guest.kind) guests;
   forwards = lib.filter (forward: lib.elem forward.kind kindsHere && (forward.hubOnly or false -> isHub)) [
     { proto = "tcp"; port = ports.nats; kind = "nats"; } # NATS clients
-    { proto = "tcp"; port = 7422; kind = "nats"; hubOnly = true; } # NATS leaf nodes (the edge hosts)
+    { proto = "tcp"; port = 7422; kind = "nats"; hubOnly = true; } # NATS leaf nodes (the other hosts)
     { proto = "udp"; port = ports.dns; kind = "dns"; }
     { proto = "tcp"; port = ports.dns; kind = "dns"; }
   ];
-  isHub = (host.role or "") == "hypervisor";
+  # The domain's one NATS hub, whose nats guest every other host's nats guest joins as a leaf node: the provisioner
+  # (the domain's first machine, which the others boot from) when the domain names one, else its first hypervisor.
+  hub =
+    domain.provisioner or (lib.findFirst (name: (domain.hosts.${name}.role or "") == "hypervisor") null (
+      lib.attrNames domain.hosts
+    ));
+  isHub = hostName == hub;
 
   # Every name the dns guests answer: <host>.<fqdn> at the host's LAN address, <guest>.<host>.<fqdn> at the guest's.
   dnsGuests = lib.concatLists (
@@ -45,15 +56,20 @@ let
       lib.listToAttrs (map (guest: lib.nameValuePair "${guest.name}.${name}.${fqdn}" guest.address) (other.guests or [ ]))
     ) domain.hosts;
 
-  # What every guest shares: its place on the guest network, and the domain's dns guests as its resolvers.
+  # What every guest shares: its place on the guest network, and the domain's dns guests as its resolvers. The
+  # provisioner's guest is on the LAN, which has no router: it answers there and asks nobody.
   guestBase = guest: {
-    networking.domain = fqdn;
-    networking.defaultGateway = {
-      address = gateway;
-      interface = "eth0";
+    networking = {
+      domain = fqdn;
+      useHostResolvConf = false;
+    }
+    // lib.optionalAttrs (!onLan guest) {
+      defaultGateway = {
+        address = gateway;
+        interface = "eth0";
+      };
+      nameservers = map (dns: dns.address) dnsGuests;
     };
-    networking.useHostResolvConf = false;
-    networking.nameservers = map (dns: dns.address) dnsGuests;
     time.timeZone = "UTC";
     system.stateVersion = config.system.stateVersion;
   };
@@ -115,6 +131,17 @@ let
         ];
         environment.systemPackages = [ pkgs.git ];
       };
+
+    provisioner =
+      guest:
+      import ./provisioner.nix {
+        inherit
+          domain
+          guest
+          records
+          netbootOf
+          ;
+      };
   };
 in
 {
@@ -139,7 +166,7 @@ in
     natsLeafRemotes = lib.mkOption {
       type = lib.types.attrsOf lib.types.anything;
       default = { };
-      description = "The nats guest's `leafnodes` settings on a host that is not the hub (its remotes).";
+      description = "The nats guest's `leafnodes` settings on a host that is not the hub (default: the hub's leaf port).";
     };
   };
 
@@ -147,30 +174,41 @@ in
     cim.guestBridge = bridge;
     cim.guestAddressOfKind = addressOfKind;
 
-    networking.bridges.${bridge}.interfaces = [ ];
-    networking.interfaces.${bridge}.ipv4.addresses = [
-      {
-        address = gateway;
-        prefixLength = 24;
-      }
-    ];
+    networking.bridges = lib.mkIf (bridged != [ ]) { ${bridge}.interfaces = [ ]; };
+    networking.interfaces = lib.mkIf (bridged != [ ]) {
+      ${bridge}.ipv4.addresses = [
+        {
+          address = gateway;
+          prefixLength = 24;
+        }
+      ];
+    };
     networking.hosts = lib.listToAttrs (
       map (guest: lib.nameValuePair guest.address [ "${guest.name}.${hostName}.${fqdn}" guest.name ]) guests
     );
     # The guests reach the LAN through the host, and the host forwards the services the LAN uses (DNS, NATS and, on
-    # the hub, NATS's leaf-node port) from its own address to the guest that serves them. Those forwards are iptables
-    # rules (networking.nat.extraCommands), so the iptables firewall stays.
-    networking.nftables.enable = false;
-    networking.nat = {
+    # the hub, NATS's leaf-node port) from its own address to the guest that serves them. The firewall is nftables
+    # (the provisioner's MAC filter is an nftables table too, ./lan.nix), so the forwards are an nftables table of
+    # their own; NixOS's nat module masquerades what the guests send out.
+    networking.nftables.enable = true;
+    networking.nat = lib.mkIf (bridged != [ ]) {
       enable = true;
       internalInterfaces = [ bridge ];
-      # nat.forwardPorts needs the external interface's name, which a DHCP host that also boots in QEMU does not
-      # have; match "addressed to this host, not coming from a guest" instead.
-      extraCommands = lib.concatMapStrings (forward: ''
-        iptables -w -t nat -A nixos-nat-pre ! -i ${bridge} -m addrtype --dst-type LOCAL \
-          -p ${forward.proto} --dport ${toString forward.port} \
-          -j DNAT --to-destination ${addressOfKind forward.kind}:${toString forward.port}
-      '') forwards;
+    };
+    # nat.forwardPorts needs the external interface's name, which a DHCP host that also boots in QEMU does not have;
+    # match "addressed to this host, not coming from a guest" instead.
+    networking.nftables.tables.cim-forward = lib.mkIf (forwards != [ ]) {
+      family = "ip";
+      content = ''
+        chain prerouting {
+          type nat hook prerouting priority dstnat; policy accept;
+          ${lib.concatMapStringsSep "\n  " (
+            forward:
+            "iifname != \"${bridge}\" fib daddr type local ${forward.proto} dport ${toString forward.port} "
+            + "dnat to ${addressOfKind forward.kind}:${toString forward.port}"
+          ) forwards}
+        }
+      '';
     };
 
     containers = lib.listToAttrs (
@@ -179,7 +217,7 @@ in
         lib.nameValuePair guest.name {
           autoStart = true;
           privateNetwork = true;
-          hostBridge = bridge;
+          hostBridge = if onLan guest then config.cim.lanBridge else bridge;
           localAddress = "${guest.address}/24";
           config = {
             imports = [
@@ -202,6 +240,13 @@ in
             // lib.optionalAttrs (guest ? vcpus) { CPUQuota = "${toString (guest.vcpus * 100)}%"; };
         }
       ) guests
+    );
+
+    # A host that is not the hub joins the hub's NATS as a leaf node, at the hub's leaf-node port.
+    cim.natsLeafRemotes = lib.mkIf (!isHub && hub != null) (
+      lib.mkDefault {
+        remotes = [ { url = "nats-leaf://${config.cim.addresses.${hub}}:7422"; } ];
+      }
     );
 
     # The host reports its guests (configuration.nix's cim-stats) to its own nats guest.

@@ -1,7 +1,7 @@
 # vhost-dev: a Dell Precision 7920 Tower that runs nothing but its guests (../guests.nix: dev, dns and nats, each a
-# NixOS container on the host's guest bridge at its domain.json address). The RTX 3080 goes to the guests
-# domain.json passes it through to; the host publishes its statistics to its nats guest (configuration.nix,
-# `cim.stats`).
+# NixOS container on the host's guest bridge at its domain.json address, and pxe, the domain's provisioner, on its
+# LAN bridge: ../lan.nix, ../provisioner.nix). The RTX 3080 goes to the guests domain.json passes it through to; the
+# host publishes its statistics to its nats guest (configuration.nix, `cim.stats`).
 {
   config,
   lib,

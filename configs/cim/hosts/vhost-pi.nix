@@ -1,18 +1,8 @@
 # vhost-pi: a Raspberry Pi 4 Model B at the edge. Its one guest, nats (../guests.nix: a NixOS container on the Pi's
-# guest bridge), is a NATS leaf node of the hub (the hypervisor's nats guest): what is published here reaches the
-# domain whenever the link is up, and local clients keep working when it is not. The host publishes its statistics
-# to that guest.
-{
-  config,
-  lib,
-  domain,
-  ...
-}:
-let
-  hub = lib.findFirst (name: (domain.hosts.${name}.role or "") == "hypervisor") null (
-    lib.attrNames domain.hosts
-  );
-in
+# guest bridge), is a NATS leaf node of the hub (../guests.nix: the provisioner's nats guest): what is published here
+# reaches the domain whenever the link is up, and local clients keep working when it is not. The host publishes its
+# statistics to that guest.
+{ lib, ... }:
 {
   imports = [ ../guests.nix ];
 
@@ -31,10 +21,5 @@ in
   fileSystems."/" = lib.mkDefault {
     device = "/dev/disk/by-label/NIXOS_SD";
     fsType = "ext4";
-  };
-
-  # The hub's NATS leaf-node port, which the hub forwards to its nats guest.
-  cim.natsLeafRemotes.remotes = lib.optional (hub != null) {
-    url = "nats-leaf://${config.cim.addresses.${hub}}:7422";
   };
 }

@@ -86,7 +86,7 @@ case "$kind" in
         printf '%b' "$netbootLines" | while read -r host path; do
             [ -n "$host" ] || continue
             mkdir -p "$r/srv/netboot/$host"
-            for f in bzImage initrd netboot.ipxe; do ln -s "$path/$f" "$r/srv/netboot/$host/$f"; done
+            for f in bzImage initrd netboot.ipxe system; do ln -s "$path/$f" "$r/srv/netboot/$host/$f"; done
             echo "dhcp-boot=tag:ipxe,tag:$host,http://$address/$host/netboot.ipxe" >> "$conf"
         done
         cat >> "$start" <<PROV

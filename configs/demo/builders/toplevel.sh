@@ -44,6 +44,8 @@ printf 'gateway=%s\nnats=%s\ninterval=%s\n' "$gateway" "$natsAddress" "$statsInt
 # The LAN interface (found by its MAC at boot) and, on the provisioner, the MACs its bridge lets in.
 printf '%b' "$lanConfig" > etc/cim/lan
 printf '%b' "$lanAllowed" > etc/cim/lan-allowed
+printf '%b' "$hardwareLines" > etc/cim/hardware      # what the network installer checks before it writes
+printf '%b' "$provisionerLines" > etc/cim/provisioner # where a netbooted machine reports
 if [ -n "$guestTools" ]; then
     # nft is Debian's, dynamically linked: run through the glibc the guests' services carry.
     libs="$guestTools/lib/x86_64-linux-gnu:$servicesPath/lib/x86_64-linux-gnu"

@@ -88,6 +88,21 @@ let
     (h: map (n: "${n.mac},set:${h},${domain.hosts.${h}.address},${h}\n") (nicsOf domain.hosts.${h}))
     (builtins.attrNames domain.hosts)));
   netboots = map (h: { name = h; path = netbootOf h; }) netbootHosts;
+
+  # The declared hardware as the network installer checks it before it writes a disk (sbin/cim-inventory check), and
+  # the domain's policy: memory and disk sizes in MiB, the CPU's cores, every declared disk by device.
+  hw = host.hardware;
+  hardwareLines = "policy ${domain.inventory or "record"}\n"
+    + "memory_mib ${toString (builtins.floor (hw.memory_gib * 1024))}\n"
+    + "cpu_cores ${toString hw.cpu.cores}\n"
+    + builtins.concatStringsSep "" (map (d: "disk ${d.device} ${toString (builtins.floor (d.size_gib * 1024))}\n")
+        (builtins.filter (d: !(d.image or false)) (hw.disks or [ ])));
+  # Where a netbooted machine reports to: the provisioner host's nats guest, through the provisioner host's LAN
+  # address (it routes between the LAN and its guests' bridge).
+  provisionerHost = if (domain.provisioner or null) == null then null else domain.hosts.${domain.provisioner};
+  provisionerNats = if provisionerHost == null then [ ] else builtins.filter (g: g.kind == "nats") (provisionerHost.guests or [ ]);
+  provisionerLines = if provisionerNats == [ ] then "" else
+    "nats=${(builtins.head provisionerNats).address}\nvia=${provisionerHost.address}\nguests=${network (builtins.head provisionerNats).address}.0/24\n";
   allGuests = builtins.concatLists (builtins.attrValues (builtins.mapAttrs
     (h: hv: map (g: g // { host = h; }) (hv.guests or [ ])) domain.hosts));
   # The dns guests' zone: <host>.<fqdn> and <guest>.<host>.<fqdn>, every one of the domain at its declared address.
@@ -131,6 +146,7 @@ let
     # The LAN interface: role (provisioner / dhcp / static), its MAC, the host's address; the allow-list.
     lanConfig = "role=${lanRole}\nmac=${lanMac}\naddress=${host.address}\n";
     lanAllowed = builtins.concatStringsSep "" (map (m: "${m}\n") allowedMacs);
+    inherit hardwareLines provisionerLines;
     # What the guests run: busybox always (the host's own userland links to it), nats-server and glibc for any
     # guest, dnsmasq and dropbear only where a dns or dev guest runs them.
     storePaths = [ own.busybox ]
@@ -165,8 +181,14 @@ let
       inherit (ids) rootUuid rootHashSeed firmwareVolumeId diskId;
     };
     # As nixpkgs' netboot: the kernel, an initrd holding the whole system, and the iPXE script that boots them.
+    # Its initrd is a small stage 1 (../netboot/init): it takes a lease and fetches the system from the provisioner
+    # over HTTP (run from RAM), or, on a blank declared disk of a host that has `install`, installs the system onto
+    # it after checking the hardware; the system itself is not in it.
     netboot = busyboxBuild "nixos-netboot-${hostName}" ../builders/netboot.sh {
-      inherit toplevel hostName;
+      inherit toplevel hostName installPlan;
+      stage1 = ../netboot;
+      boot = own.boot;
+      installerTools = own.installer-tools;
     };
   };
   wants = format: builtins.elem format (host.images or [ ]);
