@@ -355,8 +355,24 @@ class InventoryResult(Record):
     unchecked: list[InventoryUnchecked] = Field(default_factory=list)
 
 
+class NetInstallFacts(Record):
+    """An install from the LAN (a netboot host): what the machine got and sent before and while it installed."""
+
+    mac: str
+    initrd_bytes: int  # the netboot initrd's size: a stage 1, not the system
+    lease: NetbootLease | None = None
+    fetches: list[NetbootFetch] = Field(default_factory=list)  # firmware's, then stage 1's (the system)
+    system_bytes: int | None = None  # what the system took over the LAN
+    system_seconds: float | None = None
+    hardware_check: list[str] = Field(default_factory=list)  # the machine's own check, before it wrote the disk
+    disk_untouched: bool | None = None  # after a failed install: nothing was written to the disk
+    report: str | None = None  # the hardware report it published (kept beside the install log)
+    probes: list[ProbeResult] = Field(default_factory=list)  # the installed system's, through its management NIC
+    provisioner_log: str | None = None
+
+
 class InstallResult(Record):
-    """An install verification from the ISO whose xxh3 is `image_xxh3`."""
+    """An install verification from the ISO (or the netboot image) whose xxh3 is `image_xxh3`."""
 
     result: Outcome
     log: str
@@ -369,6 +385,7 @@ class InstallResult(Record):
     error: str | None = None
     at: datetime.datetime | None = None  # when it ended
     reused: str | None = None  # the kept pass (.cim/results/…) this result was re-published from, without a VM
+    network: NetInstallFacts | None = None  # an install from the LAN
 
 
 class ReproducibilityCheck(Record):

@@ -254,7 +254,7 @@ def _inventory_probe(vm: Vm, host_name: str, port: int, guest: str | None, deadl
     """The hardware report as a probe: received (and kept in `keep`) before the deadline, or failed saying why."""
     received = time.monotonic()
     try:
-        report = _receive_report(vm, host_name, port, deadline, keep)
+        report = receive_report(vm, host_name, port, deadline, keep)
         return report.model_copy(update={"guest": guest, "port": port})
     except probes.ProbeFailed as exc:
         return ProbeResult(
@@ -267,7 +267,7 @@ def _inventory_probe(vm: Vm, host_name: str, port: int, guest: str | None, deadl
         )
 
 
-def _receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Path) -> ProbeResult:
+def receive_report(vm: Vm, host_name: str, port: int, deadline: float, keep: Path) -> ProbeResult:
     """The host's hardware report from NATS (acknowledged), checked to be a report, kept atomically in `keep`."""
     started = time.monotonic()
     subject = probes.inventory_subject(host_name)

@@ -46,8 +46,18 @@ class InstallError(VmError):
 
 
 def installable_hosts(domain: Domain) -> list[str]:
-    """Hosts with an install section and an ISO to install from (each has an install:<host> task)."""
-    return [name for name, host in domain.hosts.items() if host.install and Format.iso in host.images]
+    """Hosts with an install section and an image to install from, an ISO or a netboot image (each has an
+    install:<host> task; a netboot host installs from the LAN, pipeline.netinstall)."""
+    return [
+        name
+        for name, host in domain.hosts.items()
+        if host.install and (Format.iso in host.images or Format.netboot in host.images)
+    ]
+
+
+def install_format(host: Host) -> Format:
+    """What a host installs from: its ISO, else its netboot image."""
+    return Format.iso if Format.iso in host.images else Format.netboot
 
 
 def disk_mib(host: Host) -> int:
@@ -208,7 +218,7 @@ def verify(
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
-    disk = _blank_disk(workdir, plan.disk_mib)
+    disk = blank_disk(workdir, plan.disk_mib)
     say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})")
     installer, disk_boot = _vm_specs(host_name, host, image, disk, kind, workdir, log_dest)
     if machine_state is not None:
@@ -250,7 +260,7 @@ def verify(
     return outcome
 
 
-def _blank_disk(workdir: Path, mib: int) -> Path:
+def blank_disk(workdir: Path, mib: int) -> Path:
     """A sparse blank qcow2 disk of `mib` MiB in `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     disk = workdir / "disk.qcow2"

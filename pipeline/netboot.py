@@ -132,7 +132,7 @@ class ProvisionerLan:
         self.ready = threading.Lock()
         self.vm: Vm | None = None
         self.lan_dir = Path(tempfile.mkdtemp(prefix="cim-lan-"))  # short: a unix socket path holds ~107 bytes
-        self.accel: str = "tcg"
+        self.accel: Accel = "tcg"
         self.why = ""
         self.nats_port: int | None = None
 
@@ -254,7 +254,7 @@ def netboot_test(
     lan: ProvisionerLan | None = None
     try:
         with ProvisionerLan.shared(domain, provisioner_image, provisioner_xxh3, workdir, machine_state, name) as lan:
-            accel = "kvm" if lan.accel == "kvm" else "tcg"
+            accel = lan.accel
             assert host.lan_mac is not None
             specs["host"] = lan_machine(
                 f"{name}-boot", host, host.lan_mac, lan.hub, workdir / "host", logs["host"], port_forwards=forwards
@@ -327,15 +327,14 @@ def netboot_test(
     return outcome
 
 
-def _watch_netboot(
-    vm: Vm, domain: Domain, host_name: str, files: dict[str, Path], started: float, name: str
-) -> tuple[NetbootLease, list[NetbootFetch], str | None]:
-    """The host's firmware takes its lease and fetches the script, the kernel and the initrd; its system then says
-    its own lease.  Each step is timed as it shows on the console."""
+def watch_firmware(
+    vm: Vm, domain: Domain, host_name: str, files: dict[str, Path], started: float, name: str, timeout: float
+) -> tuple[NetbootLease, list[NetbootFetch], int]:
+    """The machine's firmware (the NIC's iPXE ROM) takes its lease and fetches the script, the kernel and the
+    initrd, each timed as it shows on the console; the console offset after the last fetch."""
     host = domain.hosts[host_name]
     mac = host.lan_mac or ""
-    deadline = started + host.boot.timeout_s
-    lease = NetbootLease(mac=mac)
+    deadline = started + timeout
 
     def left() -> float:
         return max(1.0, deadline - time.monotonic())
@@ -345,7 +344,7 @@ def _watch_netboot(
     )
     if not configured.group(1).startswith("ok"):
         raise NetbootFailed(
-            f"{name}: the host's NIC ({mac}) got no lease from the provisioner: iPXE said "
+            f"{name}: the machine's NIC ({mac}) got no lease from the provisioner: iPXE said "
             f"{configured.group(1).strip()!r}. Check that the provisioner's guest runs (its console log) and that "
             "domain.json declares this MAC.",
         )
@@ -374,13 +373,29 @@ def _watch_netboot(
         fetches.append(NetbootFetch(url=got.group(1), size=sizes.get(wanted), seconds=round(now - last, 2)))
         say(name, f"fetched {got.group(1)} ({sizes.get(wanted, '?')} bytes) in {now - last:.1f} s")
         last, mark = now, got.end()
-    # Stage 1 fetches the system itself over HTTP (the netboot initrd does not hold it).
-    system = vm.wait_for_console(FETCHED, left(), "the system's fetch by stage 1", mark)
-    fetches.append(NetbootFetch(url=system.group(1), size=int(system.group(2)), seconds=float(system.group(3))))
-    say(name, f"stage 1 fetched {system.group(1)} ({system.group(2)} bytes) in {system.group(3)} s")
-    os_lease = vm.wait_for_console(
-        r"^cim-lan: (lease|no lease)[^\n]*\r?\n", left(), "the system's own lease", system.end()
-    )
+    return lease, fetches, mark
+
+
+def _watch_netboot(
+    vm: Vm, domain: Domain, host_name: str, files: dict[str, Path], started: float, name: str
+) -> tuple[NetbootLease, list[NetbootFetch], str | None]:
+    """The firmware's lease and fetches, then stage 1's fetch of the system, then the system's own lease."""
+    timeout = domain.hosts[host_name].boot.timeout_s
+    lease, fetches, mark = watch_firmware(vm, domain, host_name, files, started, name, timeout)
+
+    def left() -> float:
+        return max(1.0, started + timeout - time.monotonic())
+
+    # The demo's stage 1 fetches the system over HTTP and says so (its netboot initrd does not hold the system); a
+    # NixOS netboot initrd carries its store and goes straight on to the system's own lease.
+    os_lease_re = r"^cim-lan: (lease|no lease)[^\n]*\r?\n"
+    found = vm.wait_for_console(f"{FETCHED}|{os_lease_re}", left(), "the system (its fetch, or its lease)", mark)
+    system = re.match(FETCHED, found.group(0))
+    if system:
+        fetches.append(NetbootFetch(url=system.group(1), size=int(system.group(2)), seconds=float(system.group(3))))
+        say(name, f"stage 1 fetched {system.group(1)} ({system.group(2)} bytes) in {system.group(3)} s")
+        found = vm.wait_for_console(os_lease_re, left(), "the system's own lease", found.end())
+    os_lease = found
     return lease, fetches, os_lease.group(0).strip()
 
 

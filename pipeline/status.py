@@ -26,6 +26,7 @@ from pipeline.artifacts import ArtifactRecord, iso_z
 from pipeline.context import Context
 from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker, xxh3_file
+from pipeline.install import install_format
 from pipeline.tasks import creators
 from pipeline.uptodate import outputs_intact, spec_dep, value_dep
 
@@ -138,7 +139,8 @@ class Graph:
     def _failure(self, name: str) -> str | None:
         """`its last run failed …` when the artifact's record keeps a failed boot or install for `name`."""
         stage, _, subject = name.partition(":")
-        artifact = f"{subject}-iso" if stage == "install" else subject
+        host = self.ctx.domain.hosts.get(subject)
+        artifact = f"{subject}-{install_format(host).value}" if stage == "install" and host else subject
         record = self.ctx.records.load(artifact) if stage in ("boot", "install") else None
         result = getattr(record, stage, None) if record else None
         if result is None or result.result != "fail":
@@ -323,7 +325,7 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
         }
         row["boot"] = _stage(record.boot)
     host = ctx.domain.hosts[artifact.host]
-    if host.install is not None and artifact.format.value == "iso":
+    if host.install is not None and artifact.format is install_format(host):
         row["install"] = _stage(record.install if record else None)
     # Stages other issues add to the record (inventory, reproducibility) show once a record carries them.
     dumped = record.model_dump(mode="json") if record else {}

@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from pipeline import boot, install, netboot, nix, process, reproduce
+from pipeline import boot, install, netboot, netinstall, nix, process, reproduce
 from pipeline.artifacts import (
     JUNIT,
     MANIFEST,
@@ -445,10 +445,80 @@ def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str,
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
 
 
+NETINSTALL_LOGS = {"install": "install.log", "provisioner": "install-provisioner.log"}
+
+
+@user_errors
+def netinstall_action(ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage) -> dict[str, Any]:
+    artifact = f"{host_name}-netboot"
+    host = ctx.domain.hosts[host_name]
+    logs = {key: ctx.artifact_dir(artifact) / file for key, file in NETINSTALL_LOGS.items()}
+    report = ctx.artifact_dir(artifact) / "install-inventory.json"
+    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
+    both = xxh3_text(f"{image['xxh3']} {provisioner['xxh3']}")
+    kept_files = (*NETINSTALL_LOGS.values(), report.name)
+    kept = ctx.passes.find("netinstall", both, spec, kept_files)
+    if kept:
+        dests = {NETINSTALL_LOGS[k]: path for k, path in logs.items()} | {report.name: report}
+        reused = InstallResult.model_validate(kept.restore(dests))
+        ctx.records.save_install(artifact, reused)
+        say(f"install:{host_name}", f"these images passed this install before: re-published from {kept.path}, no VM")
+        return {"image_xxh3": both, "seconds": reused.seconds, "outputs": relative_outputs(ctx, *logs.values(), report)}
+    outcome = netinstall.verify(
+        host_name,
+        ctx.domain,
+        ctx.domain_dir,
+        {t: ctx.artifacts_dir / f for t, f in image["files"].items()},
+        image["xxh3"],
+        ctx.artifacts_dir / provisioner["file"],
+        provisioner["xxh3"],
+        workdir=ctx.vm_dir(f"{host_name}-netinstall"),
+        logs=logs,
+        log_names={key: f"{artifact}/{file}" for key, file in NETINSTALL_LOGS.items()},
+        machine_state=ctx.machine_state,
+        record=functools.partial(ctx.records.save_install, artifact),
+        report_keep=report,
+    )
+    if outcome.result == "pass":
+        files = {NETINSTALL_LOGS[k]: path for k, path in logs.items()} | {report.name: report}
+        ctx.passes.keep("netinstall", both, spec, outcome.model_dump(mode="json"), files)
+    return {"image_xxh3": both, "seconds": outcome.seconds, "outputs": relative_outputs(ctx, *logs.values(), report)}
+
+
+def netinstall_spec(ctx: Context, host_name: str) -> dict[str, Any]:
+    """What, besides the two images and the disk-config, decides an install from the LAN: the install spec, the
+    declared hardware and policy the machine checks, the LAN (MACs) and the installed system's probes."""
+    host = ctx.domain.hosts[host_name]
+    artifact = Artifact(host=host_name, format=Format.netboot, system=host.system)
+    data = install.spec(host_name, host)
+    data["hosts"][host_name]["hardware"] = host.hardware.model_dump(mode="json")
+    data["inventory"] = ctx.domain.inventory.value
+    data["lan"] = netboot.spec(artifact, ctx.domain, ctx.domain_dir)["lan"]
+    return data
+
+
 def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
     for host_name in install.installable_hosts(ctx.domain):
         host = ctx.domain.hosts[host_name]
         assert host.install is not None
+        if install.install_format(host) is Format.netboot:
+            prov = netboot.provisioner_artifact(ctx.domain)
+            yield {
+                "name": host_name,
+                "doc": f"install {host_name} from the LAN ({prov.host} provisions it) onto a blank disk, boot the disk",
+                "actions": [(netinstall_action, [ctx, host_name])],
+                "getargs": {"image": (f"build:{host_name}-netboot", None), "provisioner": (f"build:{prov.name}", None)},
+                "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
+                "uptodate": [
+                    value_dep(f"build:{host_name}-netboot", "xxh3"),
+                    value_dep(f"build:{prov.name}", "xxh3"),
+                    spec_dep(functools.partial(netinstall_spec, ctx, host_name)),
+                    outputs_intact(ctx.artifacts_dir),
+                ],
+                "verbosity": 2,
+            }
+            continue
         yield {
             "name": host_name,
             "doc": f"install {host_name} from its ISO onto a blank disk, then boot the disk alone",

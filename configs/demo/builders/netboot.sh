@@ -20,7 +20,7 @@ keep=$(readlink "$root/bin/busybox")  # /nix/store/<hash>-…/bin/busybox
 for path in "$root"/nix/store/*; do
     case "$keep" in "/nix/store/${path##*/}/"*) ;; *) rm -rf "$path" ;; esac
 done
-rm -f "$root/etc/cim/supervisors" "$root/etc/cim/guests"
+rm -f "$root/etc/cim/supervisors"  # (etc/cim/guests stays: the report says which guests the host runs)
 mkdir -p "$root/usr/local/sbin" "$root/etc/cim"
 cp "$installerTools"/bin/* "$root/usr/local/sbin/"
 cp -r "$installerTools"/lib/. "$root/lib/"
