@@ -158,3 +158,86 @@ def test_build_netboot_alone_and_check_it_reproducible(
     checked = doit(demo_domain, "check:vhost-2-netboot", check=True)
     assert "reproducible:" in checked.stdout
     assert netboot_record(artifacts_dir)["reproducible"] is True
+
+
+# -- [14] zero-touch install over the network --------------------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_a_blank_machine_installs_itself_from_the_lan(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    proc = doit(demo_domain, "install:vhost-2", check=True)
+    assert "install:vhost-2" in executed(proc.stdout)
+    record = netboot_record(artifacts_dir)
+    result = record["install"]
+    assert result["result"] == "pass", result
+    assert set(result["phases"]) == {"lease+fetch", "report", "install", "disk-boot"}
+    assert [c.split(" ")[0] for c in result["checks"]] == ["/boot", "/dev/vda2", "/"]
+    net = result["network"]
+    assert net["lease"]["address"] == "192.168.23.12" and net["mac"] == HOST_MAC
+    # The netboot initrd is a stage 1: the system is not in it, it comes over the LAN (bytes and seconds recorded).
+    initrd = (artifacts_dir / "vhost-2-netboot" / "initrd").stat().st_size
+    assert net["initrd_bytes"] == initrd and net["system_bytes"] > initrd and net["system_seconds"] > 0
+    system = {Path(f["url"]).name: f["size"] for f in net["fetches"] if "/system/" in f["url"]}
+    assert set(system) == {"bzImage", "initrd", "BOOTX64.EFI"} and sum(system.values()) == net["system_bytes"]
+    assert net["hardware_check"] == ["ok memory 1024 MiB", "ok cpu cores 1", "ok disk /dev/vda 1024 MiB"]
+    report = json.loads((artifacts_dir / "vhost-2-netboot" / "install-inventory.json").read_text())
+    assert report["version"] and report["hardware"]["memory"]
+    assert [(p["probe"], p["ok"]) for p in net["probes"]] == [("console", True), ("nats", True), ("stats", True)]
+    log = (artifacts_dir / "vhost-2-netboot" / "install.log").read_text(errors="replace")
+    assert "cim-install: done vhost-2" in log and "cim: vhost-2 boot complete" in log
+    # The same images and spec again: nothing runs.
+    again = doit(demo_domain, "install:vhost-2", check=True)
+    assert "install:vhost-2" not in executed(again.stdout)
+
+
+@pytest.mark.vm
+def test_unknown_hardware_stops_the_install_before_any_write(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
+    domain_json = demo_domain / "domain.json"
+    set_json(domain_json, ["inventory"], "enforce")
+    # vhost-2 declares 2 GiB and a second disk; its VM gets 1 GiB and one disk (boot.* sets what the VM has).
+    set_json(domain_json, ["hosts", "vhost-2", "hardware", "memory_gib"], 2)
+    disks = [
+        {"name": "main", "device": "/dev/vda", "size_gib": 1, "kind": "virtio"},
+        {"name": "data", "device": "/dev/vdb", "size_gib": 2, "kind": "virtio"},
+    ]
+    set_json(domain_json, ["hosts", "vhost-2", "hardware", "disks"], disks)
+    set_json(domain_json, ["hosts", "vhost-2", "boot", "memory_mib"], 1024)
+    set_json(domain_json, ["hosts", "vhost-2", "boot", "disks"], [{"size_gib": 1}])
+    proc = doit(demo_domain, "install:vhost-2")
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "memory: declared 2048 MiB, detected 1024 MiB (differs)" in said, said
+    assert "disks /dev/vdb: declared 2048 MiB, detected (none) (missing)" in said, said
+    assert "was not written (all zeros)" in said and "Traceback" not in said
+    result = netboot_record(artifacts_dir)["install"]
+    assert result["result"] == "fail" and result["network"]["disk_untouched"] is True
+    assert "disk-boot" not in result["phases"]
+
+    # Under `record` the same machine installs, and the differences are in the manifest.
+    set_json(domain_json, ["inventory"], "record")
+    doit(demo_domain, "install:vhost-2", check=True)
+    result = netboot_record(artifacts_dir)["install"]
+    assert result["result"] == "pass"
+    assert "memory: declared 2048 MiB, detected 1024 MiB (differs)" in result["network"]["hardware_check"]
+
+
+@pytest.mark.vm
+def test_one_provisioner_installs_two_machines_at_once(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
+    data = json.loads((demo_domain / "domain.json").read_text())
+    second = json.loads(json.dumps(data["hosts"]["vhost-2"]))
+    second["address"] = "192.168.23.13"
+    second["hardware"]["nics"] = [{"name": "lan", "mac": "52:54:00:23:00:13"}]
+    second["guests"] = [{"name": "nats", "kind": "nats", "address": "10.23.3.10"}]
+    data["hosts"]["vhost-3"] = second
+    (demo_domain / "domain.json").write_text(json.dumps(data, indent=2))
+    proc = doit(demo_domain, "-n", "2", "install:vhost-2", "install:vhost-3", check=True, timeout=1500)
+    assert {"install:vhost-2", "install:vhost-3"} <= set(executed(proc.stdout))
+    assert proc.stdout.count("provisioner vhost-dev up on the LAN in") == 1, "one provisioner for both"
+    records = manifest(artifacts_dir)["artifacts"]
+    for host, address in (("vhost-2", "192.168.23.12"), ("vhost-3", "192.168.23.13")):
+        result = records[f"{host}-netboot"]["install"]
+        assert result["result"] == "pass" and result["network"]["lease"]["address"] == address

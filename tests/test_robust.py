@@ -94,6 +94,8 @@ PHASES: dict[str, tuple[str, str | None, str]] = {
     "build": ("build:vhost-pi-sd", "vhost-pi", r"building /nix/store/"),
     "boot": ("boot:vhost-dev-iso", None, r"booting nixos-vhost-dev"),
     "install": ("install:vhost-dev", None, r"installer started"),
+    # [14]: a netboot host installing itself from the LAN (provisioner, installer and their hub).
+    "netinstall": ("install:vhost-2", None, r"installer: cim-install: started"),
 }
 
 
@@ -159,6 +161,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
         unique_hardware(demo_domain, host)
     if phase == "install":  # the ISO first, so the run below goes straight to the installer
         run_doit(demo_domain, artifacts_dir, "build:vhost-dev-iso", check=True)
+    if phase == "netinstall":  # both images first: the provisioner's ISO and the netboot image
+        run_doit(demo_domain, artifacts_dir, "build:vhost-dev-iso", "build:vhost-2-netboot", check=True)
     log = tmp_path / "doit.log"
     signum = SIGNALS[sig]
     with background_doit(demo_domain, artifacts_dir, log, target) as proc:
@@ -181,6 +185,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
             assert "Linux version" in (artifacts_dir / "vhost-dev-iso" / "boot.log").read_text(errors="replace")
         if phase == "install":
             assert "cim-install: " in (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
+        if phase == "netinstall":
+            assert "cim-install: " in (artifacts_dir / "vhost-2-netboot" / "install.log").read_text(errors="replace")
     if phase == "build":
         assert not list(artifacts_dir.glob("vhost-pi-sd/*.img")), "nothing published by an interrupted build"
 
@@ -191,6 +197,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
         assert "boot complete" in (artifacts_dir / "vhost-dev-iso" / "boot.log").read_text(errors="replace")
     if phase == "install":
         assert manifest(artifacts_dir)["artifacts"]["vhost-dev-iso"]["install"]["result"] == "pass"
+    if phase == "netinstall":
+        assert manifest(artifacts_dir)["artifacts"]["vhost-2-netboot"]["install"]["result"] == "pass"
 
 
 @pytest.mark.vm
