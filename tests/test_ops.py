@@ -341,7 +341,14 @@ def _walk(domain: Path, artifacts: Path) -> None:
     xml = junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))
     suites = {suite.name: suite for suite in xml}
     assert set(suites) == {"vhost-dev-iso", "vhost-pi-sd", "vhost-2-netboot"}
-    assert {case.name for case in suites["vhost-2-netboot"]} == {"lease", "console", "nats", "stats", "intruder"}
+    assert {case.name for case in suites["vhost-2-netboot"]} == {
+        "lease",
+        "console",
+        "nats",
+        "stats",
+        "intruder",
+        "install",
+    }
     # The hardware report is a probe of the boot, and its reconcile a check of its own (both named "inventory").
     assert {case.name for case in suites["vhost-dev-iso"]} == {
         "console",

@@ -174,16 +174,20 @@ def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(
         "boot:vhost-dev-iso",
         "boot:vhost-pi-sd",
         "install:vhost-dev",
+        "boot:vhost-2-netboot",
+        "install:vhost-2",
         "release",
     } <= set(ran), again.stdout
     assert "booting" not in again.stdout and "phase installer" not in again.stdout, "no VM may start"
-    assert again.stdout.count("no VM") == 3, again.stdout
+    assert "up on the LAN" not in again.stdout, "not even the provisioner"
+    # three boots (ISO, SD, netboot) and two installs (from the ISO, from the LAN), each from its kept pass
+    assert again.stdout.count("no VM") == 5, again.stdout
 
     after = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]
     for name, record in before.items():
         assert after[name]["sha256"] == record["sha256"]
         assert after[name]["boot"]["result"] == "pass" and "reused" in after[name]["boot"]
-    assert after["vhost-dev-iso"]["install"]["result"] == "pass"
+    assert after["vhost-dev-iso"]["install"]["result"] == after["vhost-2-netboot"]["install"]["result"] == "pass"
     for rel, data in logs.items():
         assert (artifacts_dir / rel).read_bytes() == data, f"{rel} re-published as it was"
     proc = run(["sha256sum", "-c", "SHA256SUMS"], timeout=300, cwd=artifacts_dir)

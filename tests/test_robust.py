@@ -351,8 +351,12 @@ def test_full_and_read_only_artifacts_directories(demo_domain: Path, tmp_path: P
             refused(build(tiny), tiny, "No space left on device")
             assert not list(tiny.rglob("*.iso"))
 
-        # Room for one image (40 MiB) but not for its replacement: the published one stays whole.
-        with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=64m", "tmpfs") as small:
+        # Room for one image but not for its replacement: the published one stays whole.
+        sized = tmp_path / "sized"
+        locks.append(sized)
+        assert build(sized).returncode == 0
+        iso_mib = next(sized.glob("vhost-dev-iso/*.iso")).stat().st_size // 2**20
+        with mounted(tmp_path / "small", "-t", "tmpfs", "-o", f"size={iso_mib * 3 // 2}m", "tmpfs") as small:
             locks.append(small)
             assert build(small).returncode == 0
             (small / "vhost-dev-iso" / "build.log").unlink()  # so the build publishes again
@@ -360,7 +364,7 @@ def test_full_and_read_only_artifacts_directories(demo_domain: Path, tmp_path: P
             refused(build(small), small, "No space left on device")
             assert snapshot(small) == before
             sha256sum_check(small)
-            assert process.run(["mount", "-o", "remount,size=128m", str(small)], timeout=30).returncode == 0
+            assert process.run(["mount", "-o", f"remount,size={iso_mib * 3}m", str(small)], timeout=30).returncode == 0
             assert build(small).returncode == 0, "the next run completes"
             sha256sum_check(small)
 

@@ -6,7 +6,7 @@
 . "$common"
 mkdir -p "$out/nix-support" "$out/system"
 cp "$toplevel/kernel" "$out/bzImage"
-cp "$toplevel/kernel" "$out/system/bzImage"
+ln -s ../bzImage "$out/system/bzImage"  # the same kernel: one copy in the provisioner's image
 cp "$toplevel/initrd" "$out/system/initrd"
 cp "$boot/systemd-bootx64.efi" "$out/system/BOOTX64.EFI"
 
