@@ -121,6 +121,35 @@ def fingerprint(artifact: Artifact, domain: Domain, domain_dir: Path) -> str:
     return xxh3_text(json.dumps(spec(artifact, domain, domain_dir), sort_keys=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class LanRun:
+    """What a test on the LAN is handed: the domain, the netboot image's published files (by hydra product type:
+    kernel, initrd, ipxe) and digest, the provisioner's ISO and digest, where its VMs work and where their consoles
+    are published (key -> path, and the name the record gives each)."""
+
+    domain: Domain
+    domain_dir: Path
+    files: dict[str, Path]
+    image_xxh3: str
+    provisioner_image: Path
+    provisioner_xxh3: str
+    workdir: Path
+    logs: dict[str, Path]
+    log_names: dict[str, str]
+    machine_state: Path
+
+    @property
+    def both_xxh3(self) -> str:
+        """The digest a pass is kept by: both images' bytes (the netboot image and the provisioner that served it)."""
+        return xxh3_text(f"{self.image_xxh3} {self.provisioner_xxh3}")
+
+    def lan(self, name: str) -> contextlib.AbstractContextManager[ProvisionerLan]:
+        """The provisioner's LAN, booted by the first test of the run that needs it."""
+        return ProvisionerLan.shared(
+            self.domain, self.provisioner_image, self.provisioner_xxh3, self.workdir, self.machine_state, name
+        )
+
+
 class ProvisionerLan:
     """The provisioner's VM and the LAN it owns (a VDE hub inside its QEMU), shared by every test of one run that
     needs the same provisioner image: the first to ask boots it, the last to leave stops it.  doit's workers are
@@ -221,25 +250,18 @@ def lan_machine(name: str, host: Host, mac: str, hub: Path, workdir: Path, publi
     )
 
 
-def netboot_test(
-    artifact: Artifact,
-    domain: Domain,
-    domain_dir: Path,
-    files: dict[str, Path],
-    image_xxh3: str,
-    provisioner_image: Path,
-    provisioner_xxh3: str,
-    *,
-    workdir: Path,
-    logs: dict[str, Path],
-    log_names: dict[str, str],
-    machine_state: Path,
-    record: Callable[[BootResult], None],
-) -> BootResult:
+def netboot_test(artifact: Artifact, run: LanRun, record: Callable[[BootResult], None]) -> BootResult:
     """Boot the provisioner, then the host from the LAN and the intruder beside it; the host's probes; `record`
-    gets the result (pass or fail) before this returns or raises.  `files` are the published image's files by
-    hydra product type (kernel, initrd, ipxe), for the sizes the record gives each fetch."""
+    gets the result (pass or fail) before this returns or raises."""
     name = artifact.name
+    domain, domain_dir, files, workdir, logs, log_names = (
+        run.domain,
+        run.domain_dir,
+        run.files,
+        run.workdir,
+        run.logs,
+        run.log_names,
+    )
     host = domain.hosts[artifact.host]
     declared = boot.boot_probes(domain, artifact.host, domain_dir)
     consoles = [p for p in declared if p.kind.value == "console"]
@@ -253,7 +275,7 @@ def netboot_test(
     specs: dict[str, VmSpec] = {}
     lan: ProvisionerLan | None = None
     try:
-        with ProvisionerLan.shared(domain, provisioner_image, provisioner_xxh3, workdir, machine_state, name) as lan:
+        with run.lan(name) as lan:
             accel = lan.accel
             assert host.lan_mac is not None
             specs["host"] = lan_machine(
@@ -282,7 +304,7 @@ def netboot_test(
             intruder = _refusals(lan.vm, intruder)
             facts = NetbootFacts(
                 provisioner=provisioner_artifact(domain).name,
-                provisioner_xxh3=provisioner_xxh3,
+                provisioner_xxh3=run.provisioner_xxh3,
                 provisioner_log=log_names["provisioner"],
                 lease=lease,
                 fetches=fetches,
@@ -307,7 +329,7 @@ def netboot_test(
             result="fail" if error is not None else "pass",
             accel=accel,
             log=log_names["host"],
-            image_xxh3=image_xxh3,
+            image_xxh3=run.image_xxh3,
             seconds=round(time.monotonic() - started, 1),
             probes=results,
             planned=["lease", *map(probes.label, consoles + services), "intruder"],

@@ -43,23 +43,18 @@ HWCHECK = r"^cim-hwcheck: (.*?)\r?$"
 
 
 def verify(
-    host_name: str,
-    domain: Domain,
-    domain_dir: Path,
-    files: dict[str, Path],
-    image_xxh3: str,
-    provisioner_image: Path,
-    provisioner_xxh3: str,
-    *,
-    workdir: Path,
-    logs: dict[str, Path],
-    log_names: dict[str, str],
-    machine_state: Path,
-    record: Callable[[InstallResult], None],
-    report_keep: Path,
+    host_name: str, run: netboot.LanRun, record: Callable[[InstallResult], None], report_keep: Path
 ) -> InstallResult:
     """Install `host_name` from the LAN onto a blank disk, boot the disk, check it; `record` gets the result (pass
     or fail) before this returns or raises.  The hardware report the installer published is kept in `report_keep`."""
+    domain, domain_dir, files, workdir, logs, log_names = (
+        run.domain,
+        run.domain_dir,
+        run.files,
+        run.workdir,
+        run.logs,
+        run.log_names,
+    )
     host = domain.hosts[host_name]
     assert host.install is not None and host.lan_mac is not None
     task = f"install:{host_name}"
@@ -87,9 +82,7 @@ def verify(
     error: str | None = None
     specs: dict[str, VmSpec] = {}
     try:
-        with netboot.ProvisionerLan.shared(
-            domain, provisioner_image, provisioner_xxh3, workdir, machine_state, task
-        ) as lan:
+        with run.lan(task) as lan:
             target = Drive(disk, format="qcow2", serial="cim-target", bus=kind.value, bootindex=1)
             specs["installer"] = dataclasses.replace(
                 netboot.lan_machine(
@@ -143,7 +136,7 @@ def verify(
         outcome = InstallResult(
             result="fail" if error is not None or not checks else "pass",
             log=log_names["install"],
-            image_xxh3=image_xxh3,
+            image_xxh3=run.image_xxh3,
             disk_mib=plan.disk_mib,
             plan=plan.describe(),
             seconds=round(time.monotonic() - started, 1),

@@ -344,44 +344,46 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
 NETBOOT_LOGS = {"host": "boot.log", "provisioner": "provisioner.log", "intruder": "intruder.log"}
 
 
+def lan_run(
+    ctx: Context, artifact: str, image: BuiltImage, provisioner: BuiltImage, logs: dict[str, str], vm: str
+) -> netboot.LanRun:
+    """What a test on the provisioner's LAN is handed, from the two builds' values."""
+    return netboot.LanRun(
+        domain=ctx.domain,
+        domain_dir=ctx.domain_dir,
+        files={t: ctx.artifacts_dir / f for t, f in image["files"].items()},
+        image_xxh3=image["xxh3"],
+        provisioner_image=ctx.artifacts_dir / provisioner["file"],
+        provisioner_xxh3=provisioner["xxh3"],
+        workdir=ctx.vm_dir(vm),
+        logs={key: ctx.artifact_dir(artifact) / file for key, file in logs.items()},
+        log_names={key: f"{artifact}/{file}" for key, file in logs.items()},
+        machine_state=ctx.machine_state,
+    )
+
+
 @user_errors
 def netboot_action(ctx: Context, artifact: Artifact, image: BuiltImage, provisioner: BuiltImage) -> dict[str, Any]:
     name = artifact.name
     prov = netboot.provisioner_artifact(ctx.domain)
     fingerprint = netboot.fingerprint(artifact, ctx.domain, ctx.domain_dir)
-    logs = {key: ctx.artifact_dir(name) / file for key, file in NETBOOT_LOGS.items()}
-    # A pass belongs to both images' bytes: the netboot image and the provisioner's that served it.
-    both = xxh3_text(f"{image['xxh3']} {provisioner['xxh3']}")
-    kept = ctx.passes.find("netboot", both, fingerprint, tuple(NETBOOT_LOGS.values()))
+    run = lan_run(ctx, name, image, provisioner, NETBOOT_LOGS, name)
+    published = {NETBOOT_LOGS[k]: path for k, path in run.logs.items()}
+    kept = ctx.passes.find("netboot", run.both_xxh3, fingerprint, tuple(published))
     if kept:
-        outcome = BootResult.model_validate(kept.restore({NETBOOT_LOGS[k]: path for k, path in logs.items()}))
+        outcome = BootResult.model_validate(kept.restore(published))
         ctx.records.save_boot(name, outcome)
         say(name, f"these images passed this netboot test before: result and console logs from {kept.path}, no VM")
     else:
-        outcome = netboot.netboot_test(
-            artifact,
-            ctx.domain,
-            ctx.domain_dir,
-            {t: ctx.artifacts_dir / f for t, f in image["files"].items()},
-            image["xxh3"],
-            ctx.artifacts_dir / provisioner["file"],
-            provisioner["xxh3"],
-            workdir=ctx.vm_dir(name),
-            logs=logs,
-            log_names={key: f"{name}/{file}" for key, file in NETBOOT_LOGS.items()},
-            machine_state=ctx.machine_state,
-            record=functools.partial(ctx.records.save_boot, name),
-        )
+        outcome = netboot.netboot_test(artifact, run, functools.partial(ctx.records.save_boot, name))
         if outcome.result == "pass":
-            ctx.passes.keep(
-                "netboot",
-                both,
-                fingerprint,
-                outcome.model_dump(mode="json"),
-                {NETBOOT_LOGS[k]: path for k, path in logs.items()},
-            )
+            ctx.passes.keep("netboot", run.both_xxh3, fingerprint, outcome.model_dump(mode="json"), published)
     say(name, f"provisioned by {prov.name}")
-    return {"image_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, *logs.values())}
+    return {
+        "image_xxh3": image["xxh3"],
+        "seconds": outcome.seconds,
+        "outputs": relative_outputs(ctx, *run.logs.values()),
+    }
 
 
 def netboot_task(ctx: Context, artifact: Artifact) -> dict[str, Any]:
@@ -451,39 +453,22 @@ NETINSTALL_LOGS = {"install": "install.log", "provisioner": "install-provisioner
 @user_errors
 def netinstall_action(ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage) -> dict[str, Any]:
     artifact = f"{host_name}-netboot"
-    host = ctx.domain.hosts[host_name]
-    logs = {key: ctx.artifact_dir(artifact) / file for key, file in NETINSTALL_LOGS.items()}
+    run = lan_run(ctx, artifact, image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
     report = ctx.artifact_dir(artifact) / "install-inventory.json"
-    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    plan = install.plan_for(ctx.domain_dir, host_name, ctx.domain.hosts[host_name])
     spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
-    both = xxh3_text(f"{image['xxh3']} {provisioner['xxh3']}")
-    kept_files = (*NETINSTALL_LOGS.values(), report.name)
-    kept = ctx.passes.find("netinstall", both, spec, kept_files)
+    published = {NETINSTALL_LOGS[k]: path for k, path in run.logs.items()} | {report.name: report}
+    outputs = relative_outputs(ctx, *published.values())
+    kept = ctx.passes.find("netinstall", run.both_xxh3, spec, tuple(published))
     if kept:
-        dests = {NETINSTALL_LOGS[k]: path for k, path in logs.items()} | {report.name: report}
-        reused = InstallResult.model_validate(kept.restore(dests))
+        reused = InstallResult.model_validate(kept.restore(published))
         ctx.records.save_install(artifact, reused)
         say(f"install:{host_name}", f"these images passed this install before: re-published from {kept.path}, no VM")
-        return {"image_xxh3": both, "seconds": reused.seconds, "outputs": relative_outputs(ctx, *logs.values(), report)}
-    outcome = netinstall.verify(
-        host_name,
-        ctx.domain,
-        ctx.domain_dir,
-        {t: ctx.artifacts_dir / f for t, f in image["files"].items()},
-        image["xxh3"],
-        ctx.artifacts_dir / provisioner["file"],
-        provisioner["xxh3"],
-        workdir=ctx.vm_dir(f"{host_name}-netinstall"),
-        logs=logs,
-        log_names={key: f"{artifact}/{file}" for key, file in NETINSTALL_LOGS.items()},
-        machine_state=ctx.machine_state,
-        record=functools.partial(ctx.records.save_install, artifact),
-        report_keep=report,
-    )
+        return {"image_xxh3": run.both_xxh3, "seconds": reused.seconds, "outputs": outputs}
+    outcome = netinstall.verify(host_name, run, functools.partial(ctx.records.save_install, artifact), report)
     if outcome.result == "pass":
-        files = {NETINSTALL_LOGS[k]: path for k, path in logs.items()} | {report.name: report}
-        ctx.passes.keep("netinstall", both, spec, outcome.model_dump(mode="json"), files)
-    return {"image_xxh3": both, "seconds": outcome.seconds, "outputs": relative_outputs(ctx, *logs.values(), report)}
+        ctx.passes.keep("netinstall", run.both_xxh3, spec, outcome.model_dump(mode="json"), published)
+    return {"image_xxh3": run.both_xxh3, "seconds": outcome.seconds, "outputs": outputs}
 
 
 def netinstall_spec(ctx: Context, host_name: str) -> dict[str, Any]:

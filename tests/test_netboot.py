@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from cimtest.demo import DoitRunner, executed, needs_demo
-from test_pipeline import manifest, sha256sum_check
+from test_pipeline import manifest, set_json, sha256sum_check
 
 from pipeline import netboot
 
@@ -30,15 +30,6 @@ def machine_network() -> dict[str, str]:
 
 def links(text: str) -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in text.splitlines() if ":" in line}
-
-
-def set_json(path: Path, keys: list[str], value: Any) -> None:
-    data = json.loads(path.read_text())
-    node = data
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def netboot_record(artifacts_dir: Path) -> dict[str, Any]:

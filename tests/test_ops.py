@@ -53,6 +53,22 @@ def test_spec_changes_name_the_field_with_old_and_new_value() -> None:
     assert spec_changes(new, new) == []
 
 
+def iso_record(size: int, sha256: str, xxh3: str, at: datetime.datetime | None = None) -> ArtifactRecord:
+    """A build record of vhost-dev's ISO, as build:vhost-dev-iso writes it."""
+    return ArtifactRecord(
+        host="vhost-dev",
+        format="iso",
+        system="x86_64-linux",
+        drvPath="/nix/store/x.drv",
+        outPath="/nix/store/x",
+        file="vhost-dev-iso/image.iso",
+        size=size,
+        sha256=sha256,
+        xxh3=xxh3,
+        build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log", at=at),
+    )
+
+
 def test_junit_xml_shows_a_failed_probe_with_its_message_and_console_tail(tmp_path: Path) -> None:
     records = Records(
         tmp_path / "state", tmp_path / "artifacts", {"domain": "d", "fqdn": "d.local", "domain_dir": "/d"}
@@ -60,21 +76,7 @@ def test_junit_xml_shows_a_failed_probe_with_its_message_and_console_tail(tmp_pa
     source = tmp_path / "image.iso"
     source.write_bytes(os.urandom(4096))
     sha, xxh, size = publish_file(source, records.artifacts_dir / "vhost-dev-iso" / "image.iso")
-    records.save_build(
-        "vhost-dev-iso",
-        ArtifactRecord(
-            host="vhost-dev",
-            format="iso",
-            system="x86_64-linux",
-            drvPath="/nix/store/x.drv",
-            outPath="/nix/store/x",
-            file="vhost-dev-iso/image.iso",
-            size=size,
-            sha256=sha,
-            xxh3=xxh,
-            build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log"),
-        ),
-    )
+    records.save_build("vhost-dev-iso", iso_record(size, sha, xxh))
     # A console as guests write it: escape sequences, carriage returns, a NUL.
     (records.artifacts_dir / "vhost-dev-iso" / "boot.log").write_text(
         "".join(f"\x1b[0;32mline {i}\x1b[0m\r\n" for i in range(100)) + "cim: vhost-dev boot complete\x00\r\n"
@@ -210,21 +212,7 @@ def test_status_json_carries_the_records_times_as_their_json_has_them(tmp_path: 
     meta = {"domain": "demo", "fqdn": "demo.local", "domain_dir": str(domain)}
     records = Records(run_state_dir(ROOT, domain, artifacts), artifacts, meta)
     try:
-        records.save_build(
-            "vhost-dev-iso",
-            ArtifactRecord(
-                host="vhost-dev",
-                format="iso",
-                system="x86_64-linux",
-                drvPath="/nix/store/x.drv",
-                outPath="/nix/store/x",
-                file="vhost-dev-iso/image.iso",
-                size=1,
-                sha256="0" * 64,
-                xxh3="0" * 32,
-                build=BuildInfo(strategy="native", reason="test", seconds=1.0, log="vhost-dev-iso/build.log", at=at),
-            ),
-        )
+        records.save_build("vhost-dev-iso", iso_record(1, "0" * 64, "0" * 32, at))
         records.save_boot(
             "vhost-dev-iso",
             BootResult(
