@@ -298,6 +298,12 @@ def _stage(result: Any) -> dict[str, Any]:
             + (f", intruder {intruder.mac} {'kept out' if kept_out else 'NOT kept out'}" if intruder else "")
         )
         data["netboot"] = facts.model_dump(mode="json")
+    network = getattr(result, "network", None)
+    if network is not None:  # an install from the LAN: its phases and what the system took over the LAN
+        phases = ", ".join(f"{phase} {seconds:g} s" for phase, seconds in result.phases.items())
+        data["lan"] = f"phases {phases}; system {network.system_bytes or 0} bytes over the LAN"
+        data["network"] = network.model_dump(mode="json")
+        data["phases"] = dict(result.phases)
     return data
 
 
