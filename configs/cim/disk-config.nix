@@ -1,4 +1,5 @@
-# vhost-dev's disk, in disko's format: an EFI system partition for systemd-boot, swap, and the rest as ext4 root.
+# The install disk of vhost-dev and vhost-2 (domain.json's `install.disk_config`), in disko's format: an EFI system
+# partition for systemd-boot, swap, and the rest as ext4 root.
 # Deliberately plain data, using only `disk`, `gpt`, `filesystem` (vfat/ext4) and `swap`: the pipeline's installer
 # reads this file too, and supports exactly those.
 {

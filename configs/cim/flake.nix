@@ -29,6 +29,11 @@
       # A netboot host's image as a store path (the `netboot` image below). The provisioner's system refers to every
       # one of them (its provisioner guest serves them, provisioner.nix), so its own image carries them.
       netbootOf = hostName: self.nixosConfigurations.${hostName}.config.system.build.netboot;
+      # A host's installed system, which a netboot host with an `install` section installs from the provisioner's
+      # binary cache: the provisioner's system refers to it too (provisioner.nix), so its cache holds it.
+      systemOf = hostName: self.nixosConfigurations.${hostName}.config.system.build.toplevel;
+      # The port of the provisioner's binary cache on the LAN (provisioner.nix serves it, netinstall.nix uses it).
+      cachePort = 5000;
 
       hostModule =
         hostName:
@@ -114,32 +119,75 @@
         sdImage.compressImage = false;
       };
 
-      # A netboot image is the host's system booted from the LAN by the provisioner (docs/netboot.md): NixOS's netboot
-      # module gives the kernel, an initrd carrying the whole store as a squashfs, and the iPXE script that boots them.
-      # `system.build.netboot` joins the three into one directory named by nix-support/hydra-build-products, laid out
-      # as nixpkgs' netboot Hydra job (nixos/release.nix) lays it out; the script names the kernel and initrd relative
-      # to its own URL, so the three are served side by side.
+      # A netboot image, laid out as nixpkgs' netboot Hydra job (nixos/release.nix) lays it out: the kernel, the initrd
+      # and the iPXE script that boots them, side by side (the script names the other two relative to its own URL),
+      # named by nix-support/hydra-build-products. `extra` adds to the directory what no product names.
+      netbootDir =
+        pkgs: name: build: kernel: extra:
+        pkgs.runCommand "netboot-${name}" { } ''
+          mkdir -p $out/nix-support
+          ln -s ${build.kernel}/${kernel} $out/${kernel}
+          ln -s ${build.netbootRamdisk}/initrd $out/initrd
+          ln -s ${build.netbootIpxeScript}/netboot.ipxe $out/netboot.ipxe
+          ${extra}
+          {
+            echo "file kernel $out/${kernel}"
+            echo "file initrd $out/initrd"
+            echo "file ipxe $out/netboot.ipxe"
+          } > $out/nix-support/hydra-build-products
+        '';
+
+      # The host's system booted from the LAN by the provisioner (docs/netboot.md), run from RAM: NixOS's netboot
+      # module gives the kernel, an initrd carrying the whole store as a squashfs, and the iPXE script. `cmdline` is
+      # the kernel command line that script gives, for the network installer's kexec (below). A host that is also
+      # installed does not mount or swap on its disk while it runs from RAM.
       netbootModule =
+        host:
         { config, pkgs, ... }:
         let
-          inherit (config.system) build;
           kernel = config.system.boot.loader.kernelFile; # bzImage: the name netboot.ipxe gives the kernel
+          cmdline =
+            "init=${config.system.build.toplevel}/init ${toString config.boot.kernelParams}";
         in
         {
           imports = [ "${nixpkgs}/nixos/modules/installer/netboot/netboot.nix" ];
           cim.image = "netboot";
-          system.build.netboot = pkgs.runCommand "netboot-${config.networking.hostName}" { } ''
-            mkdir -p $out/nix-support
-            ln -s ${build.kernel}/${kernel} $out/${kernel}
-            ln -s ${build.netbootRamdisk}/initrd $out/initrd
-            ln -s ${build.netbootIpxeScript}/netboot.ipxe $out/netboot.ipxe
-            {
-              echo "file kernel $out/${kernel}"
-              echo "file initrd $out/initrd"
-              echo "file ipxe $out/netboot.ipxe"
-            } > $out/nix-support/hydra-build-products
-          '';
-        };
+          system.build.netboot =
+            netbootDir pkgs config.networking.hostName config.system.build kernel
+              "echo -n ${lib.escapeShellArg cmdline} > $out/cmdline";
+        }
+        // lib.optionalAttrs (host ? install) { disko.enableConfig = false; };
+
+      # A netboot host with an `install` section boots the network installer instead (./netinstall.nix): nixpkgs'
+      # netboot-minimal.nix plus one service that installs the host's system from the provisioner's binary cache onto a
+      # blank disk (disko, from the host's disk-config.nix), or else boots the host's own system, which the directory
+      # carries under system/ (the image above) for the provisioner to serve. The installer is an evaluation of its
+      # own; it names the installed system by its store path only, so that system stays out of its initrd.
+      installerNetboot =
+        hostName: host: installed: ram:
+        let
+          installer = lib.nixosSystem {
+            inherit (host) system;
+            specialArgs = { inherit domain hostName installed cachePort; };
+            modules = [
+              "${nixpkgs}/nixos/modules/installer/netboot/netboot-minimal.nix"
+              ./netinstall.nix
+              (
+                { config, pkgs, ... }:
+                {
+                  system.build.netboot =
+                    let
+                      kernel = config.system.boot.loader.kernelFile;
+                    in
+                    netbootDir pkgs "${hostName}-installer" config.system.build kernel
+                      "ln -s ${ram} $out/system";
+                  system.stateVersion = installed.system.stateVersion;
+                }
+              )
+            ];
+          };
+        in
+        installer.config.system.build.netboot;
 
       # `nixosConfigurations.<host>` is the installed system; each image the host asks for is that system extended
       # with NixOS's image module, exposed where NixOS puts it (`config.system.build.isoImage`/`.sdImage`, and
@@ -161,7 +209,12 @@
               sdImage = lib.mkDefault (imageOf sdModule).sdImage;
             }
             // lib.optionalAttrs (wants "netboot") {
-              netboot = lib.mkDefault (imageOf netbootModule).netboot;
+              netboot = lib.mkDefault (
+                if host ? install then
+                  installerNetboot hostName host config (imageOf (netbootModule host)).netboot
+                else
+                  (imageOf (netbootModule host)).netboot
+              );
             };
         };
 
@@ -180,7 +233,15 @@
         hostName: host:
         lib.nixosSystem {
           inherit (host) system;
-          specialArgs = { inherit domain hostName netbootOf; };
+          specialArgs = {
+            inherit
+              domain
+              hostName
+              netbootOf
+              systemOf
+              cachePort
+              ;
+          };
           modules = [
             ./configuration.nix
             (hostModule hostName)

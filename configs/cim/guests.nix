@@ -9,6 +9,8 @@
   domain,
   hostName,
   netbootOf,
+  systemOf,
+  cachePort,
   ...
 }:
 let
@@ -140,6 +142,8 @@ let
           guest
           records
           netbootOf
+          systemOf
+          cachePort
           ;
       };
   };
