@@ -60,6 +60,7 @@ IPXE_PROMPT = "iPXE> "
 IPXE_NO_LEASE = "No configuration methods"
 IPXE_TIMED_OUT = "Connection timed out"
 IPXE_WAIT_S = 90.0  # one iPXE command: its DHCP gives up after about 35 s, a TCP connection after about 20 s
+MACHINE_WAIT_S = 3600.0  # the longest a test waits for another's machine with the same MAC to leave the LAN
 
 
 # The provisioners this process runs, by image: the one place a VM outlives a task (see ProvisionerLan.shared).
@@ -164,6 +165,7 @@ class ProvisionerLan:
         self.accel: Accel = "tcg"
         self.why = ""
         self.nats_port: int | None = None
+        self.macs: dict[str, threading.Lock] = {}
 
     @property
     def hub(self) -> Path:
@@ -228,6 +230,21 @@ class ProvisionerLan:
         if report:
             self.nats_port = self.vm.forwarded_ports()[report[0]]
 
+    @contextlib.contextmanager
+    def machine(self, mac: str, name: str) -> Iterator[None]:
+        """While a test has a machine with `mac` on this LAN, no other test puts one there: one MAC, one machine (a
+        netboot test and an install of the same host, run side by side, take turns)."""
+        with _RUNNING_LOCK:
+            lock = self.macs.setdefault(mac, threading.Lock())
+        if not lock.acquire(blocking=False):
+            say(name, f"waiting for the LAN: another test has the machine with {mac} on it")
+            if not lock.acquire(timeout=MACHINE_WAIT_S):
+                raise NetbootFailed(f"{name}: the machine with {mac} stayed on the LAN for {MACHINE_WAIT_S:g} s")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def publish_log(self, dest: Path) -> None:
         if self.vm is not None:
             publish_log(self.vm.spec.console_log, dest)
@@ -275,16 +292,18 @@ def netboot_test(artifact: Artifact, run: LanRun, record: Callable[[BootResult],
     specs: dict[str, VmSpec] = {}
     lan: ProvisionerLan | None = None
     try:
-        with run.lan(name) as lan:
+        assert host.lan_mac is not None
+        intruder_at = intruder_mac(domain)
+        with run.lan(name) as lan, lan.machine(host.lan_mac, name), lan.machine(intruder_at, name):
+            started = time.monotonic()  # deadlines count from here, not from a wait for the LAN
             accel = lan.accel
-            assert host.lan_mac is not None
             specs["host"] = lan_machine(
                 f"{name}-boot", host, host.lan_mac, lan.hub, workdir / "host", logs["host"], port_forwards=forwards
             )
             specs["intruder"] = lan_machine(
                 f"{name}-intruder",
                 host,
-                intruder_mac(domain),
+                intruder_at,
                 lan.hub,
                 workdir / "intruder",
                 logs["intruder"],

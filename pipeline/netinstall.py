@@ -82,7 +82,7 @@ def verify(
     error: str | None = None
     specs: dict[str, VmSpec] = {}
     try:
-        with run.lan(task) as lan:
+        with run.lan(task) as lan, lan.machine(host.lan_mac, task):
             target = Drive(disk, format="qcow2", serial="cim-target", bus=kind.value, bootindex=1)
             specs["installer"] = dataclasses.replace(
                 netboot.lan_machine(

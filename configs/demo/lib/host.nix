@@ -91,8 +91,11 @@ let
 
   # The declared hardware as the network installer checks it before it writes a disk (sbin/cim-inventory check), and
   # the domain's policy: memory and disk sizes in MiB, the CPU's cores, every declared disk by device.
+  # Only a host that installs itself from the LAN carries them (the policy is built into its image, as the plan is);
+  # no other host's image changes with the domain's policy.
   hw = host.hardware;
-  hardwareLines = "policy ${domain.inventory or "record"}\n"
+  netinstalls = builtins.elem "netboot" (host.images or [ ]) && host ? install;
+  hardwareLines = if !netinstalls then "" else "policy ${domain.inventory or "record"}\n"
     + "memory_mib ${toString (builtins.floor (hw.memory_gib * 1024))}\n"
     + "cpu_cores ${toString hw.cpu.cores}\n"
     + builtins.concatStringsSep "" (map (d: "disk ${d.device} ${toString (builtins.floor (d.size_gib * 1024))}\n")
@@ -101,7 +104,7 @@ let
   # address (it routes between the LAN and its guests' bridge).
   provisionerHost = if (domain.provisioner or null) == null then null else domain.hosts.${domain.provisioner};
   provisionerNats = if provisionerHost == null then [ ] else builtins.filter (g: g.kind == "nats") (provisionerHost.guests or [ ]);
-  provisionerLines = if provisionerNats == [ ] then "" else
+  provisionerLines = if provisionerNats == [ ] || !netinstalls then "" else
     "nats=${(builtins.head provisionerNats).address}\nvia=${provisionerHost.address}\nguests=${network (builtins.head provisionerNats).address}.0/24\n";
   allGuests = builtins.concatLists (builtins.attrValues (builtins.mapAttrs
     (h: hv: map (g: g // { host = h; }) (hv.guests or [ ])) domain.hosts));
