@@ -203,11 +203,13 @@ class ProvisionerLan:
         assert prov.lan_mac is not None
         nats = next((g for g in prov.guests if g.kind is GuestKind.nats), None)
         report = (Forward("tcp", probes.PORTS.nats, str(nats.address)),) if nats is not None else ()
+        # Its own work dir, beside the hub: it outlives the test that booted it (another may still be using it),
+        # and each test publishes a copy of its console.
         spec = VmSpec(
             name=f"{domain.provisioner}-provisioner",
             system=prov.system,
-            workdir=workdir / "provisioner",
-            console_log=workdir / "provisioner.log",
+            workdir=self.lan_dir / "provisioner",
+            console_log=self.lan_dir / "provisioner.log",
             memory_mib=machine.memory_mib,
             cpus=machine.cpus,
             firmware=Firmware.bios,
