@@ -192,7 +192,8 @@ def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(
         assert (artifacts_dir / rel).read_bytes() == data, f"{rel} re-published as it was"
     proc = run(["sha256sum", "-c", "SHA256SUMS"], timeout=300, cwd=artifacts_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(proc.stdout.splitlines()) == sorted(f"{r['file']}: OK" for r in after.values())
+    published = [r["file"] for r in after.values()] + [p["file"] for r in after.values() for p in r.get("parts") or []]
+    assert sorted(proc.stdout.splitlines()) == sorted(f"{file}: OK" for file in published)
     assert os.path.getsize(artifacts_dir / after["vhost-pi-sd"]["file"]) == after["vhost-pi-sd"]["size"]
 
 
