@@ -204,8 +204,10 @@ def verify(
     log_name: str,
     record: Callable[[InstallResult], None],
     machine_state: Path | None = None,
+    plan: DiskPlan | None = None,
 ) -> InstallResult:
-    """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it.
+    """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it (`plan`: the
+    disk-config already evaluated by the caller; else it is evaluated here).
 
     `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
     work is refused (DiskPlanError) before any VM.  With `machine_state`, both VMs use KVM where the machine's canary
@@ -213,7 +215,7 @@ def verify(
     """
     assert host.install is not None
     task = f"install:{host_name}"
-    plan = plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
+    plan = plan or plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
     kind = target_kind(domain_dir, host_name, host, plan)
     for line in plan.describe():
         say(task, f"plan: {line}")

@@ -147,7 +147,7 @@ class LanRun:
     def lan(self, name: str) -> contextlib.AbstractContextManager[ProvisionerLan]:
         """The provisioner's LAN, booted by the first test of the run that needs it."""
         return ProvisionerLan.shared(
-            self.domain, self.provisioner_image, self.provisioner_xxh3, self.workdir, self.machine_state, name
+            self.domain, self.provisioner_image, self.provisioner_xxh3, self.machine_state, name
         )
 
 
@@ -174,7 +174,7 @@ class ProvisionerLan:
     @classmethod
     @contextlib.contextmanager
     def shared(
-        cls, domain: Domain, image: Path, image_xxh3: str, workdir: Path, machine_state: Path, name: str
+        cls, domain: Domain, image: Path, image_xxh3: str, machine_state: Path, name: str
     ) -> Iterator[ProvisionerLan]:
         key = f"{image}:{image_xxh3}"
         with _RUNNING_LOCK:
@@ -183,7 +183,7 @@ class ProvisionerLan:
         try:
             with lan.ready:
                 if lan.vm is None or not lan.vm.running:
-                    lan._start(domain, image, workdir, machine_state, name)
+                    lan._start(domain, image, machine_state, name)
             yield lan
         finally:
             with _RUNNING_LOCK:
@@ -196,7 +196,7 @@ class ProvisionerLan:
                     lan.vm.stop()
                 shutil.rmtree(lan.lan_dir, ignore_errors=True)
 
-    def _start(self, domain: Domain, image: Path, workdir: Path, machine_state: Path, name: str) -> None:
+    def _start(self, domain: Domain, image: Path, machine_state: Path, name: str) -> None:
         assert domain.provisioner is not None
         prov = domain.hosts[domain.provisioner]
         machine = boot_machine(prov)

@@ -31,6 +31,7 @@ from pipeline.artifacts import (
     utc_now,
 )
 from pipeline.contract import CONTRACT
+from pipeline.diskplan import DiskPlan
 from pipeline.domain import Domain
 from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
@@ -43,7 +44,7 @@ HWCHECK = r"^cim-hwcheck: (.*?)\r?$"
 
 
 def verify(
-    host_name: str, run: netboot.LanRun, record: Callable[[InstallResult], None], report_keep: Path
+    host_name: str, run: netboot.LanRun, plan: DiskPlan, record: Callable[[InstallResult], None], report_keep: Path
 ) -> InstallResult:
     """Install `host_name` from the LAN onto a blank disk, boot the disk, check it; `record` gets the result (pass
     or fail) before this returns or raises.  The hardware report the installer published is kept in `report_keep`."""
@@ -58,7 +59,7 @@ def verify(
     host = domain.hosts[host_name]
     assert host.install is not None and host.lan_mac is not None
     task = f"install:{host_name}"
-    plan = install.plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
+    # `plan` is the host's disk-config evaluated once by the task (refused there, before any VM, if it cannot work).
     kind = install.target_kind(domain_dir, host_name, host, plan)
     for line in plan.describe():
         say(task, f"plan: {line}")

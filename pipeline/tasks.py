@@ -441,6 +441,7 @@ def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str,
         log_name=f"{artifact}/install.log",
         record=functools.partial(ctx.records.save_install, artifact),
         machine_state=ctx.machine_state,
+        plan=plan,  # evaluated once (a nix eval of disk-config.nix), for the spec above and the install
     )
     if outcome.result == "pass":
         ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
@@ -465,7 +466,7 @@ def netinstall_action(ctx: Context, host_name: str, image: BuiltImage, provision
         ctx.records.save_install(artifact, reused)
         say(f"install:{host_name}", f"these images passed this install before: re-published from {kept.path}, no VM")
         return {"image_xxh3": run.both_xxh3, "seconds": reused.seconds, "outputs": outputs}
-    outcome = netinstall.verify(host_name, run, functools.partial(ctx.records.save_install, artifact), report)
+    outcome = netinstall.verify(host_name, run, plan, functools.partial(ctx.records.save_install, artifact), report)
     if outcome.result == "pass":
         ctx.passes.keep("netinstall", run.both_xxh3, spec, outcome.model_dump(mode="json"), published)
     return {"image_xxh3": run.both_xxh3, "seconds": outcome.seconds, "outputs": outputs}
