@@ -53,6 +53,8 @@ INTRUDER_MAC = "52:54:00:0b:ad:01"
 INTRUDER_MEMORY_MIB = 256
 PROVISIONER_READY = r"^cim-lan: provisioner on lan0 .*$"
 # Netboot stage 1 (configs/demo/netboot/init) says each file of the system it fetched.
+# A booted system's own lease line (sbin/cim-lan-lease), a whole line.
+SYSTEM_LEASE = r"^cim-lan: (lease|no lease)[^\n]*\r?\n"
 FETCHED = r"^cim netboot: fetched (\S+) \((\d+) bytes in ([\d.]+) s\)"
 # iPXE's words (the Debian ipxe-qemu ROM, 1.0.0+git-20190125) on the serial console.
 IPXE_SHELL_PROMPT = "Press Ctrl-B for the iPXE command line"
@@ -431,7 +433,7 @@ def _watch_netboot(
 
     # The demo's stage 1 fetches the system over HTTP and says so (its netboot initrd does not hold the system); a
     # NixOS netboot initrd carries its store and goes straight on to the system's own lease.
-    os_lease_re = r"^cim-lan: (lease|no lease)[^\n]*\r?\n"
+    os_lease_re = SYSTEM_LEASE
     found = vm.wait_for_console(f"{FETCHED}|{os_lease_re}", left(), "the system (its fetch, or its lease)", mark)
     system = re.match(FETCHED, found.group(0))
     if system:

@@ -253,7 +253,7 @@ def _boot_disk(
     ):
         try:
             vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
-            lease = vm.wait_for_console(r"^cim-lan: (lease|no lease)[^\n]*\r?\n", 30, "its lease line")
+            lease = vm.wait_for_console(netboot.SYSTEM_LEASE, 30, "its lease line")
             say(task, f"installed system: {lease.group(0).strip()}")
             ports = vm.forwarded_ports()
             ctx = probes.ProbeContext(domain=domain, host_name=host_name, domain_dir=domain_dir, ports=ports)
