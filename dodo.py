@@ -1,8 +1,9 @@
 """doit entry point: `doit domain=DIR [artifacts=DIR] [wait=no|SECONDS] [task …]` (or CIM_DOMAIN / CIM_ARTIFACTS /
 CIM_WAIT); the default domain is configs/cim, the default artifacts directory artifacts/.
 
-Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, release (the default);
-check:<host>-<format> (rebuild and compare, not in the default run).  CIM_RESULTS moves the kept passes
+Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, deploy:<host>, release
+(the default); check:<host>-<format> (rebuild and compare, not in the default run).  `generation=broken` (or
+CIM_GENERATION) makes deploy:<host> deploy a generation whose boot never completes, to see it roll back.  CIM_RESULTS moves the kept passes
 (default .cim/results).
 
 A run that executes tasks holds the artifacts directory's lock (pipeline.runlock) from here until it ends; another run
@@ -31,6 +32,7 @@ try:
         Path(get_var("domain", os.environ.get("CIM_DOMAIN", "configs/cim"))),
         Path(get_var("artifacts", os.environ.get("CIM_ARTIFACTS", "artifacts"))),
         Path(os.environ["CIM_RESULTS"]) if os.environ.get("CIM_RESULTS") else None,
+        get_var("generation", os.environ.get("CIM_GENERATION", "next")),
     )
     if context.doit_command(sys.argv[1:]) not in context.READ_ONLY_COMMANDS:
         RUN_LOCK = context.begin_run(CTX, runlock.parse_wait(get_var("wait", os.environ.get("CIM_WAIT"))))
@@ -72,6 +74,10 @@ def task_boot() -> Iterator[dict[str, Any]]:
 
 def task_install() -> Iterator[dict[str, Any]]:
     yield from tasks.task_install(CTX)
+
+
+def task_deploy() -> Iterator[dict[str, Any]]:
+    yield from tasks.task_deploy(CTX)
 
 
 def task_check() -> Iterator[dict[str, Any]]:

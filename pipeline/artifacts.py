@@ -388,6 +388,37 @@ class InstallResult(Record):
     network: NetInstallFacts | None = None  # an install from the LAN
 
 
+class Generation(Record):
+    """A system generation on an installed machine: its number (the boot entry's) and its store path."""
+
+    number: int
+    system: str
+
+
+class DeployResult(Record):
+    """deploy:<host>: the installed disk (from the image whose xxh3 is `image_xxh3`) booted, its next generation
+    copied over SSH and booted; `rolled_back_to` is set when the boot loader fell back by itself (a failure)."""
+
+    result: Outcome
+    log: str
+    image_xxh3: str
+    variant: str  # "next" (the default run's) or "broken" (asked for: its boot never completes)
+    account: str  # who logged in over SSH
+    before: Generation | None = None  # what the installed disk booted
+    target: Generation | None = None  # the generation deployed (its number as switch-to-configuration gave it)
+    after: Generation | None = None  # what the machine runs once the deploy is over
+    paths_copied: int = 0
+    bytes_copied: int = 0  # the tar stream's bytes over SSH
+    failed_boots: int = 0  # boots of the new generation that never completed
+    rolled_back_to: int | None = None
+    phases: dict[str, float] = Field(default_factory=dict)
+    probes: list[ProbeResult] = Field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    at: datetime.datetime | None = None
+    reused: str | None = None
+
+
 class ReproducibilityCheck(Record):
     """`check:<artifact>`: the image's derivation and those it is made from, rebuilt and compared."""
 
@@ -427,6 +458,7 @@ class ArtifactRecord(Record):
     boot: BootResult | None = None
     inventory: InventoryResult | None = None
     install: InstallResult | None = None
+    deploy: DeployResult | None = None  # the installed machine's next generation (deploy:<host>)
     reproducible: bool | None = None  # set by check:<artifact>; details in `check`
     check: ReproducibilityCheck | None = None
     parts: list[ImagePart] | None = None
@@ -483,6 +515,7 @@ class Records:
                         "boot": old.boot,
                         "inventory": old.inventory,
                         "install": old.install,
+                        "deploy": old.deploy,
                         "reproducible": old.reproducible,
                         "check": old.check,
                     }
@@ -497,6 +530,9 @@ class Records:
 
     def save_install(self, artifact: str, result: InstallResult) -> None:
         self._save_result(artifact, install=result)
+
+    def save_deploy(self, artifact: str, result: DeployResult) -> None:
+        self._save_result(artifact, deploy=result)
 
     def save_check(self, artifact: str, result: ReproducibilityCheck) -> None:
         with _locked(self.state_dir):
@@ -635,7 +671,7 @@ def junit_xml(records: dict[str, ArtifactRecord], artifacts_dir: Path, timestamp
         suite = ET.SubElement(root, "testsuite", name=artifact)
         if record.boot is not None:
             _boot_cases(suite, artifact, record.boot, artifacts_dir)
-        for stage in ("install", "inventory"):
+        for stage in ("install", "inventory", "deploy"):
             checked: _Checked | None = getattr(record, stage, None)
             if checked is not None:
                 _check_case(suite, artifact, stage, checked, artifacts_dir)

@@ -38,6 +38,7 @@ class Context:
     artifacts_dir: Path
     state_dir: Path
     results_dir: Path
+    deploy_variant: str = "next"  # deploy:<host>'s generation: next (the default run's) or broken (asked for)
 
     @functools.cached_property
     def records(self) -> Records:
@@ -105,7 +106,11 @@ def run_state_dir(root: Path, domain_dir: Path, artifacts_dir: Path) -> Path:
 
 
 def make_context(
-    root: Path, domain_dir: Path, artifacts_dir: Path | None = None, results_dir: Path | None = None
+    root: Path,
+    domain_dir: Path,
+    artifacts_dir: Path | None = None,
+    results_dir: Path | None = None,
+    deploy_variant: str = "next",
 ) -> Context:
     """Load and check the domain directory (no subprocess: `validate.load_checked`); raises DomainError.
 
@@ -114,6 +119,12 @@ def make_context(
     `artifacts_dir` defaults to <root>/artifacts.  Passed boots and installs are content-addressed, so they are
     shared: `results_dir` defaults to results/ in the state root (pipeline.paths: $CIM_STATE or <root>/.cim).
     """
+    if deploy_variant not in DEPLOY_VARIANTS:
+        raise CimError(
+            f"generation={deploy_variant!r} is not a generation deploy:<host> knows.",
+            hint=f"Use one of {', '.join(DEPLOY_VARIANTS)} (broken: a generation whose boot never completes, to see "
+            "the rollback).",
+        )
     domain_dir = (root / domain_dir).resolve()  # an absolute domain_dir stays as it is
     domain = load_checked(domain_dir)
     artifacts = (root / (artifacts_dir or "artifacts")).resolve()
@@ -124,8 +135,11 @@ def make_context(
         artifacts_dir=artifacts,
         state_dir=run_state_dir(root, domain_dir, artifacts),
         results_dir=root / results_dir if results_dir else state_root(root) / "results",
+        deploy_variant=deploy_variant,
     )
 
+
+DEPLOY_VARIANTS = ("next", "broken")  # pipeline.deploy.VARIANTS (context imports no stage module)
 
 # doit commands that only read the graph or its state: they take no run lock and never wait.
 READ_ONLY_COMMANDS = frozenset({"list", "info", "help", "dumpdb", "tabcompletion"})

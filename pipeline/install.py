@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import time
@@ -205,13 +206,15 @@ def verify(
     record: Callable[[InstallResult], None],
     machine_state: Path | None = None,
     plan: DiskPlan | None = None,
+    keep_disk: Path | None = None,
 ) -> InstallResult:
     """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it (`plan`: the
     disk-config already evaluated by the caller; else it is evaluated here).
 
     `record` gets the result (pass or fail) once a VM has run, before this returns or raises; a plan that cannot
     work is refused (DiskPlanError) before any VM.  With `machine_state`, both VMs use KVM where the machine's canary
-    says it works (a NixOS install under TCG takes hours), else TCG.
+    says it works (a NixOS install under TCG takes hours), else TCG.  With `keep_disk`, the installed disk of a pass
+    is moved there (deploy:<host> boots it).
     """
     assert host.install is not None
     task = f"install:{host_name}"
@@ -257,9 +260,17 @@ def verify(
         )
         _publish_install_log(installer.console_log, disk_boot.console_log, log_dest)
         record(outcome)
+    keep_installed(disk, keep_disk)
     shutil.rmtree(workdir, ignore_errors=True)
     say(task, f"install verified in {outcome.seconds} s; log {log_dest}")
     return outcome
+
+
+def keep_installed(disk: Path, keep: Path | None) -> None:
+    """Move the disk of a passed install to `keep` (one rename: a later run finds it whole or not at all)."""
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(disk, keep)
 
 
 def blank_disk(workdir: Path, mib: int) -> Path:

@@ -44,10 +44,16 @@ HWCHECK = r"^cim-hwcheck: (.*?)\r?$"
 
 
 def verify(
-    host_name: str, run: netboot.LanRun, plan: DiskPlan, record: Callable[[InstallResult], None], report_keep: Path
+    host_name: str,
+    run: netboot.LanRun,
+    plan: DiskPlan,
+    record: Callable[[InstallResult], None],
+    report_keep: Path,
+    keep_disk: Path | None = None,
 ) -> InstallResult:
     """Install `host_name` from the LAN onto a blank disk, boot the disk, check it; `record` gets the result (pass
-    or fail) before this returns or raises.  The hardware report the installer published is kept in `report_keep`."""
+    or fail) before this returns or raises.  The hardware report the installer published is kept in `report_keep`,
+    the installed disk of a pass in `keep_disk` (deploy:<host> boots it)."""
     domain, domain_dir, files, workdir, logs, log_names = (
         run.domain,
         run.domain_dir,
@@ -149,6 +155,7 @@ def verify(
         )
         _publish(specs, logs["install"])
         record(outcome)
+    install.keep_installed(disk, keep_disk)
     shutil.rmtree(workdir, ignore_errors=True)
     say(task, f"installed from the LAN and verified in {outcome.seconds} s; log {logs['install']}")
     return outcome

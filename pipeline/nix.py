@@ -144,6 +144,24 @@ def eval_json(*installable: str, apply: str | None = None, timeout: float = EVAL
     return json.loads(_nix(args, f"nix eval {' '.join(installable)}", timeout))
 
 
+def eval_expr_json(expr: str, *, timeout: float = EVAL_TIMEOUT) -> Any:
+    """`nix eval --json --impure --expr EXPR` (impure: it reads a flake by its path, `builtins.getFlake`)."""
+    return json.loads(_nix(["eval", "--json", "--impure", "--expr", expr], "nix eval --expr", timeout))
+
+
+def closure(path: str, timeout: float = 120.0) -> list[str]:
+    """The store paths `path` refers to, itself included (`nix-store -qR`: the same text on every Nix)."""
+    try:
+        proc = run(["nix-store", "--query", "--requisites", path], timeout=timeout)
+    except FileNotFoundError:
+        raise NixError("nix-store is not installed.", hint="Run scripts/setup.sh and try again.") from None
+    except ProcessTimeout as exc:
+        raise NixError(f"nix-store -qR {path} did not finish within {timeout:g} s.", exc.output) from None
+    if proc.returncode != 0:
+        raise NixError(f"nix-store -qR {path} failed.", proc.stderr)
+    return proc.stdout.split()
+
+
 def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
     """`nix eval --json --file PATH` (a plain Nix file such as a disk-config.nix, not a flake)."""
     return eval_json("--file", str(path), "", apply=apply, timeout=timeout)

@@ -157,6 +157,7 @@ class VmSpec:
     socket_dir: Path | None = None
     lan: LanPort | None = None  # a NIC on a private LAN (netboot); a booting one comes first on the PCI bus
     management: bool = True  # the user-networking NIC the probes' forwards go through
+    reboot: bool = False  # a guest's reboot restarts the machine (a deploy's); else QEMU exits
 
     @property
     def shown_log(self) -> Path:
@@ -188,7 +189,7 @@ class VmSpec:
             "-nodefaults",
             "-display",
             "none",
-            "-no-reboot",
+            *([] if self.reboot else ["-no-reboot"]),
             "-m",
             str(self.memory_mib),
             "-smp",

@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from pipeline import boot, install, netboot, netinstall, nix, process, reproduce
+from pipeline import boot, deploy, install, netboot, netinstall, nix, process, reproduce
 from pipeline.artifacts import (
     JUNIT,
     MANIFEST,
@@ -34,6 +34,7 @@ from pipeline.artifacts import (
     ArtifactRecord,
     BootResult,
     BuildInfo,
+    DeployResult,
     ImagePart,
     InstallResult,
     ReproducibilityCheck,
@@ -409,6 +410,11 @@ def netboot_task(ctx: Context, artifact: Artifact) -> dict[str, Any]:
 
 @user_errors
 def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str, Any]:
+    return run_install(ctx, host_name, image)
+
+
+def run_install(ctx: Context, host_name: str, image: BuiltImage, fresh: bool = False) -> dict[str, Any]:
+    """install:<host> from its ISO (`fresh`: a VM install even where a pass is kept; deploy needs its disk)."""
     artifact = f"{host_name}-iso"
     host = ctx.domain.hosts[host_name]
     log_dest = ctx.artifact_dir(artifact) / "install.log"
@@ -416,7 +422,8 @@ def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str,
     # handed (from disk-config.nix and the disk size), the disk it installs onto, the VM's memory.
     plan = install.plan_for(ctx.domain_dir, host_name, host)
     spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
-    kept = ctx.passes.find("install", image["xxh3"], spec, ("install.log",))
+    disk = deploy.kept_disk(ctx.state_dir, host_name)  # the installed disk, for deploy:<host>
+    kept = None if fresh else ctx.passes.find("install", image["xxh3"], spec, ("install.log",))
     if kept:
         reused = InstallResult.model_validate(kept.restore({"install.log": log_dest}))
         ctx.records.save_install(artifact, reused)
@@ -442,8 +449,10 @@ def install_action(ctx: Context, host_name: str, image: BuiltImage) -> dict[str,
         record=functools.partial(ctx.records.save_install, artifact),
         machine_state=ctx.machine_state,
         plan=plan,  # evaluated once (a nix eval of disk-config.nix), for the spec above and the install
+        keep_disk=disk,
     )
     if outcome.result == "pass":
+        deploy.mark_kept(disk, f"{image['xxh3']}:{spec}")
         ctx.passes.keep("install", image["xxh3"], spec, outcome.model_dump(mode="json"), {"install.log": log_dest})
     return {"iso_xxh3": image["xxh3"], "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
 
@@ -453,6 +462,13 @@ NETINSTALL_LOGS = {"install": "install.log", "provisioner": "install-provisioner
 
 @user_errors
 def netinstall_action(ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage) -> dict[str, Any]:
+    return run_netinstall(ctx, host_name, image, provisioner)
+
+
+def run_netinstall(
+    ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage, fresh: bool = False
+) -> dict[str, Any]:
+    """install:<host> from the LAN (`fresh`: a VM install even where a pass is kept; deploy needs its disk)."""
     artifact = f"{host_name}-netboot"
     run = lan_run(ctx, artifact, image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
     report = ctx.artifact_dir(artifact) / "install-inventory.json"
@@ -460,14 +476,18 @@ def netinstall_action(ctx: Context, host_name: str, image: BuiltImage, provision
     spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
     published = {NETINSTALL_LOGS[k]: path for k, path in run.logs.items()} | {report.name: report}
     outputs = relative_outputs(ctx, *published.values())
-    kept = ctx.passes.find("netinstall", run.both_xxh3, spec, tuple(published))
+    kept = None if fresh else ctx.passes.find("netinstall", run.both_xxh3, spec, tuple(published))
     if kept:
         reused = InstallResult.model_validate(kept.restore(published))
         ctx.records.save_install(artifact, reused)
         say(f"install:{host_name}", f"these images passed this install before: re-published from {kept.path}, no VM")
         return {"image_xxh3": run.both_xxh3, "seconds": reused.seconds, "outputs": outputs}
-    outcome = netinstall.verify(host_name, run, plan, functools.partial(ctx.records.save_install, artifact), report)
+    disk = deploy.kept_disk(ctx.state_dir, host_name)  # the installed disk, for deploy:<host>
+    outcome = netinstall.verify(
+        host_name, run, plan, functools.partial(ctx.records.save_install, artifact), report, keep_disk=disk
+    )
     if outcome.result == "pass":
+        deploy.mark_kept(disk, f"{run.both_xxh3}:{spec}")
         ctx.passes.keep("netinstall", run.both_xxh3, spec, outcome.model_dump(mode="json"), published)
     return {"image_xxh3": run.both_xxh3, "seconds": outcome.seconds, "outputs": outputs}
 
@@ -514,6 +534,104 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
             "uptodate": [
                 value_dep(f"build:{host_name}-iso", "xxh3"),
                 spec_dep(functools.partial(install.spec, host_name, host)),
+                outputs_intact(ctx.artifacts_dir),
+            ],
+            "verbosity": 2,
+        }
+
+
+# -- deploy -----------------------------------------------------------------------------------------------------------
+
+
+def install_key(ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage | None) -> str:
+    """What install:<host> keeps its installed disk under: the image(s) and the install spec, as its pass."""
+    host = ctx.domain.hosts[host_name]
+    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    if provisioner is None:
+        spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
+        return f"{image['xxh3']}:{spec}"
+    run = lan_run(ctx, f"{host_name}-netboot", image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
+    spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
+    return f"{run.both_xxh3}:{spec}"
+
+
+@user_errors
+def deploy_action(
+    ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage | None = None
+) -> dict[str, Any]:
+    host = ctx.domain.hosts[host_name]
+    artifact = f"{host_name}-{install.install_format(host).value}"
+    task, variant = f"deploy:{host_name}", ctx.deploy_variant
+    log_dest = ctx.artifact_dir(artifact) / "deploy.log"
+    # The next generation: the host's system with one more module, a new store path.
+    drv = deploy.next_system_drv(ctx.domain_dir, host_name, variant)
+    plan = nix.plan_build(host.system, nix.local_facts(), ctx.domain.builders)
+    with step(task, f"next generation built ({variant})"):
+        system = nix.build(drv, options=plan.options).outputs["out"]
+    spec_data = deploy.spec(host_name, host, variant)
+    key = install_key(ctx, host_name, image, provisioner)
+    image_key, spec = deploy.key_of(key, system, spec_data)
+    kept = ctx.passes.find("deploy", image_key, spec, ("deploy.log",))
+    if kept:
+        reused = DeployResult.model_validate(kept.restore({"deploy.log": log_dest}))
+        ctx.records.save_deploy(artifact, reused)
+        say(task, f"this installed image took this generation before: result and log from {kept.path}, no VM")
+        return {"system": system, "seconds": reused.seconds, "outputs": relative_outputs(ctx, log_dest)}
+    disk = deploy.kept_disk(ctx.state_dir, host_name)
+    if not disk.is_file() or deploy.kept_key(disk) != key:
+        say(task, f"no installed disk of this image is kept ({disk}): installing it first")
+        if provisioner is None:
+            run_install(ctx, host_name, image, fresh=True)
+        else:
+            run_netinstall(ctx, host_name, image, provisioner, fresh=True)
+    outcome = deploy.deploy(
+        deploy.DeployRun(
+            domain=ctx.domain,
+            domain_dir=ctx.domain_dir,
+            host_name=host_name,
+            base_disk=disk,
+            disk_bus=install.target_kind(
+                ctx.domain_dir, host_name, host, install.plan_for(ctx.domain_dir, host_name, host)
+            ).value,
+            system=system,
+            variant=variant,
+            image_xxh3=image["xxh3"],
+            workdir=ctx.vm_dir(f"{host_name}-deploy"),
+            log_dest=log_dest,
+            log_name=f"{artifact}/deploy.log",
+            machine_state=ctx.machine_state,
+        ),
+        functools.partial(ctx.records.save_deploy, artifact),
+    )
+    if outcome.result == "pass":
+        ctx.passes.keep("deploy", image_key, spec, outcome.model_dump(mode="json"), {"deploy.log": log_dest})
+    return {"system": system, "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
+
+
+def task_deploy(ctx: Context) -> Iterator[dict[str, Any]]:
+    for host_name in install.installable_hosts(ctx.domain):
+        host = ctx.domain.hosts[host_name]
+        assert host.install is not None
+        image = f"build:{host_name}-{install.install_format(host).value}"
+        getargs = {"image": (image, None)}
+        uptodate = [value_dep(image, "xxh3"), value_dep(f"eval:{host_name}", "toplevel")]
+        spec: Callable[[], Any] = functools.partial(deploy.spec, host_name, host, ctx.deploy_variant)
+        install_spec: Callable[[], Any] = functools.partial(install.spec, host_name, host)
+        if install.install_format(host) is Format.netboot:
+            prov = netboot.provisioner_artifact(ctx.domain)
+            getargs["provisioner"] = (f"build:{prov.name}", None)
+            uptodate.append(value_dep(f"build:{prov.name}", "xxh3"))
+            install_spec = functools.partial(netinstall_spec, ctx, host_name)
+        yield {
+            "name": host_name,
+            "doc": f"boot {host_name}'s installed disk, deploy its next generation over SSH, reboot into it",
+            "actions": [(deploy_action, [ctx, host_name])],
+            "getargs": getargs,
+            "task_dep": [f"install:{host_name}", f"eval:{host_name}"],
+            "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
+            "uptodate": [
+                *uptodate,
+                spec_dep(lambda spec=spec, install_spec=install_spec: {"deploy": spec(), "install": install_spec()}),
                 outputs_intact(ctx.artifacts_dir),
             ],
             "verbosity": 2,
@@ -600,6 +718,7 @@ def release_action(ctx: Context) -> dict[str, Any]:
 def task_release(ctx: Context) -> dict[str, Any]:
     deps = [f"boot:{a.name}" for a in ctx.domain.artifacts()]
     deps += [f"install:{h}" for h in install.installable_hosts(ctx.domain)]
+    deps += [f"deploy:{h}" for h in install.installable_hosts(ctx.domain)]
     return {
         "doc": "write artifacts/manifest.json and SHA256SUMS for every tested image",
         "actions": [(release_action, [ctx])],
@@ -617,5 +736,6 @@ def creators(ctx: Context) -> dict[str, Callable[[], Any]]:
         "task_build": lambda: task_build(ctx),
         "task_boot": lambda: task_boot(ctx),
         "task_install": lambda: task_install(ctx),
+        "task_deploy": lambda: task_deploy(ctx),
         "task_release": lambda: task_release(ctx),
     }

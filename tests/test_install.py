@@ -105,7 +105,7 @@ def test_check_installed_names_partitions_from_the_planned_device() -> None:
         "cim-part: /dev/nvme0n1p1 disk-main-ESP 64MiB\ncim-part: /dev/nvme0n1p2 disk-main-swap 32MiB\n"
         "cim-part: /dev/nvme0n1p3 disk-main-root 926MiB\ncim-swap: /dev/nvme0n1p2 32764K\n"
     )
-    assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4"
+    assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 734 MiB ext4"
     with pytest.raises(InstallError, match="partition /dev/nvme0n1p1 \\(disk-main-ESP\\) is missing"):
         check_installed(plan, console.replace("nvme0n1", "vda").replace("vdap", "vda"))
 
@@ -149,14 +149,14 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
 
     # A bigger ESP: the plan is built into the ISO, so the ISO is rebuilt (the system closure is not: its drv is the
     # same) and the install re-runs; the disk shows the new size.
-    set_disk_config(demo_domain, 'size = "64M";', 'size = "96M";')
+    set_disk_config(demo_domain, 'size = "256M";', 'size = "288M";')
     second = doit(demo_domain, "install:vhost-dev", check=True)
     ran = executed(second.stdout)
     assert "install:vhost-dev" in ran
     assert "build:vhost-dev-iso" in ran
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
-    assert "cim-part: /dev/vda1 disk-main-ESP 96MiB" in log
-    assert "cim-part: /dev/vda3 disk-main-root 894MiB" in log
+    assert "cim-part: /dev/vda1 disk-main-ESP 288MiB" in log
+    assert "cim-part: /dev/vda3 disk-main-root 702MiB" in log
 
     # Unchanged: nothing runs at all.
     assert executed(doit(demo_domain, "install:vhost-dev", check=True).stdout) == []
@@ -228,13 +228,13 @@ def test_install_onto_a_declared_nvme_disk(demo_domain: Path, artifacts_dir: Pat
 
     proc = doit(demo_domain, "install:vhost-dev", check=True)
     assert "attached as nvme (/dev/nvme0n1)" in proc.stdout
-    assert "check: / on /dev/nvme0n1p3 disk-main-root 926 MiB ext4" in proc.stdout
+    assert "check: / on /dev/nvme0n1p3 disk-main-root 734 MiB ext4" in proc.stdout
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
     assert re.search(r"^cim-install: started vhost-dev onto /dev/nvme0n1", log, re.M)
     assert re.search(r"^cim-fs: / /dev/nvme0n1p3 ext4", log, re.M)
     record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
     assert record["result"] == "pass"
-    assert "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4" in record["checks"]
+    assert "/ on /dev/nvme0n1p3 disk-main-root 734 MiB ext4" in record["checks"]
 
 
 @pytest.mark.nix

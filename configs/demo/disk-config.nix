@@ -9,7 +9,7 @@
         type = "gpt";
         partitions = {
           ESP = {
-            size = "64M";
+            size = "256M"; # room for a few generations' kernels and initrds (NixOS suggests 512M and more)
             type = "EF00";
             content = {
               type = "filesystem";

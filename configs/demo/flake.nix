@@ -20,11 +20,14 @@
       # The provisioner's system refers to each netboot host's netboot output as a store path (as a NixOS
       # provisioner names self.nixosConfigurations.<host>.config.system.build.netboot): it serves what it carries.
       netbootOf = h: self.nixosConfigurations.${h}.config.system.build.netboot;
-      mkHost = hostName: host: import ./lib/host.nix {
-        inherit contract domain hostName host inputs sourceDateEpoch netbootOf;
-      };
+      # A host's system from domain.json plus `modules` (the demo's small subset of NixOS modules, lib/host.nix).
+      # As a NixOS configuration, each carries `extendModules`: the same host with more modules, a new system
+      # (the pipeline's deploy:<host> builds its next generation this way).
+      mkHost = hostName: host: modules:
+        import ./lib/host.nix { inherit contract domain hostName host inputs sourceDateEpoch netbootOf modules; }
+        // { extendModules = more: mkHost hostName host (modules ++ (more.modules or [ ])); };
     in
     {
-      nixosConfigurations = builtins.mapAttrs mkHost domain.hosts;
+      nixosConfigurations = builtins.mapAttrs (name: host: mkHost name host [ ]) domain.hosts;
     };
 }

@@ -101,7 +101,7 @@ PROV
         ln -s "$guestTools/bin/dropbearkey" "$u/usr/bin/dropbearkey"
         printf '%s' "$accountLines" | while read -r name rest; do
             case "$name" in
-                "") ;;
+                "" | +group) ;;
                 +key) user=${rest%% *}; printf '%s\n' "${rest#* }" >> "$r/home/$user/.ssh/authorized_keys" ;;
                 *) printf '%s:x:%s:100::/home/%s:/bin/sh\n' "$name" "$rest" "$name" >> "$r/etc/passwd"
                    mkdir -p "$r/home/$name/.ssh"

@@ -55,16 +55,43 @@ if [ -n "$guestTools" ]; then
 fi
 printf '%s' "$consoleTty" > etc/cim/console
 printf '127.0.0.1 localhost\n127.0.1.1 %s.%s %s\n' "$hostName" "$fqdn" "$hostName" > etc/hosts
-printf 'root:x:0:0:root:/root:/bin/sh\n' > etc/passwd
-printf 'root:x:0:\n' > etc/group
+printf 'root::0:0:root:/root:/bin/sh\n' > etc/passwd
+printf 'root:x:0:\nusers:x:100:\n' > etc/group
+wheel=
 printf '%s' "$accountLines" | while read -r name rest; do
     case "$name" in
         "") ;;
         +key) user=${rest%% *}; printf '%s\n' "${rest#* }" >> "home/$user/.ssh/authorized_keys" ;;
+        +group) [ "${rest#* }" = wheel ] && printf '%s\n' "${rest%% *}" >> "$TMPDIR/wheel" ;;
         *) printf '%s:x:%s:100::/home/%s:/bin/sh\n' "$name" "$rest" "$name" >> etc/passwd
            mkdir -p "home/$name/.ssh" ;;
     esac
 done
+# wheel may become root (NixOS: security.sudo.wheelNeedsPassword = false): busybox's su, made setuid at boot in
+# /run/wrappers (as NixOS's security.wrappers: the store holds no setuid file) with owner root, group wheel and mode
+# 4750, so only wheel can run it.  su asks for root's password unless its field is empty, and it is: nothing else
+# could use that (no console login; dropbear takes keys only).  (Busybox's own /etc/busybox.conf is not used: with
+# it, every applet a non-root shell runs crashes.)
+[ -f "$TMPDIR/wheel" ] && wheel=$(paste -sd, "$TMPDIR/wheel")
+printf 'wheel:x:10:%s\n' "$wheel" >> etc/group
+# This system's own store path (NixOS: /run/current-system points at it) and the files its modules add to /etc.
+printf '%s\n' "$out" > etc/cim/toplevel
+i=0
+for name in $etcNames; do
+    mkdir -p "etc/$(dirname "$name")"
+    eval "printf '%s' \"\$etcText$i\"" > "etc/$name"
+    i=$((i + 1))
+done
+if [ -n "$hostSsh" ]; then
+    # The host's own SSH server (dropbear, Debian's, through the services' glibc), for deployments.
+    libs="$guestTools/lib/x86_64-linux-gnu:$servicesPath/lib/x86_64-linux-gnu"
+    for tool in dropbear dropbearkey; do
+        printf '#!/bin/sh\nexec %s --library-path %s --argv0 %s %s "$@"\n' \
+            "$servicesPath/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$libs" "$tool" "$guestTools/bin/$tool" > "usr/sbin/$tool"
+        chmod 555 "usr/sbin/$tool"
+    done
+    touch etc/cim/ssh
+fi
 
 mkdir -p "$out"
 cpio_of . | gzip -9 > "$out/initrd"
@@ -73,3 +100,9 @@ cp "$kernel/version" "$out/kernel-version"
 printf '%s\n' "$system" > "$out/system"
 printf '%s\n' "$hostJson" > "$out/host.json"
 printf 'console=%s loglevel=6 panic=1\n' "$consoleTty" > "$out/kernel-params"
+# As NixOS's toplevel: bin/switch-to-configuration makes this system the boot default (on the machine, as root).
+mkdir -p "$out/bin"
+cp "$switchToConfiguration" "$out/bin/switch-to-configuration"
+chmod 555 "$out/bin/switch-to-configuration"
+printf '%s\n' "$bootTries" > "$out/boot-counting-tries"
+

@@ -1,7 +1,24 @@
 # One host of the domain: its system closure (toplevel) and the images domain.json asks for.
-{ contract, domain, hostName, host, inputs, sourceDateEpoch, netbootOf }:
+{ contract, domain, hostName, host, inputs, sourceDateEpoch, netbootOf, modules ? [ ] }:
 let
   system = host.system;
+
+  # The NixOS options the demo's modules may set (extendModules): files under /etc and systemd-boot's boot counting.
+  # Anything else is refused here rather than ignored.
+  known = [ "environment" "boot" ];
+  checked = map (m:
+    let unknown = builtins.filter (k: !(builtins.elem k known)) (builtins.attrNames m);
+    in if builtins.isAttrs m && unknown == [ ] then m
+    else throw "the demo's modules set environment.etc.<name>.text and boot.loader.systemd-boot.bootCounting.tries only; got ${builtins.toJSON (if builtins.isAttrs m then unknown else m)}")
+    modules;
+  etc = builtins.foldl' (acc: m: acc // (m.environment.etc or { })) { } checked;
+  etcNames = builtins.attrNames etc;
+  # systemd-boot's boot counting (nixpkgs: boot.loader.systemd-boot.bootCounting): a new generation's entry is
+  # tried this many times before the boot loader falls back to the last good one.
+  bootTries = builtins.foldl' (acc: m: m.boot.loader.systemd-boot.bootCounting.tries or acc) 3 checked;
+  # A host that installs onto a disk takes its next generations over SSH: it runs an SSH server of its own (on the
+  # management interface), for the domain's accounts.
+  hostSsh = host ? install && system == "x86_64-linux";
 
   # The contract's names for this host, as shell assignments the init scripts and the installer source.
   forHost = builtins.replaceStrings [ "{host}" ] [ hostName ];
@@ -117,7 +134,8 @@ let
     (i:
       let a = builtins.elemAt (domain.accounts or [ ]) i;
       in "${a.name} ${toString (1000 + i)}\n"
-        + builtins.concatStringsSep "" (map (k: "+key ${a.name} ${k}\n") (a.ssh_keys or [ ])))
+        + builtins.concatStringsSep "" (map (k: "+key ${a.name} ${k}\n") (a.ssh_keys or [ ]))
+        + builtins.concatStringsSep "" (map (g: "+group ${a.name} ${g}\n") (a.groups or [ ])))
     (builtins.length (domain.accounts or [ ])));
   mkGuest = guest: busyboxBuild "cim-guest-${hostName}-${guest.name}" ../builders/guest.sh {
     inherit hostName system gateway;
@@ -134,7 +152,7 @@ let
   };
   guestSystems = map (g: g // { store = mkGuest g; }) guests;
 
-  toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh {
+  toplevel = busyboxBuild "nixos-system-${hostName}" ../builders/toplevel.sh ({
     inherit hostName hostJson system contractEnv;
     inherit (domain) fqdn;
     inherit (own) kernel services;
@@ -153,19 +171,26 @@ let
     # What the guests run: busybox always (the host's own userland links to it), nats-server and glibc for any
     # guest, dnsmasq and dropbear only where a dns or dev guest runs them.
     storePaths = [ own.busybox ]
-      ++ (if guests != [ ] then [ own.services ] else [ ])
-      ++ (if builtins.any (g: g.kind == "dns" || g.kind == "dev" || g.kind == "provisioner") guests then [ own.guest-tools ] else [ ])
+      ++ (if guests != [ ] || hostSsh then [ own.services ] else [ ])
+      ++ (if hostSsh || builtins.any (g: g.kind == "dns" || g.kind == "dev" || g.kind == "provisioner") guests then [ own.guest-tools ] else [ ])
       ++ map (g: g.store) guestSystems
       ++ (if builtins.any (g: g.kind == "provisioner") guests then map (n: n.path) netboots else [ ]);
-    # The provisioner's host runs nft (from the guest tools, with the services' glibc) on its LAN bridge.
-    guestTools = if builtins.any (g: g.kind == "provisioner") guests then own.guest-tools else "";
-    servicesPath = if guests != [ ] then own.services else "";
+    # The provisioner's host runs nft, an installed host dropbear (both from the guest tools, with the services'
+    # glibc).
+    guestTools = if hostSsh || builtins.any (g: g.kind == "provisioner") guests then own.guest-tools else "";
+    servicesPath = if guests != [ ] || hostSsh then own.services else "";
+    hostSsh = if hostSsh then "1" else "";
+    # What the next generation adds: files under /etc (environment.etc.<name>.text), and the boot counting.
+    inherit etcNames bootTries;
+    switchToConfiguration = ../builders/switch-to-configuration.sh;
     inherit gateway;
     natsAddress = let n = builtins.filter (g: g.kind == "nats") guests; in if n == [ ] then "" else (builtins.head n).address;
     statsInterval = toString (host.stats_interval_s or 5);
     rootfs = ../rootfs;
     consoleTty = if system == "aarch64-linux" then "ttyAMA0" else "ttyS0";
-  };
+  } // builtins.listToAttrs (builtins.genList
+    (i: { name = "etcText${toString i}"; value = etc.${builtins.elemAt etcNames i}.text; })
+    (builtins.length etcNames)));
 
   images = {
     iso = busyboxBuild "nixos-${hostName}-${system}.iso" ../builders/iso.sh {
