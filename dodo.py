@@ -3,7 +3,8 @@ CIM_WAIT); the default domain is configs/cim, the default artifacts directory ar
 
 Tasks: validate, eval:<host>, build:<host>-<format>, boot:<host>-<format>, install:<host>, deploy:<host>, release
 (the default); check:<host>-<format> (rebuild and compare, not in the default run).  `generation=broken` (or
-CIM_GENERATION) makes deploy:<host> deploy a generation whose boot never completes, to see it roll back.  CIM_RESULTS moves the kept passes
+CIM_GENERATION) makes deploy:<host> deploy a generation whose boot never completes, to see it roll back.
+CIM_RESULTS moves the kept passes
 (default .cim/results).
 
 A run that executes tasks holds the artifacts directory's lock (pipeline.runlock) from here until it ends; another run

@@ -48,13 +48,13 @@ from pipeline.errors import CimError
 from pipeline.hashing import xxh3_text
 from pipeline.log import say, step
 from pipeline.process import run
-from pipeline.qemu import Drive, Firmware, Forward, Vm, VmError, VmSpec, choose_accel
+from pipeline.qemu import Drive, Firmware, Forward, Vm, VmSpec, choose_accel
 
 VARIANTS = ("next", "broken")
 SSH_FORWARD = Forward("tcp", contract.CONTRACT.ports.ssh)
 SU = "/run/wrappers/bin/su"  # wheel's way to root on the demo's systems (NixOS: sudo)
 COMMAND_TIMEOUT = 300.0
-STAGE1 = r"^cim stage 1: \S+ on "  # one line per boot of the machine
+BOOT_START = r"Linux version \d"  # the kernel's banner: one per boot of the machine
 BOOT_CHECK_FAILED = r"^cim: boot check (\S+) failed: (.*?)\r?$"
 
 
@@ -179,7 +179,9 @@ class Session:
     client: Any
     account: str
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT, feed: Callable[[IO[bytes]], None] | None = None) -> str:
+    def run(
+        self, command: str, timeout: float = COMMAND_TIMEOUT, feed: Callable[[IO[bytes]], None] | None = None
+    ) -> str:
         """Run `command` (a remote shell line); its stdout, or DeployError with its stderr.  `feed` writes stdin."""
         channel = self.client.get_transport().open_session()
         channel.settimeout(timeout)
@@ -190,8 +192,8 @@ class Session:
                 feed(stdin)
                 stdin.close()
                 channel.shutdown_write()
-        out = channel.makefile("rb").read().decode(errors="replace")
-        err = channel.makefile_stderr("rb").read().decode(errors="replace")
+        out = str(channel.makefile("rb").read().decode(errors="replace"))
+        err = str(channel.makefile_stderr("rb").read().decode(errors="replace"))
         code = channel.recv_exit_status()
         channel.close()
         if code != 0:
@@ -199,7 +201,8 @@ class Session:
         return out
 
     def as_root(self, command: str, **kwargs: Any) -> str:
-        return self.run(f"{SU} -c {shlex.quote(command)} root", **kwargs)
+        said: str = self.run(f"{SU} -c {shlex.quote(command)} root", **kwargs)
+        return said
 
 
 @contextlib.contextmanager
@@ -281,13 +284,12 @@ class DeployRun:
 def booted(console: str, host_name: str, after: int) -> tuple[re.Match[str] | None, int]:
     """The first boot-complete line past offset `after` (whole lines only) and how many boots began before it."""
     line = re.compile(
-        contract.boot_complete_pattern(host_name)
-        + r"[^\r\n]*?(?: generation (\d+))? system (/nix/store/\S+?)\r?\n",
+        contract.boot_complete_pattern(host_name) + r"[^\r\n]*?(?: generation (\d+))? system (/nix/store/\S+?)\r?\n",
         re.M,
     )
     match = line.search(console, after)
     end = match.start() if match else len(console)
-    boots = len(re.findall(STAGE1, console[after:end], re.M))
+    boots = len(re.findall(BOOT_START, console[after:end]))
     return match, boots
 
 
@@ -381,7 +383,9 @@ def _boot_installed(vm: Vm, host_name: str, timeout: float, result: DeployResult
             match, _ = booted(vm.console, host_name, 0)
             if match is None:
                 if time.monotonic() > deadline:
-                    raise DeployError(f"the installed system's boot-complete line names no system; log {vm.spec.shown_log}")
+                    raise DeployError(
+                        f"the installed system's boot-complete line names no system; log {vm.spec.shown_log}"
+                    )
                 time.sleep(0.2)
     before = generation_of(match)
     say(task, f"up on generation {before.number}: {before.system}")
@@ -398,7 +402,7 @@ def _copy(session: Session, task: str, system: str, result: DeployResult) -> Dep
 
             def feed(stdin: IO[bytes]) -> None:
                 sink = _Counting(stdin)
-                with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as tar:
                     for path in missing:
                         tar.add(path, arcname=Path(path).name)
                 counted["bytes"] = sink.count
@@ -475,7 +479,7 @@ class _Rollback(DeployError):
 
 def _failed_boot_tail(text: str, lines: int = 12) -> str:
     """The last lines of the last failed boot in `text` (the console from the reboot to the boot that completed)."""
-    starts = [m.start() for m in re.finditer(STAGE1, text, re.M)]
+    starts = [m.start() for m in re.finditer(BOOT_START, text)]
     last = text[starts[-2] : starts[-1]] if len(starts) >= 2 else text
     kept = [ln for ln in last.replace("\r", "").splitlines() if ln.strip()]
     return "\n".join(kept[-lines:])

@@ -608,6 +608,10 @@ def deploy_action(
     return {"system": system, "seconds": outcome.seconds, "outputs": relative_outputs(ctx, log_dest)}
 
 
+def _deploy_spec(spec: Callable[[], Any], install_spec: Callable[[], Any]) -> dict[str, Any]:
+    return {"deploy": spec(), "install": install_spec()}
+
+
 def task_deploy(ctx: Context) -> Iterator[dict[str, Any]]:
     for host_name in install.installable_hosts(ctx.domain):
         host = ctx.domain.hosts[host_name]
@@ -631,7 +635,7 @@ def task_deploy(ctx: Context) -> Iterator[dict[str, Any]]:
             "file_dep": [str(ctx.domain_dir / host.install.disk_config)],
             "uptodate": [
                 *uptodate,
-                spec_dep(lambda spec=spec, install_spec=install_spec: {"deploy": spec(), "install": install_spec()}),
+                spec_dep(functools.partial(_deploy_spec, spec, install_spec)),
                 outputs_intact(ctx.artifacts_dir),
             ],
             "verbosity": 2,
