@@ -140,8 +140,8 @@ class Graph:
         """`its last run failed …` when the artifact's record keeps a failed boot or install for `name`."""
         stage, _, subject = name.partition(":")
         host = self.ctx.domain.hosts.get(subject)
-        artifact = f"{subject}-{install_format(host).value}" if stage == "install" and host else subject
-        record = self.ctx.records.load(artifact) if stage in ("boot", "install") else None
+        artifact = f"{subject}-{install_format(host).value}" if stage in ("install", "deploy") and host else subject
+        record = self.ctx.records.load(artifact) if stage in ("boot", "install", "deploy") else None
         result = getattr(record, stage, None) if record else None
         if result is None or result.result != "fail":
             return None
@@ -304,6 +304,16 @@ def _stage(result: Any) -> dict[str, Any]:
         data["lan"] = f"phases {phases}; system {network.system_bytes or 0} bytes over the LAN"
         data["network"] = network.model_dump(mode="json")
         data["phases"] = dict(result.phases)
+    if getattr(result, "variant", None) is not None:  # a deploy: the generations, what went over SSH, a rollback
+        before, target, after = result.before, result.target, result.after
+        moved = f"generation {before.number if before else '?'} → {target.number if target else '?'}"
+        data["deploy"] = (
+            f"{moved}, rolled back to {result.rolled_back_to}"
+            if result.rolled_back_to is not None
+            else f"{moved}, {result.bytes_copied / 2**20:.1f} MiB over SSH"
+            + (f", running {after.number}" if after else "")
+        )
+        data["phases"] = dict(result.phases)
     return data
 
 
@@ -333,6 +343,7 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
     host = ctx.domain.hosts[artifact.host]
     if host.install is not None and artifact.format is install_format(host):
         row["install"] = _stage(record.install if record else None)
+        row["deploy"] = _stage(record.deploy if record else None)
     # Stages other issues add to the record (inventory, reproducibility) show once a record carries them.
     dumped = record.model_dump(mode="json") if record else {}
     for key in ("inventory", "reproducible"):
@@ -342,7 +353,8 @@ def _row(ctx: Context, name: str, record: ArtifactRecord | None, states: dict[st
     row["tasks"] = {
         t: s.state
         for t, s in states.items()
-        if t.split(":", 1)[-1] in (name, artifact.host) and t.split(":", 1)[0] in ("eval", "build", "boot", "install")
+        if t.split(":", 1)[-1] in (name, artifact.host)
+        and t.split(":", 1)[0] in ("eval", "build", "boot", "install", "deploy")
     }
     return row
 
@@ -420,11 +432,13 @@ def _result_cell(stage: dict[str, Any]) -> str:
         parts.append(str(stage["accel"]))
     if stage.get("lan"):
         parts.append(str(stage["lan"]))
+    if stage.get("deploy"):
+        parts.append(str(stage["deploy"]))
     return ", ".join(parts)
 
 
 def _columns(data: dict[str, Any]) -> tuple[list[str], list[str]]:
-    extra = [key for key in ("inventory", "reproducible") if any(key in row for row in data["artifacts"])]
+    extra = [key for key in ("deploy", "inventory", "reproducible") if any(key in row for row in data["artifacts"])]
     return ["artifact", "image", "boot", "install", *extra, "to run"], extra
 
 

@@ -96,6 +96,8 @@ PHASES: dict[str, tuple[str, str | None, str]] = {
     "install": ("install:vhost-dev", None, r"installer started"),
     # [14]: a netboot host installing itself from the LAN (provisioner, installer and their hub).
     "netinstall": ("install:vhost-2", None, r"installer: cim-install: started"),
+    # [15]: a deploy, interrupted while the next generation goes over SSH.
+    "deploy": ("deploy:vhost-dev", None, r"phase copy: the closure of "),
 }
 
 
@@ -163,6 +165,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
         run_doit(demo_domain, artifacts_dir, "build:vhost-dev-iso", check=True)
     if phase == "netinstall":  # both images first: the provisioner's ISO and the netboot image
         run_doit(demo_domain, artifacts_dir, "build:vhost-dev-iso", "build:vhost-2-netboot", check=True)
+    if phase == "deploy":  # the installed disk first: the run below goes straight to the deploy
+        run_doit(demo_domain, artifacts_dir, "install:vhost-dev", check=True)
     log = tmp_path / "doit.log"
     signum = SIGNALS[sig]
     with background_doit(demo_domain, artifacts_dir, log, target) as proc:
@@ -189,6 +193,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
             assert "cim-install: " in (artifacts_dir / "vhost-2-netboot" / "install.log").read_text(errors="replace")
     if phase == "build":
         assert not list(artifacts_dir.glob("vhost-pi-sd/*.img")), "nothing published by an interrupted build"
+    if phase == "deploy":
+        assert not list((artifacts_dir.parent / "results").glob("deploy/*")), "no pass kept for an interrupted deploy"
 
     proc2 = run_doit(demo_domain, artifacts_dir, target, check=True)
     assert target in executed(proc2.stdout), proc2.stdout
@@ -199,6 +205,8 @@ def test_an_interrupted_run_leaves_nothing_running_and_the_next_run_completes(
         assert manifest(artifacts_dir)["artifacts"]["vhost-dev-iso"]["install"]["result"] == "pass"
     if phase == "netinstall":
         assert manifest(artifacts_dir)["artifacts"]["vhost-2-netboot"]["install"]["result"] == "pass"
+    if phase == "deploy":
+        assert manifest(artifacts_dir)["artifacts"]["vhost-dev-iso"]["deploy"]["result"] == "pass"
 
 
 @pytest.mark.vm

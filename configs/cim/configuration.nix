@@ -70,6 +70,7 @@ in
   imports = [
     login
     ./lan.nix
+    ./boot-counting.nix
   ];
 
   options.cim = {
