@@ -254,6 +254,45 @@ def _device_name(entry: dict[str, Any]) -> str:
     return str(name).removeprefix("/dev/")
 
 
+VENDORS = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel", "HygonGenuine": "Hygon", "CentaurHauls": "VIA"}
+_CPU_WORDS = re.compile(r"\b(intel|amd|arm|cortex|xeon|epyc|ryzen|core|celeron|pentium|atom|neoverse|apple)\b", re.I)
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.I)
+
+
+def _cpu_model(cpus: list[dict[str, Any]], smbios: list[dict[str, Any]]) -> str:
+    """The CPU's name: hwinfo's model_name; else the SMBIOS processor's version when it names a CPU (a VM's firmware
+    puts its machine type there, e.g. "pc-i440fx-9.0"); else the vendor, family and model numbers."""
+    named = next((str(c["model_name"]) for c in cpus if c.get("model_name")), "")
+    if named:
+        return named
+    version = next((str(p.get("version", "")).strip() for p in smbios if p.get("version")), "")
+    if version and _CPU_WORDS.search(version):
+        return version
+    first = next((c for c in cpus if c.get("vendor_name")), None)
+    if first is None:
+        return version
+    vendor = str(first["vendor_name"])
+    numbers = ", ".join(f"{key} {first[key]}" for key in ("family", "model", "stepping") if first.get(key) is not None)
+    return f"{VENDORS.get(vendor, vendor)} CPU ({vendor}{', ' + numbers if numbers else ''})"
+
+
+def _is_disk(entry: dict[str, Any]) -> bool:
+    """A disk the machine could install onto: not a floppy, not removable, not empty (hwinfo lists all as disks)."""
+    name = _device_name(entry)
+    flags = entry.get("is") or {}
+    if name.startswith("fd") or entry.get("driver") == "floppy" or flags.get("removable"):
+        return False
+    return _disk_bytes(entry) > 0 and not flags.get("not_ready")
+
+
+def _mac(nic: dict[str, Any]) -> str:
+    """The interface's MAC where the report has one; nixos-facter writes an index there (e.g. 53), not a MAC."""
+    for res in nic.get("resources", []):
+        if res.get("type") == "hwaddr" and _MAC.match(str(res.get("address", ""))):
+            return str(res["address"]).lower()
+    return ""
+
+
 def _disk_bytes(entry: dict[str, Any]) -> int:
     for res in entry.get("resources", []):
         if res.get("type") == "size" and res.get("unit") == "sectors":
@@ -285,7 +324,7 @@ def parse_report(data: Any, source: str) -> Detected:
     hw = data["hardware"]
     try:
         cpus = hw.get("cpu") or []
-        cpu_model = next((str(c["model_name"]) for c in cpus if c.get("model_name")), "")
+        cpu_model = _cpu_model(cpus, (data.get("smbios") or {}).get("processor") or [])
         cores = sum(int(c.get("cores") or c.get("siblings") or 1) for c in cpus)
         threads = sum(int(c.get("siblings") or c.get("cores") or 1) for c in cpus)
         disks = tuple(
@@ -297,6 +336,7 @@ def parse_report(data: Any, source: str) -> Detected:
                 str(d.get("driver", "")),
             )
             for d in hw.get("disk", [])
+            if _is_disk(d)
         )
         gpus = tuple(
             DetectedGpu(
@@ -313,8 +353,7 @@ def parse_report(data: Any, source: str) -> Detected:
             names = n.get("unix_device_names") or [str(n.get("sysfs_id", "")).rsplit("/", 1)[-1]]
             if names[0] == "lo":
                 continue
-            mac = next((str(r.get("address")) for r in n.get("resources", []) if r.get("type") == "hwaddr"), "")
-            nics.append(DetectedNic(str(names[0]), str(n.get("driver", "")), mac))
+            nics.append(DetectedNic(str(names[0]), str(n.get("driver", "")), _mac(n)))
         smbios_system = (data.get("smbios") or {}).get("system") or {}
         return Detected(
             system=str(data.get("system", "")),
@@ -552,7 +591,7 @@ def side_by_side(hw: Hardware, detected: Detected, result: Verdict) -> list[tupl
         if not any(_gpu_matches(g, card) for g in hw.gpus):
             rows.append(("gpus", "(none)", f"{card.model} [{card.pci_id}] at {card.bus_id}", "unexpected"))
     for nic in detected.nics:
-        rows.append((f"nic {nic.name}", "-", f"{nic.driver} {nic.mac}", "reported"))
+        rows.append((f"nic {nic.name}", "-", f"{nic.driver} {nic.mac or 'MAC not in the report'}", "reported"))
     rows.append(("firmware", "-", detected.firmware or "-", "reported"))
     rows.append(("virtualisation", "-", detected.virtualisation or "-", "reported"))
     return rows

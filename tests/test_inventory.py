@@ -324,3 +324,64 @@ def test_an_enforced_difference_is_a_failed_inventory_case_in_junit(tmp_path: Pa
     xml = junit_xml({"vhost-dev-iso": record}, tmp_path, datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC))
     assert 'classname="vhost-dev-iso.inventory" name="inventory"' in xml
     assert "memory_gib: declared 1 GiB" in xml and 'failures="1"' in xml
+
+
+# A report as nixos-facter (version 2) writes one for a QEMU guest: hwinfo's CPU without a model name (vendor, family,
+# model), SMBIOS processor fields that name the VM's machine type, a floppy drive hwinfo lists as a disk, and an
+# interface whose hwaddr is an index, not a MAC (nixos-facter #155).
+QEMU_GUEST_REPORT = {
+    "version": 2,
+    "system": "x86_64-linux",
+    "virtualisation": "kvm",
+    "hardware": {
+        "cpu": [{"architecture": "x86_64", "vendor_name": "AuthenticAMD", "family": 25, "model": 33, "cores": 2}],
+        "disk": [
+            {
+                "unix_device_name": "/dev/fd0",
+                "driver": "floppy",
+                "resources": [{"type": "size", "unit": "sectors", "value_1": 8, "value_2": 512}],
+                "is": {"not_ready": True},
+            },
+            {
+                "unix_device_name": "/dev/vda",
+                "driver": "virtio-blk",
+                "model": "Disk",
+                "resources": [{"type": "size", "unit": "sectors", "value_1": 2097152, "value_2": 512}],
+            },
+        ],
+        "network_interface": [
+            {"unix_device_names": ["lo"], "resources": []},
+            {
+                "unix_device_names": ["eth0"],
+                "driver": "virtio_net",
+                "resources": [{"type": "hwaddr", "address": 53}, {"type": "phwaddr", "address": 53}],
+            },
+        ],
+    },
+    "smbios": {"processor": [{"manufacturer": "QEMU", "version": "pc-i440fx-9.0"}]},
+}
+
+
+def test_a_qemu_guests_facter_report_names_the_cpu_and_keeps_floppies_and_made_up_macs_out() -> None:
+    detected = inventory.parse_report(QEMU_GUEST_REPORT, "report.json")
+    assert detected.cpu_model == "AMD CPU (AuthenticAMD, family 25, model 33)"
+    assert [d.name for d in detected.disks] == ["vda"]
+    assert [(n.name, n.mac) for n in detected.nics] == [("eth0", "")]
+    # A real CPU name in the SMBIOS version is taken when hwinfo has none; hwinfo's model name wins over both.
+    named = json.loads(json.dumps(QEMU_GUEST_REPORT))
+    named["smbios"]["processor"][0]["version"] = "AMD EPYC 7763 64-Core Processor"
+    assert inventory.parse_report(named, "r").cpu_model == "AMD EPYC 7763 64-Core Processor"
+    named["hardware"]["cpu"][0]["model_name"] = "AMD Ryzen 9 5950X 16-Core Processor"
+    assert inventory.parse_report(named, "r").cpu_model == "AMD Ryzen 9 5950X 16-Core Processor"
+    # A MAC where a report has one is read as one.
+    named["hardware"]["network_interface"][1]["resources"][0]["address"] = "52:54:00:AB:CD:EF"
+    assert inventory.parse_report(named, "r").nics[0].mac == "52:54:00:ab:cd:ef"
+
+
+def test_cim_inventory_shows_a_qemu_guests_report_without_a_floppy_or_a_made_up_mac(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(QEMU_GUEST_REPORT))
+    proc = cim("inventory", "vhost-dev", "--domain", str(DEMO), "--facter", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "AMD CPU (AuthenticAMD" in proc.stdout and "fd0" not in proc.stdout
+    assert "virtio_net MAC not in the report" in proc.stdout and " 53 " not in proc.stdout
