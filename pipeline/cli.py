@@ -16,6 +16,7 @@ import click
 from pipeline import inventory
 from pipeline.artifacts import atomic_write_text, manifest_schema
 from pipeline.contract import partition_device
+from pipeline.diskplan import DiskPlanError
 from pipeline.domain import DOMAIN_FILE, DomainError, json_schema, parse_domain
 from pipeline.errors import CimError
 from pipeline.install import plan_for, target_kind
@@ -63,16 +64,35 @@ def validate_cmd(domain_dir: Path) -> None:
 @click.argument("host")
 @click.option("--domain", "domain_dir", type=click.Path(path_type=Path), default=DEFAULT_DOMAIN, show_default=True)
 def disk_plan(host: str, domain_dir: Path) -> None:
-    """Show how HOST's disk-config.nix would be installed (partitions, sizes, file systems)."""
+    """Show HOST's disk-config.nix as disko lays it out (disks as the install VM presents them, layers, file systems,
+    what the installed system is checked for and what cannot be checked), then the demo installer's partitions or
+    why it does not make this layout."""
+    from pipeline.disklayout import demo_refusal, layout_of
+
     domain = load_checked(domain_dir)
     if host not in domain.hosts:
         raise DomainError(
             f"{domain_dir / 'domain.json'}: no host {host!r}.",
             hint=f"Name one of its hosts: {', '.join(domain.hosts)}.",
         )
-    plan = plan_for(domain_dir, host, domain.hosts[host])
-    kind = target_kind(domain_dir, host, domain.hosts[host], plan)
-    click.echo(f"disk {plan.disk} ({plan.disk_mib} MiB), attached as {kind.value} ({kind.device}):")
+    spec = domain.hosts[host]
+    if spec.install is None:
+        raise DomainError(f"{domain_dir / 'domain.json'}: host {host!r} has no install section (no disk-config).")
+    layout, devices = layout_of(domain_dir / spec.install.disk_config)
+    click.echo(f"{host}: {domain_dir / spec.install.disk_config} as disko lays it out:")
+    for line in layout.describe():
+        click.echo(f"  {line}")
+    refused = demo_refusal(layout, devices)
+    if refused is not None:
+        click.echo(f"the demo installer does not make this layout: {refused}.")
+        return
+    try:
+        plan = plan_for(domain_dir, host, spec)
+        kind = target_kind(domain_dir, host, spec, plan)
+    except DiskPlanError as exc:  # planned as disko has it; only the demo's installer cannot make it
+        click.echo(f"the demo installer does not make this layout: {exc.report()}")
+        return
+    click.echo(f"the demo installer: disk {plan.disk} ({plan.disk_mib} MiB), attached as {kind.value} ({kind.device}):")
     for part, line in zip(plan.partitions, plan.describe(), strict=True):
         click.echo(f"  {line}  [{partition_device(plan.device, part.number)}]")
 

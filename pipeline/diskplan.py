@@ -225,8 +225,17 @@ def _check_fits(plan: DiskPlan, where: str, source: str) -> None:
         )
 
 
-# Accept both a plain attrset and a disko-style function ({ lib ? …, ... }: { disko.devices = …; }).
-_APPLY = 'c: let v = if builtins.isFunction c then c { } else c; in v.disko.devices or (throw "no disko.devices")'
+# Accept both a plain attrset and a disko-style function ({ lib, ... }: { disko.devices = …; }), handed a stand-in for
+# the few nixpkgs lib functions disko configs call (evaluated offline: no nixpkgs here).
+LIB = (
+    "{ genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);"
+    " replaceStrings = builtins.replaceStrings; mkDefault = x: x; mkForce = x: x; optionalAttrs = c: a: if c then a"
+    " else { }; optional = c: x: if c then [ x ] else [ ]; }"
+)
+APPLY = (
+    f"c: let lib = {LIB}; v = if builtins.isFunction c then c {{ inherit lib; }} else c; "
+    'in v.disko.devices or (throw "no disko.devices")'
+)
 
 
 def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
@@ -234,7 +243,7 @@ def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
     if not disk_config.is_file():
         raise DiskPlanError(f"{disk_config}: file not found (domain.json install.disk_config names it).")
     try:
-        devices = nix.eval_file_json(disk_config, apply=_APPLY)
+        devices = nix.eval_file_json(disk_config, apply=APPLY)
     except nix.NixError as exc:
         raise DiskPlanError(
             f"{disk_config}: cannot be evaluated as a disko config. {exc}", exc.hint, exc.detail

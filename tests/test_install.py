@@ -105,7 +105,7 @@ def test_check_installed_names_partitions_from_the_planned_device() -> None:
         "cim-part: /dev/nvme0n1p1 disk-main-ESP 64MiB\ncim-part: /dev/nvme0n1p2 disk-main-swap 32MiB\n"
         "cim-part: /dev/nvme0n1p3 disk-main-root 926MiB\ncim-swap: /dev/nvme0n1p2 32764K\n"
     )
-    assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 734 MiB ext4"
+    assert check_installed(plan, console)[-1] == "/ on /dev/nvme0n1p3 disk-main-root 926 MiB ext4"
     with pytest.raises(InstallError, match="partition /dev/nvme0n1p1 \\(disk-main-ESP\\) is missing"):
         check_installed(plan, console.replace("nvme0n1", "vda").replace("vdap", "vda"))
 

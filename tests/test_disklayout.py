@@ -1,0 +1,186 @@
+"""disko's types as a layout to check once installed (pipeline.disklayout), the names QEMU can give a disk, and
+`cim disk-plan` on configs that use them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.disklayout import demo_refusal, present, read
+from pipeline.diskplan import DiskPlanError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo"
+# nix-community/disko's example/*.nix, kept beside the steering notes (data fetched from GitHub is not committed here).
+EXAMPLES = ROOT.parent / "shared" / "data" / "disko-examples"
+
+ESP = {"size": "500M", "type": "EF00", "content": {"type": "filesystem", "format": "vfat", "mountpoint": "/boot"}}
+
+
+def luks_lvm(device: str = "/dev/vda") -> dict:
+    return {
+        "disk": {
+            "main": {
+                "type": "disk",
+                "device": device,
+                "content": {
+                    "type": "gpt",
+                    "partitions": {
+                        "ESP": ESP,
+                        "luks": {
+                            "size": "100%",
+                            "content": {
+                                "type": "luks",
+                                "name": "crypted",
+                                "settings": {"keyFile": "/tmp/secret.key"},
+                                "content": {"type": "lvm_pv", "vg": "pool"},
+                            },
+                        },
+                    },
+                },
+            }
+        },
+        "lvm_vg": {
+            "pool": {
+                "type": "lvm_vg",
+                "lvs": {
+                    "root": {
+                        "size": "100%FREE",
+                        "content": {"type": "filesystem", "format": "ext4", "mountpoint": "/"},
+                    },
+                    "swap": {"size": "64M", "content": {"type": "swap"}},
+                },
+            }
+        },
+    }
+
+
+def test_luks_on_lvm_is_read_as_layers_and_checks() -> None:
+    layout = read(luks_lvm(), "dc.nix")
+    assert "luks crypted on partition disk-main-luks" in layout.layers
+    assert "lvm_pv of pool on /dev/mapper/crypted" in layout.layers
+    assert layout.mounts["/"] == "ext4 on /dev/pool/root"
+    assert "swap on /dev/pool/swap is active" in layout.checks
+    assert "/dev/mapper/crypted is an open LUKS device on partition disk-main-luks" in layout.checks
+    assert demo_refusal(layout, luks_lvm()) is not None and "disko" in (demo_refusal(layout, luks_lvm()) or "")
+
+
+def test_raid_btrfs_tmpfs_and_what_cannot_be_checked() -> None:
+    devices = {
+        "disk": {
+            name: {
+                "type": "disk",
+                "device": f"/dev/vd{letter}",
+                "content": {
+                    "type": "gpt",
+                    "partitions": {"r": {"size": "100%", "content": {"type": "mdraid", "name": "md0"}}},
+                },
+            }
+            for name, letter in (("a", "a"), ("b", "b"))
+        },
+        "mdadm": {
+            "md0": {
+                "type": "mdadm",
+                "level": 1,
+                "content": {
+                    "type": "btrfs",
+                    "subvolumes": {"/root": {"mountpoint": "/"}, "/nix": {"mountpoint": "/nix"}, "/snap": {}},
+                },
+            }
+        },
+        "nodev": {"/tmp": {"fsType": "tmpfs", "mountOptions": ["size=200M"]}},
+        "zpool": {"tank": {"type": "zpool", "datasets": {"data": {"type": "zfs_fs", "mountpoint": "/data"}}}},
+    }
+    layout = read(devices, "dc.nix")
+    assert "/dev/md/md0 is an active RAID1 array" in layout.checks
+    assert layout.mounts["/"] == "btrfs subvolume /root on /dev/md/md0"
+    assert "btrfs subvolume /snap exists on /dev/md/md0" in layout.checks
+    assert "/tmp is tmpfs" in layout.checks
+    assert any(what == "zpool tank" and "ZFS" in why for what, why in layout.unchecked)
+    assert [p.index for p in layout.disks.values()] == [0, 1]
+
+
+def test_partitions_without_size_with_start_end_attributes_and_hybrid_are_read() -> None:
+    devices = {
+        "disk": {
+            "main": {
+                "type": "disk",
+                "device": "/dev/vda",
+                "content": {
+                    "type": "gpt",
+                    "partitions": {
+                        "ESP": {**ESP, "size": None, "start": "1M", "end": "128M"} | {"attributes": [0]},
+                        "boot": {"size": "1M", "type": "EF02", "hybrid": {"mbrPartitionType": "0x0c"}},
+                        "root": {"end": "-1G", "content": {"type": "filesystem", "format": "ext4", "mountpoint": "/"}},
+                        "swap": {"content": {"type": "swap"}},
+                    },
+                },
+            }
+        }
+    }
+    del devices["disk"]["main"]["content"]["partitions"]["ESP"]["size"]
+    layout = read(devices, "dc.nix")
+    assert any("GPT attributes [0]" in c for c in layout.checks)
+    assert any("hybrid MBR" in what for what, _ in layout.unchecked)
+    # Two partitions that both take the rest of the disk cannot be laid out.
+    devices["disk"]["main"]["content"]["partitions"]["other"] = {"content": {"type": "swap"}}
+    with pytest.raises(DiskPlanError, match="only one partition can take the rest"):
+        read(devices, "dc.nix")
+
+
+@pytest.mark.parametrize(
+    ("device", "bus", "serial", "model", "wwn"),
+    [
+        ("/dev/disk/by-id/virtio-root-disk", "virtio", "root-disk", "", ""),
+        ("/dev/disk/by-id/ata-Samsung_SSD_850_EVO_250GB_S21PNXAGB12345", "sata", "S21PNXAGB12345",
+         "Samsung SSD 850 EVO 250GB", ""),
+        ("/dev/disk/by-id/ata-disk0", "sata", "", "disk0", ""),
+        ("/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_nvme0", "nvme", "nvme0", "", ""),
+        ("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4", "scsi", "", "", "0x5000c500a1b2c3d4"),
+        ("/dev/sdb", "sata", "", "", ""),
+    ],
+)  # fmt: skip
+def test_stable_names_are_presented_as_qemu_gives_them(
+    device: str, bus: str, serial: str, model: str, wwn: str
+) -> None:
+    presented = present(device, "disko.devices.disk.main.device", "dc.nix")
+    assert (presented.bus, presented.serial, presented.model, presented.wwn) == (bus, serial, model, wwn)
+
+
+def test_a_name_qemu_cannot_give_is_one_paragraph_naming_the_forms() -> None:
+    with pytest.raises(DiskPlanError) as caught:
+        present("/dev/disk/by-id/some-disk-id", "disko.devices.disk.main.device", "dc.nix")
+    text = caught.value.report()
+    assert "dc.nix: disko.devices.disk.main.device = '/dev/disk/by-id/some-disk-id'" in text
+    assert "/dev/disk/by-id/virtio-SERIAL" in text and "\n" not in text
+
+
+def test_cim_disk_plan_shows_the_layout_and_the_demo_installers_refusal(tmp_path: Path) -> None:
+    domain = tmp_path / "demo"
+    shutil.copytree(DEMO, domain, ignore=shutil.ignore_patterns("result*"))
+    (domain / "disk-config.nix").write_text("{ disko.devices = builtins.fromJSON (builtins.readFile ./layout.json); }")
+    (domain / "layout.json").write_text(json.dumps(luks_lvm()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "disk-plan", "vhost-dev", "--domain", str(domain)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "layer: luks crypted on partition disk-main-luks" in proc.stdout
+    assert "the demo installer does not make this layout: it uses luks, lvm_pv, lvm_vg" in proc.stdout
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"disko's examples are not in {EXAMPLES}")
+def test_disko_examples_plan_or_are_refused_in_one_paragraph() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "disko_examples.py"), str(EXAMPLES)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    planned = int(last.split(" planned")[0].split(": ")[1])
+    assert planned >= 30 and "0 crashed" in last, proc.stdout
