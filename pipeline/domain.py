@@ -261,6 +261,9 @@ class Hardware(Model):
     gpus: tuple[Gpu, ...] = ()
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
+    # How the machine's firmware boots it: "uefi" (the default: the installed systems use systemd-boot, which needs
+    # UEFI) or "bios".  The installer boots the same way, so that an install that writes EFI variables can.
+    firmware: Literal["uefi", "bios"] = "uefi"
 
     @field_validator("nics")
     @classmethod

@@ -3,7 +3,8 @@
 Every image is driven the same way, through the image contract (pipeline.contract, docs/contract.md):
   plan       evaluate disk-config.nix (disko's format) into partitions; refused before any VM if it cannot work or
              if its device is not where the host's declared disk kind appears (nvme /dev/nvme0n1, virtio /dev/vda, …)
-  installer  BIOS boot of the ISO beside a blank qcow2 disk attached as the host declares it; the install is requested
+  installer  the ISO, booted as the machine boots (UEFI by default, BIOS where hardware.firmware says so), beside a
+             blank qcow2 disk attached as the host declares it; the install is requested
              with the `cim.install` credential as an SMBIOS type 11 string; the image carries its own disk plan (built
              from the same disk-config.nix); wait for the contract's started line, then its clean power-off, then
              its done line (or its failed line and the reason)
@@ -295,10 +296,15 @@ def _vm_specs(
         console_log=workdir / "installer.log",
         memory_mib=memory_mib,
         cpus=cpus,
-        firmware=Firmware.bios,
+        # As the machine boots (domain.json hardware.firmware): a UEFI machine's installer runs under UEFI, where
+        # `bootctl install` can write the EFI variables that systemd-boot's install with canTouchEfiVariables needs.
+        firmware=Firmware.uefi if host.hardware.firmware == "uefi" else Firmware.bios,
         boot_order="d",
         published_log=log_dest,
-        drives=(Drive(image, media="cdrom"), Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)),
+        drives=(
+            Drive(image, media="cdrom", bootindex=1),
+            Drive(disk, format="qcow2", serial="cim-target", bus=kind.value, bootindex=2),
+        ),
         extra=tuple(contract.install_request()),
     )
     disk_boot = VmSpec(
@@ -326,7 +332,7 @@ def _run_installer(spec: VmSpec, host_name: str, image_name: str, timeout: float
     with (
         step(
             task,
-            f"phase installer: {image_name} (BIOS) beside the blank disk, install requested "
+            f"phase installer: {image_name} ({spec.firmware.value.upper()}) beside the blank disk, install requested "
             f"({names.credential} credential)",
         ) as phase,
         Vm(spec) as vm,

@@ -188,6 +188,32 @@ def _unreachable_error(domain_dir: Path, what: str, exc: NixError) -> NixError:
     )
 
 
+# nixpkgs' lib/minver.nix (nixos-unstable, 2026): a Nix older than this refuses to evaluate nixpkgs at all, with a
+# message about nixpkgs, not about this machine.  Debian 12's nix-bin is 2.8.
+NIXPKGS_MIN_NIX = (2, 18)
+_NIXPKGS_INPUT = re.compile(r"^\s*(inputs\.)?nixpkgs(\.url)?\s*=", re.M)
+
+
+def check_nix_for_flake(domain_dir: Path) -> None:
+    """Before any evaluation: a flake with a nixpkgs input needs the Nix nixpkgs needs; NixError naming both."""
+    flake = domain_dir / "flake.nix"
+    try:
+        text = flake.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    if not _NIXPKGS_INPUT.search(text):
+        return
+    have = version()
+    if have < NIXPKGS_MIN_NIX:
+        need = ".".join(map(str, NIXPKGS_MIN_NIX))
+        raise NixError(
+            f"{flake}: its nixpkgs input needs Nix {need} or newer (nixpkgs' lib/minver.nix), and this machine's Nix "
+            f"is {'.'.join(map(str, have))}.",
+            hint=f"Install Nix {need} or newer (Debian 13's nix-bin, or the Nix installer from nixos.org) and run "
+            "again; on this Nix, the demo domain evaluates: doit domain=configs/demo.",
+        )
+
+
 def _host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
     if not isinstance(result, dict) or "toplevel" not in result:
         raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
@@ -197,6 +223,7 @@ def _host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
 def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
     """The derivation paths of a host: {'toplevel': …, 'isoImage': …, 'sdImage': …, 'netboot': …}, those it has."""
     installable = f"{flake_ref(domain_dir)}#nixosConfigurations.{host}.config.system.build"
+    check_nix_for_flake(domain_dir)
     try:
         result = eval_json(installable, apply=_HOST_ATTRS)
     except NixError as exc:
@@ -233,6 +260,10 @@ def eval_hosts(domain_dir: Path, hosts: Sequence[str]) -> dict[str, EvalOutcome]
     """
     results: dict[str, EvalOutcome] = {}
     installable = f"{flake_ref(domain_dir)}#nixosConfigurations"
+    try:
+        check_nix_for_flake(domain_dir)
+    except NixError as exc:  # every host's eval:<host> says it, before any evaluation
+        return dict.fromkeys(hosts, exc)
 
     def alone(host: str) -> None:
         try:

@@ -233,7 +233,8 @@ class VmSpec:
             serial = f",serial={drive.serial}" if drive.serial else ""
             serial += f",bootindex={drive.bootindex}" if drive.bootindex is not None else ""
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
-                argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1"]
+                order = f",bootindex={drive.bootindex}" if drive.bootindex is not None else ""
+                argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1{order}"]
             elif drive.bus == "nvme":
                 argv += ["-device", f"nvme,drive={drive_id},serial={drive.serial or drive_id}"]
             elif drive.bus == "sata":

@@ -269,3 +269,36 @@ def test_failed_installer_reports_its_reason(demo_domain: Path, artifacts_dir: P
     assert "Traceback" not in output and "phase disk-boot" not in output
     record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
     assert record["result"] == "fail" and "no room on the target" in record["error"]
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_an_install_credential_other_than_1_installs_nothing(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner, tmp_path: Path
+) -> None:
+    """`cim.install=0` is a credential that exists: the ISO says so, boots its live system and leaves the disk alone
+    (systemd's ConditionCredential tests existence only; the installer reads the value)."""
+    from pipeline import netinstall
+    from pipeline.domain import System
+    from pipeline.install import blank_disk
+    from pipeline.qemu import Drive, Firmware, Vm, VmSpec
+
+    doit(demo_domain, "build:vhost-dev-iso", check=True)
+    iso = next((artifacts_dir / "vhost-dev-iso").glob("*.iso"))
+    disk = blank_disk(tmp_path / "vm", 1024)
+    spec = VmSpec(
+        name="cim-credential-0",
+        system=System.x86_64_linux,
+        workdir=tmp_path / "vm",
+        console_log=tmp_path / "console.log",
+        firmware=Firmware.uefi,
+        drives=(Drive(iso, media="cdrom", bootindex=1), Drive(disk, format="qcow2", bootindex=2)),
+        extra=("-smbios", "type=11,value=io.systemd.credential:cim.install=0"),
+    )
+    with Vm(spec) as vm:
+        vm.wait_for_console(r"^cim: vhost-dev boot complete", 240, "the live system's boot-complete line")
+        console = vm.console
+    assert "cim-install: credential cim.install=0 is not 1: nothing is installed" in console
+    assert "cim-install: started" not in console
+    assert netinstall.disk_untouched(disk)

@@ -101,9 +101,17 @@
                 Type = "oneshot";
                 StandardOutput = "journal+console";
                 StandardError = "journal+console";
+                # The credential's value, in $CREDENTIALS_DIRECTORY: ConditionCredential only says it exists.
+                ImportCredential = contract.install.credential;
               };
-              # Powers off either way: the failed line has said why.
+              # Only cim.install=1 installs (=0, or anything else, leaves the disk alone). Powers off after an
+              # install either way: the failed line has said why.
               script = ''
+                value=$(cat "$CREDENTIALS_DIRECTORY/${contract.install.credential}" 2>/dev/null || true)
+                if [ "$value" != 1 ]; then
+                  echo "cim-install: credential ${contract.install.credential}=$value is not 1: nothing is installed"
+                  exit 0
+                fi
                 ${lib.getExe cimInstall} || true
                 systemctl --no-block poweroff
               '';
@@ -222,12 +230,20 @@
       # `--generate-hardware-config nixos-facter ./hosts/<host>.facter.json` leaves it), read by NixOS's own
       # hardware.facter module when it exists. `cim inventory <host> --facter hosts/<host>.facter.json` compares it
       # with domain.json.
+      # Only the installed system reads it: the images (ISO, SD, netboot) boot on other machines and in QEMU, and
+      # nixos-facter's modules act on what the report holds (its graphics module, for one, turns on the NVIDIA
+      # driver and its initrd modules for the 7920's card).
       facterModule =
         hostName:
+        { config, ... }:
         let
           report = ./hosts + "/${hostName}.facter.json";
         in
-        lib.optionalAttrs (builtins.pathExists report) { hardware.facter.reportPath = report; };
+        {
+          config = lib.mkIf (builtins.pathExists report && config.cim.image == null) {
+            hardware.facter.reportPath = report;
+          };
+        };
 
       mkHost =
         hostName: host:

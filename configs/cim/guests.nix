@@ -51,6 +51,17 @@ let
   dnsGuests = lib.concatLists (
     lib.mapAttrsToList (name: other: lib.filter (guest: guest.kind == "dns") (other.guests or [ ])) domain.hosts
   );
+  # The resolvers a guest can reach: its own host's dns guests on the guests' bridge; else each host with a dns guest
+  # at its LAN address, which forwards port 53 to that guest (`forwards` below). Another host's guest bridge is
+  # private to it: a guest of vhost-pi cannot reach the dns guest on vhost-dev's bridge.
+  localDns = lib.filter (guest: guest.kind == "dns") guests;
+  resolvers =
+    if localDns != [ ] then
+      map (dns: dns.address) localDns
+    else
+      lib.mapAttrsToList (name: other: other.address) (
+        lib.filterAttrs (name: other: lib.any (guest: guest.kind == "dns") (other.guests or [ ])) domain.hosts
+      );
   records =
     lib.mapAttrs' (name: address: lib.nameValuePair "${name}.${fqdn}" address) config.cim.addresses
     // lib.concatMapAttrs (
@@ -70,7 +81,7 @@ let
         address = gateway;
         interface = "eth0";
       };
-      nameservers = map (dns: dns.address) dnsGuests;
+      nameservers = resolvers;
     };
     time.timeZone = "UTC";
     system.stateVersion = config.system.stateVersion;
@@ -86,6 +97,9 @@ let
         jetstream = true;
         settings = {
           host = "0.0.0.0"; # nats-server's own `host` (the module's `host` option is gone from nixpkgs)
+          # JetStream runs on both ends of the leafnode link: each side its own JetStream domain, so the hub's and a
+          # leaf's streams and their API subjects ($JS.<domain>.API) stay apart instead of colliding.
+          jetstream.domain = hostName;
           leafnodes = if isHub then { port = 7422; } else config.cim.natsLeafRemotes;
         };
       };

@@ -5,6 +5,7 @@
 {
   config,
   lib,
+  pkgs,
   domain,
   hostName,
   ...
@@ -95,6 +96,32 @@ in
       containers = lib.genAttrs gpuGuests (_: gpuPassthrough);
       cim.guestConfig = lib.genAttrs gpuGuests (_: {
         environment.systemPackages = [ nvidia.bin ];
+      });
+      # The device nodes a GPU guest binds appear only once the driver has made them (nvidia-uvm's on first use):
+      # nvidia-modprobe makes them, then each must exist before the container starts (a bind of a missing node
+      # fails the container).
+      systemd.services = {
+        cim-nvidia-nodes = {
+          description = "Create the NVIDIA device nodes the GPU guests bind";
+          after = [ "systemd-modules-load.service" "nvidia-persistenced.service" ];
+          wants = [ "nvidia-persistenced.service" ];
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            TimeoutStartSec = "120s";
+          };
+          script = ''
+            ${lib.getExe pkgs.nvidia-modprobe} -c 0 -u -m || true
+            for node in ${lib.concatStringsSep " " nvidiaDevices}; do
+              for _ in $(seq 1 100); do [ -e "$node" ] && break; sleep 0.5; done
+              [ -e "$node" ] || { echo "$node did not appear"; exit 1; }
+            done
+          '';
+        };
+      }
+      // lib.genAttrs (map (guest: "container@${guest}") gpuGuests) (_: {
+        requires = [ "cim-nvidia-nodes.service" ];
+        after = [ "cim-nvidia-nodes.service" ];
       });
     })
   ];
