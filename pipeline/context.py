@@ -20,6 +20,7 @@ from pipeline import nix
 from pipeline.artifacts import Records, sweep_temps
 from pipeline.domain import Domain
 from pipeline.errors import CimError
+from pipeline.evalpool import EvalPool, describe
 from pipeline.hashing import xxh3_text
 from pipeline.log import progress, say, step
 from pipeline.paths import state_root
@@ -185,13 +186,13 @@ def _sweep_vm_dirs(vm_root: Path) -> None:
 
 
 class Evaluations:
-    """This run's host evaluations: one `nix eval` process for every host the run needs evaluated.
+    """This run's host evaluations: N long-lived evaluators, fed every host the run needs evaluated
+    (pipeline.evalpool).
 
-    The first `eval:<host>` action to run evaluates, in one batch, its own host and every host `plan()` named (the
-    hosts whose eval task this run selected and whose flake digest is stale); later ones find their result here.
-    Each `eval:<host>` still saves only its own drvPaths, so a change to one host rebuilds only that host, and a host
-    whose evaluation failed fails only its own task.  doit's thread pool may run several eval actions at once: the lock
-    makes them share the one evaluation.
+    The first `eval:<host>` action to run queues its own host and every host `plan()` named (the hosts whose eval
+    task this run selected and whose flake digest is stale); each `eval:<host>` then waits for its own host only, so a
+    host's build can start while others still evaluate.  Each `eval:<host>` saves only its own drvPaths, so a change
+    to one host rebuilds only that host, and a host whose evaluation failed fails only its own task.
     """
 
     def __init__(self, domain_dir: Path) -> None:
@@ -199,7 +200,8 @@ class Evaluations:
         self._lock = threading.Lock()
         self._wanted: set[str] = set()
         self._planned = False
-        self._results: dict[str, nix.EvalOutcome] = {}
+        self._pool: EvalPool | None = None
+        self._refused: nix.NixError | None = None
         self.selected: set[str] = set()  # hosts whose eval:<host> this run selected (set by the reporter)
 
     def plan(self, hosts: set[str]) -> None:
@@ -213,18 +215,26 @@ class Evaluations:
         return self._planned
 
     def of(self, host: str) -> dict[str, str]:
-        """The drvPaths of `host`, evaluated (with the rest of the batch) on first demand; raises its NixError."""
+        """The drvPaths of `host` (queued with the rest of the run's hosts on first demand); raises its NixError."""
         with self._lock:
-            if host not in self._results:
-                # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
-                # then every selected host is expected to run.
-                wanted = self._wanted if self._planned and host in self._wanted else self.selected
-                todo = sorted((wanted - self._results.keys()) | {host})
-                what = f"evaluated {len(todo)} hosts in one nix eval" if len(todo) > 1 else "evaluated"
-                prefix = "eval" if len(todo) > 1 else f"eval:{host}"
-                with step(prefix, what, announce=False), progress(prefix, "nix eval", nix.EVAL_TIMEOUT):
-                    self._results.update(nix.eval_hosts(self.domain_dir, todo))
-            outcome = self._results[host]
+            if self._pool is None and self._refused is None:
+                try:
+                    nix.check_nix_for_flake(self.domain_dir)
+                    self._pool = EvalPool(self.domain_dir)
+                except nix.NixError as exc:  # every eval:<host> says it, before any evaluation
+                    self._refused = exc
+            if self._refused is not None:
+                raise CimError(self._refused.message, self._refused.hint, self._refused.detail)
+            assert self._pool is not None
+            # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
+            # then every selected host is expected to run.
+            wanted = self._wanted if self._planned and host in self._wanted else self.selected
+            first = not self._pool.stats.hosts
+            futures = self._pool.submit(sorted(wanted | {host}))
+            if first:
+                say("eval", f"{len(futures)} host(s) to evaluate: {describe(self._pool)}")
+        with step(f"eval:{host}", "evaluated", announce=False), progress(f"eval:{host}", "nix eval", nix.EVAL_TIMEOUT):
+            outcome = futures[host].result()
         if isinstance(outcome, CimError):
             raise CimError(outcome.message, outcome.hint, outcome.detail)
         return outcome

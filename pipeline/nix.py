@@ -214,7 +214,8 @@ def check_nix_for_flake(domain_dir: Path) -> None:
         )
 
 
-def _host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
+def host_drvs(host: str, result: Any, installable: str) -> dict[str, str]:
+    """One host's evaluated image attributes → {attribute: drvPath}; NixError without a toplevel."""
     if not isinstance(result, dict) or "toplevel" not in result:
         raise NixError(f"{installable} has no toplevel derivation; is '{host}' a nixosConfiguration of the flake?")
     return {str(k): str(v) for k, v in result.items()}
@@ -230,7 +231,7 @@ def eval_host(domain_dir: Path, host: str) -> dict[str, str]:
         if _unreachable(exc):
             raise _unreachable_error(domain_dir, host, exc) from None
         raise NixError(f"nix eval of host '{host}' ({installable}) failed.", exc.stderr) from None
-    return _host_drvs(host, result, installable)
+    return host_drvs(host, result, installable)
 
 
 def batch_apply(hosts: Sequence[str]) -> str:
@@ -292,7 +293,7 @@ def eval_hosts(domain_dir: Path, hosts: Sequence[str]) -> dict[str, EvalOutcome]
                 alone(host)
             else:
                 try:
-                    results[host] = _host_drvs(host, value, f"{installable}.{host}.config.system.build")
+                    results[host] = host_drvs(host, value, f"{installable}.{host}.config.system.build")
                 except NixError as exc:
                     results[host] = exc
 

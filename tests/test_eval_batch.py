@@ -139,11 +139,11 @@ def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(fla
     domain = flake_domain(["alpha", "beta", "gamma"])
     proc = doit(domain, "eval", check=True)
     assert sorted(executed(proc.stdout)) == ["eval:alpha", "eval:beta", "eval:gamma", "validate"]
-    assert "[eval] evaluated 3 hosts in one nix eval" in proc.stdout, proc.stdout
+    assert "[eval] 3 host(s) to evaluate: " in proc.stdout, proc.stdout
 
-    # `doit -a` runs up-to-date evals too: still one batch.
+    # `doit -a` runs up-to-date evals too: all of them, queued together.
     proc = doit(domain, "-a", "eval", check=True)
-    assert "[eval] evaluated 3 hosts in one nix eval" in proc.stdout, proc.stdout
+    assert "[eval] 3 host(s) to evaluate: " in proc.stdout, proc.stdout
 
     # Targeting one host's eval evaluates only that host, even when the others are stale too.
     (domain / "flake.nix").write_text(FLAKE.replace("nixos-system-", "nixos-sys-"))
@@ -163,4 +163,4 @@ def test_doit_evaluates_all_hosts_in_one_batch_and_fails_only_the_broken_one(fla
     assert {"eval:alpha", "eval:beta", "eval:gamma", "eval:missing"} <= set(ran)
     for good in ("alpha", "beta", "gamma"):
         assert re.search(rf"\[eval:{good}\] toplevel = /nix/store/\S+-nixos-sys-{good}\.drv", proc.stdout)
-    assert "[eval] evaluated 4 hosts in one nix eval" in proc.stdout
+    assert "[eval] 4 host(s) to evaluate: " in proc.stdout

@@ -1,0 +1,309 @@
+"""Parallel, memory-bounded evaluation of many hosts: N long-lived evaluators, each replaced past its memory share.
+
+A real NixOS host costs seconds of CPU and hundreds of MB of heap to evaluate, and Nix evaluates on one thread: one
+`nix eval` for all hosts is one busy core and a heap that only grows.  This is what nix-eval-jobs does (workers, a
+memory limit past which a worker is replaced, a result per attribute as it finishes); it is not packaged for Debian
+12, so the same scheme runs over Nix's own CLI when nix-eval-jobs is not installed:
+
+  evaluator  one `nix repl` with the flake loaded (`builtins.getFlake`), fed one host at a time; each answer ends with
+             a sentinel string, so the pipe carries one host's drvPaths (as JSON) or its error
+  pool       N threads, each owning an evaluator, take hosts from one queue; a host's result resolves its future at
+             once (eval:<host> waits for its own host only); an evaluator whose resident memory plus the largest
+             growth one host has caused would pass its share of the limit is replaced before its next host
+  limit      CIM_EVAL_MAX_MEMORY (bytes, or with K/M/G) for all evaluators together, default half the machine's
+             available memory; CIM_EVAL_WORKERS, default the usable cores
+
+A host's failure stays its own: its future holds its NixError, the evaluator goes on (or is replaced if it died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import select
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import nix, process
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PER_HOST_TIMEOUT = nix.EVAL_TIMEOUT
+START_TIMEOUT = 120.0
+
+
+class EvalPoolError(nix.NixError):
+    """An evaluator that did not start or answer."""
+
+
+def workers_default() -> int:
+    value = os.environ.get("CIM_EVAL_WORKERS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise EvalPoolError(f"CIM_EVAL_WORKERS={value!r} is not a number of workers.", hint="Set it to 1 or more.")
+        return int(value)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
+    if not match:
+        raise EvalPoolError(
+            f"CIM_EVAL_MAX_MEMORY={text!r} is not a size.", hint="Give bytes, or a number with K, M or G (e.g. 4G)."
+        )
+    return int(float(match.group(1)) * 1024 ** "KMGT".find(match.group(2).upper()) * (1024 if match.group(2) else 1))
+
+
+def max_memory_default() -> int:
+    """CIM_EVAL_MAX_MEMORY, else half of the memory available now (MemAvailable)."""
+    value = os.environ.get("CIM_EVAL_MAX_MEMORY", "").strip()
+    if value:
+        return parse_bytes(value)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    return 4 * 2**30
+
+
+def rss(pid: int) -> int:
+    """A process's resident memory in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process (from /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Evaluator:
+    """One `nix repl` with the domain's flake loaded; `evaluate(host)` → drvPaths or the NixError naming the host."""
+
+    def __init__(self, domain_dir: Path) -> None:
+        self.domain_dir = domain_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sequence = 0
+        self.cpu = 0.0  # CPU seconds, counted when it stops
+        self.peak = 0  # its largest resident memory seen
+
+    def start(self) -> None:
+        argv = ["nix", *nix.FEATURES, "repl"]
+        try:
+            self.proc = process.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            raise EvalPoolError("nix is not installed.", hint="Run scripts/setup.sh and try again.") from None
+        flake = json.dumps(nix.flake_ref(self.domain_dir))
+        said = self._ask(f"cimHosts = (builtins.getFlake {flake}).nixosConfigurations", START_TIMEOUT)
+        if "error:" in said:
+            raise EvalPoolError(f"nix repl could not load {self.domain_dir / 'flake.nix'}.", said.strip())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def rss(self) -> int:
+        now = rss(self.pid)
+        self.peak = max(self.peak, now)
+        return now
+
+    def _ask(self, line: str, timeout: float) -> str:
+        """Send one line, then a sentinel; everything nix printed for the line (ANSI colours stripped)."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.sequence += 1
+        sentinel = f'"cim-end-{self.sequence}"'
+        try:
+            self.proc.stdin.write(f"{line}\n{sentinel}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:
+            raise EvalPoolError("the nix repl evaluator is gone.") from None
+        data = b""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            text = ANSI.sub("", data.decode(errors="replace"))
+            lines = text.splitlines()
+            if sentinel in lines:  # the sentinel's value, alone on its line (its echo follows the prompt)
+                return "\n".join(lines[: lines.index(sentinel)])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EvalPoolError(f"nix repl gave no answer within {timeout:g} s.", text[-2000:])
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise EvalPoolError("the nix repl evaluator exited.", text[-2000:])
+                data += chunk
+            process.check_interrupted()
+
+    def evaluate(self, host: str) -> nix.EvalOutcome:
+        expr = (
+            f"builtins.toJSON (({nix.EVALUATED_ATTRIBUTES}) cimHosts.{json.dumps(host)}.config.system.build)"
+        )
+        said = self._ask(expr, PER_HOST_TIMEOUT)
+        self.rss()
+        installable = f"{nix.flake_ref(self.domain_dir)}#nixosConfigurations.{host}.config.system.build"
+        for line in said.splitlines():
+            if line.startswith('"{'):  # the JSON, as a Nix string literal
+                literal = line.replace("\\$", "$")
+                value = json.loads(json.loads(literal))
+                try:
+                    return nix.host_drvs(host, value, installable)
+                except nix.NixError as exc:
+                    return exc
+        error = said[said.find("error:") :] if "error:" in said else said
+        return nix.NixError(f"nix eval of host '{host}' ({installable}) failed.", error.strip())
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.cpu += cpu_seconds(self.proc.pid)
+        self.rss()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # end of input: the repl exits by itself
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        process.kill_group(self.proc, grace=0.5)
+        self.proc = None
+
+
+@dataclass
+class PoolStats:
+    backend: str = "nix repl"
+    workers: int = 0
+    max_memory: int = 0
+    hosts: int = 0
+    replaced: int = 0  # evaluators stopped past their memory share (or dead) and started afresh
+    peak_rss: int = 0  # the largest resident memory of all evaluators together, sampled
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+    growth: int = 0  # the largest growth one host caused in an evaluator
+    errors: list[str] = field(default_factory=list)
+
+
+class EvalPool:
+    """Evaluate hosts with `workers` evaluators whose resident memory together stays under `max_memory`."""
+
+    def __init__(self, domain_dir: Path, workers: int | None = None, max_memory: int | None = None) -> None:
+        self.domain_dir = domain_dir
+        self.workers = workers or workers_default()
+        self.max_memory = max_memory or max_memory_default()
+        self.share = self.max_memory // self.workers
+        self.stats = PoolStats(workers=self.workers, max_memory=self.max_memory)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._futures: dict[str, Future[nix.EvalOutcome]] = {}
+        self._lock = threading.Lock()
+        self._live: list[Evaluator] = []
+        self._threads: list[threading.Thread] = []
+        self._started = 0.0
+        self._done = threading.Event()
+
+    def submit(self, hosts: Iterable[str]) -> dict[str, Future[nix.EvalOutcome]]:
+        """Queue the hosts not queued yet; each host's future resolves as soon as it is evaluated.  Workers run while
+        there are hosts to take (their evaluators stop when the queue is empty: no memory held during builds)."""
+        with self._lock:
+            for host in hosts:
+                if host not in self._futures:
+                    self._futures[host] = Future()
+                    self._queue.put(host)
+                    self.stats.hosts += 1
+            if not self._started:
+                self._started = time.monotonic()
+                threading.Thread(target=self._monitor, name="cim-eval-monitor", daemon=True).start()
+            self._threads = [t for t in self._threads if t.is_alive()]
+            while len(self._threads) < min(self.workers, self._queue.qsize()):
+                thread = threading.Thread(target=self._work, name="cim-eval-worker", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            return dict(self._futures)
+
+    def future(self, host: str) -> Future[nix.EvalOutcome]:
+        return self.submit([host])[host]
+
+    def close(self) -> PoolStats:
+        """Wait for every queued host; the pool's figures."""
+        for future in list(self._futures.values()):
+            future.result()
+        for thread in list(self._threads):
+            thread.join()
+        self._done.set()
+        self.stats.seconds = round(time.monotonic() - self._started, 3) if self._started else 0.0
+        return self.stats
+
+    def _monitor(self) -> None:
+        while not self._done.wait(0.05):
+            with self._lock:
+                live = list(self._live)
+            total = sum(e.rss() for e in live)
+            self.stats.peak_rss = max(self.stats.peak_rss, total)
+
+    def _work(self) -> None:
+        evaluator: Evaluator | None = None
+        try:
+            while True:
+                try:
+                    host = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                future = self._futures[host]
+                try:
+                    if evaluator is not None and evaluator.rss() + self.stats.growth > self.share:
+                        self._retire(evaluator, replaced=True)
+                        evaluator = None
+                    if evaluator is None:
+                        evaluator = self._spawn()
+                    before = evaluator.rss()
+                    outcome = evaluator.evaluate(host)
+                    self.stats.growth = max(self.stats.growth, evaluator.rss() - before)
+                except EvalPoolError as exc:  # the evaluator died or hung on this host: the host fails alone
+                    outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
+                    if evaluator is not None:
+                        self._retire(evaluator, replaced=True)
+                        evaluator = None
+                future.set_result(outcome)
+        finally:
+            if evaluator is not None:
+                self._retire(evaluator, replaced=False)
+
+    def _spawn(self) -> Evaluator:
+        evaluator = Evaluator(self.domain_dir)
+        evaluator.start()
+        with self._lock:
+            self._live.append(evaluator)
+        return evaluator
+
+    def _retire(self, evaluator: Evaluator, replaced: bool) -> None:
+        with self._lock:
+            if evaluator in self._live:
+                self._live.remove(evaluator)
+        evaluator.stop()
+        self.stats.cpu_seconds += evaluator.cpu
+        if replaced:
+            self.stats.replaced += 1
+
+
+def describe(pool: EvalPool) -> str:
+    """What evaluates this run, for its log."""
+    jobs = "nix-eval-jobs is installed, but" if shutil.which("nix-eval-jobs") else "nix-eval-jobs is not installed:"
+    return (
+        f"{pool.workers} evaluator(s), each a long-lived `nix repl` ({jobs} the pipeline's own scheme over Nix's CLI), "
+        f"memory limit {pool.max_memory / 2**30:.1f} GiB for all of them"
+    )
