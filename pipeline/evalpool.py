@@ -85,6 +85,20 @@ def rss(pid: int) -> int:
     return 0
 
 
+def group(pgid: int) -> list[int]:
+    """The processes of a process group (an evaluator is nix under the pipeline's reaper, one group)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a live process (from /proc/PID/stat)."""
     try:
@@ -103,6 +117,7 @@ class Evaluator:
         self.sequence = 0
         self.cpu = 0.0  # CPU seconds, counted when it stops
         self.peak = 0  # its largest resident memory seen
+        self.members: list[int] = []  # its processes (nix under the reaper), found once it runs
 
     def start(self) -> None:
         argv = ["nix", *nix.FEATURES, "repl"]
@@ -120,7 +135,10 @@ class Evaluator:
         return self.proc.pid if self.proc else 0
 
     def rss(self) -> int:
-        now = rss(self.pid)
+        """The resident memory of the evaluator's processes together."""
+        if not self.members:
+            self.members = group(self.pid) if self.pid else []
+        now = sum(rss(pid) for pid in self.members)
         self.peak = max(self.peak, now)
         return now
 
@@ -174,14 +192,12 @@ class Evaluator:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.cpu += cpu_seconds(self.proc.pid)
         self.rss()
+        self.cpu += sum(cpu_seconds(pid) for pid in self.members)
+        process.kill_group(self.proc, grace=0.5)  # its heap is what it is replaced for: no orderly exit needed
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
-                self.proc.stdin.close()  # end of input: the repl exits by itself
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=2)
-        process.kill_group(self.proc, grace=0.5)
+                self.proc.stdin.close()
         self.proc = None
 
 
@@ -229,7 +245,8 @@ class EvalPool:
                 self._started = time.monotonic()
                 threading.Thread(target=self._monitor, name="cim-eval-monitor", daemon=True).start()
             self._threads = [t for t in self._threads if t.is_alive()]
-            while len(self._threads) < min(self.workers, self._queue.qsize()):
+            wanted = min(self.workers, len(self._threads) + self._queue.qsize())  # counted before any starts
+            while len(self._threads) < wanted:
                 thread = threading.Thread(target=self._work, name="cim-eval-worker", daemon=True)
                 self._threads.append(thread)
                 thread.start()
