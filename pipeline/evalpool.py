@@ -172,9 +172,7 @@ class Evaluator:
             process.check_interrupted()
 
     def evaluate(self, host: str) -> nix.EvalOutcome:
-        expr = (
-            f"builtins.toJSON (({nix.EVALUATED_ATTRIBUTES}) cimHosts.{json.dumps(host)}.config.system.build)"
-        )
+        expr = f"builtins.toJSON (({nix.EVALUATED_ATTRIBUTES}) cimHosts.{json.dumps(host)}.config.system.build)"
         said = self._ask(expr, PER_HOST_TIMEOUT)
         self.rss()
         installable = f"{nix.flake_ref(self.domain_dir)}#nixosConfigurations.{host}.config.system.build"
