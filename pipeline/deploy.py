@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import shlex
@@ -210,26 +209,12 @@ def login(port: int, account: str, key: Path, timeout: float) -> Iterator[Sessio
     """Log in to 127.0.0.1:`port` as `account` with `key`, retrying until `timeout` (the server may still start)."""
     import paramiko
 
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     deadline = time.monotonic() + timeout
     while True:
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         try:
-            client.connect(
-                "127.0.0.1",
-                port=port,
-                username=account,
-                key_filename=str(key),
-                timeout=10,
-                banner_timeout=10,
-                auth_timeout=10,
-                allow_agent=False,
-                look_for_keys=False,
-            )
+            client = probes.ssh_connect(port, account, key)
             break
         except (OSError, paramiko.SSHException) as exc:
-            client.close()
             if time.monotonic() > deadline:
                 raise DeployError(f"could not log in as {account} over SSH (127.0.0.1:{port}): {exc}") from None
             time.sleep(1)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import nix
-from pipeline.diskplan import APPLY, DiskPlanError, parse_size
+from pipeline.diskplan import DiskPlanError, evaluate_devices, parse_size
 
 KNOWN_TOP = ("disk", "mdadm", "lvm_vg", "zpool", "nodev", "bcachefs_filesystems")
 
@@ -332,21 +331,6 @@ def demo_refusal(layout: Layout, devices: dict[str, Any]) -> str | None:
     if other:
         return f"it formats {', '.join(other)}; the demo installer makes vfat and ext4; disko installs this layout"
     return None
-
-
-def evaluate_devices(disk_config: Path) -> dict[str, Any]:
-    """`disko.devices` of a disk-config.nix (a plain attrset or a function of `{ lib, … }`), evaluated by nix."""
-    if not disk_config.is_file():
-        raise DiskPlanError(f"{disk_config}: file not found (domain.json install.disk_config names it).")
-    try:
-        devices = nix.eval_file_json(disk_config, apply=APPLY)
-    except nix.NixError as exc:
-        raise DiskPlanError(
-            f"{disk_config}: cannot be evaluated as a disko config. {exc}", exc.hint, exc.detail
-        ) from None
-    if not isinstance(devices, dict):
-        raise DiskPlanError(f"{disk_config}: disko.devices is not an attribute set.")
-    return devices
 
 
 def layout_of(disk_config: Path) -> tuple[Layout, dict[str, Any]]:

@@ -240,6 +240,11 @@ APPLY = (
 
 def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
     """Evaluate a disk-config.nix with nix and plan the install of `disk`."""
+    return plan_from_devices(evaluate_devices(disk_config), disk, disk_mib, str(disk_config))
+
+
+def evaluate_devices(disk_config: Path) -> dict[str, Any]:
+    """`disko.devices` of a disk-config.nix (a plain attrset or a function of `{ lib, … }`), evaluated by nix."""
     if not disk_config.is_file():
         raise DiskPlanError(f"{disk_config}: file not found (domain.json install.disk_config names it).")
     try:
@@ -250,4 +255,4 @@ def evaluate(disk_config: Path, disk: str, disk_mib: int) -> DiskPlan:
         ) from None
     if not isinstance(devices, dict):
         raise DiskPlanError(f"{disk_config}: disko.devices is not an attribute set.")
-    return plan_from_devices(devices, disk, disk_mib, str(disk_config))
+    return devices

@@ -332,18 +332,20 @@ def dns_check(port: int, records: dict[str, str], outside: str) -> str:
     return f"{len(records)} name(s) resolve to their declared addresses; {outside}: NXDOMAIN"
 
 
-def ssh_check(port: int, account: str, key: Path, expect: str) -> str:
-    """`account` logs in with `key`; `hostname` prints `expect`."""
+def ssh_connect(port: int, account: str, key: Path) -> Any:
+    """A paramiko client logged in to 127.0.0.1:`port` as `account` with `key` (paramiko's exceptions as they come).
+
+    The machine made its host key at this boot: there is nothing to check it against, and only loopback is dialled.
+    """
     import paramiko
 
-    # A guest not up yet resets the connection: paramiko's transport thread would print a traceback for each try,
-    # where the probe reports only its last failure.
+    # A machine not up yet resets the connection: paramiko's transport thread would print a traceback for each try,
+    # where the callers report only their last failure.
     quiet = logging.getLogger("paramiko")
     quiet.propagate = False
     if not quiet.handlers:
         quiet.addHandler(logging.NullHandler())
     client = paramiko.SSHClient()
-    # The guest made its host key at this boot; nothing to check it against, and only loopback is dialled.
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     try:
         client.connect(
@@ -357,6 +359,16 @@ def ssh_check(port: int, account: str, key: Path, expect: str) -> str:
             look_for_keys=False,
             allow_agent=False,
         )
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def ssh_check(port: int, account: str, key: Path, expect: str) -> str:
+    """`account` logs in with `key`; `hostname` prints `expect`."""
+    client = ssh_connect(port, account, key)
+    try:
         _stdin, stdout, stderr = client.exec_command("hostname", timeout=10)
         name = stdout.read().decode(errors="replace").strip()
         status = stdout.channel.recv_exit_status()
