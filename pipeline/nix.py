@@ -149,17 +149,24 @@ def eval_expr_json(expr: str, *, timeout: float = EVAL_TIMEOUT) -> Any:
     return json.loads(_nix(["eval", "--json", "--impure", "--expr", expr], "nix eval --expr", timeout))
 
 
-def closure(path: str, timeout: float = 120.0) -> list[str]:
-    """The store paths `path` refers to, itself included (`nix-store -qR`: the same text on every Nix)."""
+def _nix_store(args: Sequence[str], what: str, failed: str, timeout: float = 120.0) -> str:
+    """`nix-store ARGS` with a deadline; its stdout, or NixError saying `what` did not finish or `failed`."""
     try:
-        proc = run(["nix-store", "--query", "--requisites", path], timeout=timeout)
+        proc = run(["nix-store", *args], timeout=timeout)
     except FileNotFoundError:
         raise NixError("nix-store is not installed.", hint="Run scripts/setup.sh and try again.") from None
     except ProcessTimeout as exc:
-        raise NixError(f"nix-store -qR {path} did not finish within {timeout:g} s.", exc.output) from None
+        raise NixError(f"{what} did not finish within {timeout:g} s.", exc.output) from None
     if proc.returncode != 0:
-        raise NixError(f"nix-store -qR {path} failed.", proc.stderr)
-    return proc.stdout.split()
+        raise NixError(failed, proc.stderr)
+    return proc.stdout
+
+
+def closure(path: str) -> list[str]:
+    """The store paths `path` refers to, itself included (`nix-store -qR`: the same text on every Nix)."""
+    return _nix_store(
+        ["--query", "--requisites", path], f"nix-store -qR {path}", f"nix-store -qR {path} failed."
+    ).split()
 
 
 def eval_file_json(path: Path, *, apply: str | None = None, timeout: float = EVAL_TIMEOUT) -> Any:
@@ -335,15 +342,11 @@ def add_gc_root(out_path: Path, link: Path) -> None:
     LINK points elsewhere or is removed.
     """
     link.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["nix-store", "--realise", str(out_path), "--add-root", str(link), "--indirect"]
-    try:
-        proc = run(argv, timeout=120)
-    except FileNotFoundError:
-        raise NixError("nix-store is not installed.", hint="Run scripts/setup.sh and try again.") from None
-    except ProcessTimeout as exc:
-        raise NixError(f"nix-store --add-root {link} did not finish within 120 s.", exc.output) from None
-    if proc.returncode != 0:
-        raise NixError(f"could not register {out_path} as a GC root at {link}.", proc.stderr)
+    _nix_store(
+        ["--realise", str(out_path), "--add-root", str(link), "--indirect"],
+        f"nix-store --add-root {link}",
+        f"could not register {out_path} as a GC root at {link}.",
+    )
 
 
 def drop_gc_roots(directory: Path, keep: set[str]) -> None:
