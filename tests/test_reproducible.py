@@ -159,7 +159,7 @@ def test_a_derivation_that_is_not_reproducible_is_caught_with_the_file(tmp_path:
 def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(
     demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
 ) -> None:
-    first = doit(demo_domain, timeout=2400, check=True)  # the default run: build, boot, install, release
+    first = doit(demo_domain, timeout=2400, check=True)  # the default run: build, boot, install, deploy, release
     assert "boot test passed" in first.stdout
     before = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]
     logs = {p.relative_to(artifacts_dir): p.read_bytes() for p in artifacts_dir.rglob("*.log") if p.name != "build.log"}
@@ -176,12 +176,14 @@ def test_deleted_artifacts_come_back_from_kept_results_without_a_vm(
         "install:vhost-dev",
         "boot:vhost-2-netboot",
         "install:vhost-2",
+        "deploy:vhost-dev",
+        "deploy:vhost-2",
         "release",
     } <= set(ran), again.stdout
     assert "booting" not in again.stdout and "phase installer" not in again.stdout, "no VM may start"
     assert "up on the LAN" not in again.stdout, "not even the provisioner"
-    # three boots (ISO, SD, netboot) and two installs (from the ISO, from the LAN), each from its kept pass
-    assert again.stdout.count("no VM") == 5, again.stdout
+    # three boots (ISO, SD, netboot), two installs (from the ISO, from the LAN) and two deploys, each from its pass
+    assert again.stdout.count("no VM") == 7, again.stdout
 
     after = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]
     for name, record in before.items():
