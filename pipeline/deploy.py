@@ -45,7 +45,7 @@ from pipeline.artifacts import DeployResult, Generation, ProbeResult, atomic_wri
 from pipeline.domain import Domain, Host, ProbeKind
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_text
-from pipeline.log import say, step
+from pipeline.log import progress, say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Forward, Vm, VmSpec, choose_accel
 
@@ -210,14 +210,15 @@ def login(port: int, account: str, key: Path, timeout: float) -> Iterator[Sessio
     import paramiko
 
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client = probes.ssh_connect(port, account, key)
-            break
-        except (OSError, paramiko.SSHException) as exc:
-            if time.monotonic() > deadline:
-                raise DeployError(f"could not log in as {account} over SSH (127.0.0.1:{port}): {exc}") from None
-            time.sleep(1)
+    with progress("deploy", f"logging in as {account} over SSH", timeout):
+        while True:
+            try:
+                client = probes.ssh_connect(port, account, key)
+                break
+            except (OSError, paramiko.SSHException) as exc:
+                if time.monotonic() > deadline:
+                    raise DeployError(f"could not log in as {account} over SSH (127.0.0.1:{port}): {exc}") from None
+                time.sleep(1)
     try:
         yield Session(client, account)
     finally:
@@ -393,7 +394,8 @@ def _copy(session: Session, task: str, system: str, result: DeployResult) -> Dep
                 counted["bytes"] = sink.count
 
             names = " ".join(f"{Path(p).name}={d}" for p, d in digests.items())
-            said = session.as_root(f"/sbin/cim-store import {names}", feed=feed)
+            with progress(task, f"{len(missing)} store path(s) over SSH", COMMAND_TIMEOUT):
+                said = session.as_root(f"/sbin/cim-store import {names}", feed=feed)
             say(task, said.strip().splitlines()[-1] if said.strip() else "imported")
     say(task, f"{len(missing)} of {len(wanted)} store path(s) copied, {counted['bytes']} bytes")
     return result.model_copy(
@@ -409,7 +411,10 @@ SWITCHED = re.compile(r"generation (\d+) \((/nix/store/\S+)\) is the boot defaul
 
 
 def _switch(session: Session, task: str, system: str, result: DeployResult) -> DeployResult:
-    with step(task, "phase switch: switch-to-configuration boot") as phase:
+    with (
+        step(task, "phase switch: switch-to-configuration boot") as phase,
+        progress(task, "switch-to-configuration boot", COMMAND_TIMEOUT),
+    ):
         said = session.as_root(f"{shlex.quote(system)}/bin/switch-to-configuration boot")
     match = SWITCHED.search(said)
     if match is None or match.group(2) != system:

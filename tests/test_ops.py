@@ -305,7 +305,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
     assert code == 0, output
     progress = [m for m in (PROGRESS.match(text) for _, text in lines) if m]
     assert progress, f"no progress line in a run with 20 s boots:\n{output}"
-    vm_phase = [i for i, (_, text) in enumerate(lines) if text.startswith((".  boot:", ".  install:"))]
+    vm_phase = [i for i, (_, text) in enumerate(lines) if text.startswith((".  boot:", ".  install:", ".  deploy:"))]
     quiet = max(b[0] - a[0] for a, b in zip(lines[vm_phase[0] :], lines[vm_phase[0] + 1 :], strict=False))
     # A line is due every 10 s; the ticker looks twice a second and the machine is shared, hence the margin.
     assert quiet <= 12.5, f"{quiet:.1f} s without a line while VMs ran:\n{output}"
@@ -323,7 +323,10 @@ def _walk(domain: Path, artifacts: Path) -> None:
     table = cim("status", "--domain", str(domain), "--artifacts", str(artifacts))
     assert table.returncode == 0 and "vhost-pi-sd" in table.stdout and "pass" in table.stdout, table.stderr
     markdown = cim("status", "--domain", str(domain), "--artifacts", str(artifacts), "--markdown").stdout
-    assert "| artifact | image | boot | install | inventory | to run |" in markdown and "| vhost-dev-iso |" in markdown
+    assert (
+        "| artifact | image | boot | install | deploy | inventory | to run |" in markdown
+        and "| vhost-dev-iso |" in markdown
+    )
 
     # 3. junit.xml: a suite per artifact, a passed case per probe and for the install.
     xml = junitparser.JUnitXml.fromfile(str(artifacts / JUNIT))
@@ -336,6 +339,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
         "stats",
         "intruder",
         "install",
+        "deploy",
     }
     # The hardware report is a probe of the boot, and its reconcile a check of its own (both named "inventory").
     assert {case.name for case in suites["vhost-dev-iso"]} == {
@@ -346,6 +350,7 @@ def _walk(domain: Path, artifacts: Path) -> None:
         "ssh",
         "inventory",
         "install",
+        "deploy",
     }
     assert all(case.is_passed for suite in suites.values() for case in suite)
 
