@@ -33,7 +33,7 @@ SCHEMA = json.loads((ROOT / "pipeline" / "schemas" / "stats.json").read_text())
 # reporters (statistics, and the hardware report until it is acknowledged; with the subshells they fork while they
 # build a message) and the short-lived tools those reporters run (nc for NATS, sleep between messages).
 # The provisioner's host also mirrors its provisioner guest's log lines on the console (cim-lan watch: tail).
-HOST_PROCESSES = {"init", "cim-guest", "unshare", "cim-stats", "cim-inventory", "cim-lan", "tail"}
+HOST_PROCESSES = {"init", "cim-guest", "unshare", "cim-stats", "cim-inventory", "cim-lan", "tail", "dropbear"}
 REPORTERS_TOOLS = {"nc", "sleep", "timeout"}
 
 

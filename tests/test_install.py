@@ -141,7 +141,7 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
     assert not re.search(r"^boot:", log.split("=== phase disk-boot")[0], re.M)  # isolinux showed no prompt
     assert "=== phase disk-boot" in log
     assert re.search(r"^cim-fs: / /dev/vda3 ext4", log, re.M)
-    assert "cim-part: /dev/vda1 disk-main-ESP 64MiB" in log
+    assert "cim-part: /dev/vda1 disk-main-ESP 256MiB" in log
     record = json.loads((artifacts_dir / "manifest.json").read_text())["artifacts"]["vhost-dev-iso"]["install"]
     assert record["result"] == "pass" and record["seconds"] > 0
     assert set(record["phases"]) == {"installer", "disk-boot"}

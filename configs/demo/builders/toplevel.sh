@@ -85,9 +85,12 @@ done
 if [ -n "$hostSsh" ]; then
     # The host's own SSH server (dropbear, Debian's, through the services' glibc), for deployments.
     libs="$guestTools/lib/x86_64-linux-gnu:$servicesPath/lib/x86_64-linux-gnu"
+    # The loader is reached through a link named after the tool: the process is called dropbear, not ld-linux.
+    mkdir -p usr/libexec/cim
     for tool in dropbear dropbearkey; do
-        printf '#!/bin/sh\nexec %s --library-path %s --argv0 %s %s "$@"\n' \
-            "$servicesPath/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$libs" "$tool" "$guestTools/bin/$tool" > "usr/sbin/$tool"
+        ln -s "$servicesPath/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "usr/libexec/cim/$tool"
+        printf '#!/bin/sh\nexec /usr/libexec/cim/%s --library-path %s --argv0 %s %s "$@"\n' \
+            "$tool" "$libs" "$tool" "$guestTools/bin/$tool" > "usr/sbin/$tool"
         chmod 555 "usr/sbin/$tool"
     done
     touch etc/cim/ssh
