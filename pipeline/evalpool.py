@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +229,8 @@ class EvalPool:
         self._threads: list[threading.Thread] = []
         self._started = 0.0
         self._done = threading.Event()
+        self._gate = threading.Condition()
+        self._busy = 0  # evaluators evaluating a host right now
 
     def submit(self, hosts: Iterable[str]) -> dict[str, Future[nix.EvalOutcome]]:
         """Queue the hosts not queued yet; each host's future resolves as soon as it is evaluated.  Workers run while
@@ -285,9 +287,10 @@ class EvalPool:
                         evaluator = None
                     if evaluator is None:
                         evaluator = self._spawn()
-                    before = evaluator.rss()
-                    outcome = evaluator.evaluate(host)
-                    self.stats.growth = max(self.stats.growth, evaluator.rss() - before)
+                    with self._admitted():
+                        before = evaluator.rss()
+                        outcome = evaluator.evaluate(host)
+                        self.stats.growth = max(self.stats.growth, evaluator.rss() - before)
                 except EvalPoolError as exc:  # the evaluator died or hung on this host: the host fails alone
                     outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
                     if evaluator is not None:
@@ -297,6 +300,23 @@ class EvalPool:
         finally:
             if evaluator is not None:
                 self._retire(evaluator, replaced=False)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Evaluate only while the evaluators together, plus the most one host has added, stay under the limit: with
+        a limit too small for every worker at once, fewer evaluate at a time (one always may)."""
+        with self._gate:
+            # Before any host is measured each worker is trusted to fit its share (a host's cost is not known yet, and
+            # a fast host must not wait behind a slow one); from then on the measured growth decides.
+            while self._busy and sum(e.rss() for e in list(self._live)) + self.stats.growth > self.max_memory:
+                self._gate.wait(0.2)
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._busy -= 1
+                self._gate.notify_all()
 
     def _spawn(self) -> Evaluator:
         evaluator = Evaluator(self.domain_dir)
