@@ -57,8 +57,13 @@ def say(prefix: str, message: str) -> None:
     """One line of the run's log: `[prefix] message`."""
     with _lock:
         _clear_live()  # the live line is redrawn below it at the next tick
-        sys.stdout.write(f"[{prefix}] {message}\n")
-        sys.stdout.flush()
+        # Under doit's thread pool, sys.stdout is a tee that wraps whatever sys.stdout was when each action started,
+        # and actions overlap: the tees nest one inside another, and 10,000 eval actions nest them deeper than
+        # Python's recursion limit.  The tasks print their output as it comes (verbosity 2), so the lines go straight
+        # to the process's stdout.
+        out = _stream() if type(sys.stdout).__module__.startswith("doit") else sys.stdout
+        out.write(f"[{prefix}] {message}\n")
+        out.flush()
 
 
 def debugging() -> bool:

@@ -138,7 +138,9 @@ def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
             "uptodate": [flake_dep(ctx.evaluations)],
-            "verbosity": 2,
+            # Its lines go straight to the terminal (log.say); doit's tee, which wraps whatever sys.stdout is when an
+            # action starts, would nest once per overlapping eval action (10,000 deep for 10,000 hosts).
+            "verbosity": 0,
         }
 
 
