@@ -12,6 +12,7 @@ of the same domain waits for it (or, with wait=no, refuses).  SIGINT, SIGTERM an
 process and end the run (pipeline.process).  `doit list` / `info` / `help` take no lock and never wait.
 """
 
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,10 @@ from pipeline.errors import CimError
 from pipeline.hashing import XXH3Checker
 
 ROOT = Path(__file__).resolve().parent
+# Loading a graph makes four tasks per host, all alive until the run ends: with the cyclic GC scanning them again and
+# again, loading 10,000 hosts cost 2.6x per host what 1,000 did (bench/scale.py).  Off while doit loads the graph;
+# the reporter freezes what was loaded and turns it back on before any task runs (pipeline.context).
+gc.disable()
 process.stop_on_signals()
 RUN_LOCK = None  # held (module global) until the process ends
 try:

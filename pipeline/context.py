@@ -7,6 +7,7 @@ No subprocess runs here at load time; `Evaluations.of` is where the one `nix eva
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import threading
 import time
@@ -262,5 +263,9 @@ def reporter_for(ctx: Context) -> type:
             super().initialize(tasks, selected_tasks)
             needed = needed_tasks(tasks, selected_tasks)
             ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
+            # The graph is loaded (dodo.py turned the cyclic GC off for that): its objects live as long as the run,
+            # so they are moved out of the GC's sight, and the collector watches only what the run makes from here.
+            gc.freeze()
+            gc.enable()
 
     return Reporter
