@@ -229,11 +229,11 @@ class Evaluations:
             assert self._pool is not None
             # A host the plan did not expect runs when doit runs tasks regardless of their status (`doit -a`):
             # then every selected host is expected to run.
-            wanted = self._wanted if self._planned and host in self._wanted else self.selected
-            first = not self._pool.stats.hosts
-            futures = self._pool.submit(sorted(wanted | {host}))
-            if first:
-                say("eval", f"{len(futures)} host(s) to evaluate: {describe(self._pool)}")
+            if not self._pool.stats.hosts:  # the first eval action queues every host the run will evaluate
+                wanted = self._wanted if self._planned and host in self._wanted else self.selected
+                queued = self._pool.submit(sorted(wanted | {host}))
+                say("eval", f"{len(queued)} host(s) to evaluate: {describe(self._pool)}")
+            futures = self._pool.submit([host])  # one host: an eval action costs the same for 10 or 10,000 hosts
         with step(f"eval:{host}", "evaluated", announce=False), progress(f"eval:{host}", "nix eval", nix.EVAL_TIMEOUT):
             outcome = futures[host].result()
         if isinstance(outcome, CimError):

@@ -233,8 +233,9 @@ class EvalPool:
         self._busy = 0  # evaluators evaluating a host right now
 
     def submit(self, hosts: Iterable[str]) -> dict[str, Future[nix.EvalOutcome]]:
-        """Queue the hosts not queued yet; each host's future resolves as soon as it is evaluated.  Workers run while
-        there are hosts to take (their evaluators stop when the queue is empty: no memory held during builds)."""
+        """Queue the hosts not queued yet; their futures (each resolves as soon as its host is evaluated).  Workers run
+        while there are hosts to take (their evaluators stop when the queue is empty: no memory held during builds)."""
+        hosts = list(hosts)
         with self._lock:
             for host in hosts:
                 if host not in self._futures:
@@ -250,7 +251,7 @@ class EvalPool:
                 thread = threading.Thread(target=self._work, name="cim-eval-worker", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            return dict(self._futures)
+            return {host: self._futures[host] for host in hosts}
 
     def future(self, host: str) -> Future[nix.EvalOutcome]:
         return self.submit([host])[host]
