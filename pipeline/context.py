@@ -263,8 +263,10 @@ def reporter_for(ctx: Context) -> type:
             super().initialize(tasks, selected_tasks)
             needed = needed_tasks(tasks, selected_tasks)
             ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
-            # The graph is loaded (dodo.py turned the cyclic GC off for that): its objects live as long as the run,
-            # so they are moved out of the GC's sight, and the collector watches only what the run makes from here.
+            # The graph is loaded (dodo.py turned the cyclic GC off for that): one collection frees what loading left
+            # behind (left frozen, an unreferenced asyncio loop would be finalised at exit, after its own sockets, and
+            # print a traceback), then the graph, which lives as long as the run, is moved out of the GC's sight.
+            gc.collect()
             gc.freeze()
             gc.enable()
 
