@@ -49,7 +49,6 @@ from pipeline.log import progress, say, step
 from pipeline.process import run
 from pipeline.qemu import Drive, Firmware, Forward, Vm, VmSpec, choose_accel
 
-VARIANTS = ("next", "broken")
 SSH_FORWARD = Forward("tcp", contract.CONTRACT.ports.ssh)
 SU = "/run/wrappers/bin/su"  # wheel's way to root on the demo's systems (NixOS: sudo)
 COMMAND_TIMEOUT = 300.0

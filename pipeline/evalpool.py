@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import nix, process
@@ -201,7 +201,6 @@ class Evaluator:
 
 @dataclass
 class PoolStats:
-    backend: str = "nix repl"
     workers: int = 0
     max_memory: int = 0
     hosts: int = 0
@@ -210,7 +209,6 @@ class PoolStats:
     cpu_seconds: float = 0.0
     seconds: float = 0.0
     growth: int = 0  # the largest growth one host caused in an evaluator
-    errors: list[str] = field(default_factory=list)
 
 
 class EvalPool:

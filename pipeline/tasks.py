@@ -43,6 +43,7 @@ from pipeline.artifacts import (
     utc_now,
 )
 from pipeline.context import Context
+from pipeline.diskplan import DiskPlan
 from pipeline.domain import Artifact, Format, Host, Sandbox
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_files, xxh3_text
@@ -545,16 +546,19 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
 # -- deploy -----------------------------------------------------------------------------------------------------------
 
 
-def install_key(ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage | None) -> str:
-    """What install:<host> keeps its installed disk under: the image(s) and the install spec, as its pass."""
+def install_key(
+    ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage | None
+) -> tuple[str, DiskPlan]:
+    """What install:<host> keeps its installed disk under (the image(s) and the install spec, as its pass), and the
+    host's disk plan it was computed from (one evaluation of disk-config.nix for both)."""
     host = ctx.domain.hosts[host_name]
     plan = install.plan_for(ctx.domain_dir, host_name, host)
     if provisioner is None:
         spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
-        return f"{image['xxh3']}:{spec}"
+        return f"{image['xxh3']}:{spec}", plan
     run = lan_run(ctx, f"{host_name}-netboot", image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
     spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
-    return f"{run.both_xxh3}:{spec}"
+    return f"{run.both_xxh3}:{spec}", plan
 
 
 @user_errors
@@ -567,11 +571,11 @@ def deploy_action(
     log_dest = ctx.artifact_dir(artifact) / "deploy.log"
     # The next generation: the host's system with one more module, a new store path.
     drv = deploy.next_system_drv(ctx.domain_dir, host_name, variant)
-    plan = nix.plan_build(host.system, nix.local_facts(), ctx.domain.builders)
+    build_plan = nix.plan_build(host.system, nix.local_facts(), ctx.domain.builders)
     with step(task, f"next generation built ({variant})"):
-        system = nix.build(drv, options=plan.options).outputs["out"]
+        system = nix.build(drv, options=build_plan.options).outputs["out"]
     spec_data = deploy.spec(host_name, host, variant)
-    key = install_key(ctx, host_name, image, provisioner)
+    key, plan = install_key(ctx, host_name, image, provisioner)
     image_key, spec = deploy.key_of(key, system, spec_data)
     kept = ctx.passes.find("deploy", image_key, spec, ("deploy.log",))
     if kept:
@@ -592,9 +596,7 @@ def deploy_action(
             domain_dir=ctx.domain_dir,
             host_name=host_name,
             base_disk=disk,
-            disk_bus=install.target_kind(
-                ctx.domain_dir, host_name, host, install.plan_for(ctx.domain_dir, host_name, host)
-            ).value,
+            disk_bus=install.target_kind(ctx.domain_dir, host_name, host, plan).value,
             system=system,
             variant=variant,
             image_xxh3=image["xxh3"],
