@@ -19,7 +19,7 @@ from pipeline.contract import partition_device
 from pipeline.diskplan import DiskPlanError
 from pipeline.domain import DOMAIN_FILE, DomainError, json_schema, parse_domain
 from pipeline.errors import CimError
-from pipeline.install import plan_for, target_kind
+from pipeline.install import LayoutPlan, plan_for, target_kind
 from pipeline.probes import stats_schema
 from pipeline.validate import load_checked, validate
 
@@ -88,6 +88,11 @@ def disk_plan(host: str, domain_dir: Path) -> None:
         return
     try:
         plan = plan_for(domain_dir, host, spec)
+        if isinstance(plan, LayoutPlan):
+            click.echo(
+                f"the demo installer: {len(plan.layout.disks)} blank {plan.disk_mib} MiB disk(s), as shown above"
+            )
+            return
         kind = target_kind(domain_dir, host, spec, plan)
     except DiskPlanError as exc:  # planned as disko has it; only the demo's installer cannot make it
         click.echo(f"the demo installer does not make this layout: {exc.report()}")

@@ -43,6 +43,7 @@ class ReportNames(_Frozen):
     fs: str
     part: str
     swap: str
+    layer: str  # the layers under the file systems: md arrays, device-mapper (LUKS, LVM), btrfs subvolumes
 
 
 class Subjects(_Frozen):

@@ -53,6 +53,13 @@ class Layout:
     checks: list[str] = field(default_factory=list)
     unchecked: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
     types: set[str] = field(default_factory=set)
+    # What the installed system's report is compared with (pipeline.install.check_layout).
+    partlabels: list[str] = field(default_factory=list)
+    fstypes: dict[str, str] = field(default_factory=dict)  # mount point → file system type
+    subvolumes: dict[str, str] = field(default_factory=dict)  # mount point → btrfs subvolume
+    luks: list[str] = field(default_factory=list)  # /dev/mapper names
+    lvs: list[str] = field(default_factory=list)  # "vg-lv", as device-mapper names them
+    arrays: dict[str, int] = field(default_factory=dict)  # md name → RAID level
 
     def describe(self) -> list[str]:
         out = [f"disk {name}: {p.device} → {p.describe()}" for name, p in self.disks.items()]
@@ -120,6 +127,7 @@ def read(devices: dict[str, Any], source: str) -> Layout:
         level = spec.get("level", 1)
         layout.types.add("mdadm")
         layout.layers.append(f"mdadm {name}: RAID level {level}")
+        layout.arrays[name] = int(level)
         layout.checks.append(f"/dev/md/{name} is an active RAID{level} array")
         _content(layout, spec.get("content"), f"disko.devices.mdadm.{name}.content", f"/dev/md/{name}", name)
     for name, spec in sorted((devices.get("lvm_vg") or {}).items()):
@@ -131,6 +139,7 @@ def read(devices: dict[str, Any], source: str) -> Layout:
             lwhere = f"disko.devices.lvm_vg.{name}.lvs.{lv}"
             if "size" in lvspec:
                 _size(lvspec["size"], f"{lwhere}.size", source, percent_ok=True)
+            layout.lvs.append(f"{name.replace('-', '--')}-{lv.replace('-', '--')}")
             kind = lvspec.get("lvm_type")
             if kind:
                 layout.layers.append(f"lv {name}/{lv}: {kind}")
@@ -204,6 +213,7 @@ def _content(layout: Layout, content: Any, where: str, on: str, name: str) -> No
         mp = content.get("mountpoint")
         if mp:
             layout.mounts[str(mp)] = f"{fmt} on {on}"
+            layout.fstypes[str(mp)] = str(fmt)
             layout.checks.append(f"{mp} is {fmt} on {on}")
         else:
             layout.checks.append(f"{on} holds {fmt}")
@@ -216,6 +226,7 @@ def _content(layout: Layout, content: Any, where: str, on: str, name: str) -> No
     elif ctype == "luks":
         cname = str(content.get("name") or name)
         layout.layers.append(f"luks {cname} on {on}")
+        layout.luks.append(cname)
         layout.checks.append(f"/dev/mapper/{cname} is an open LUKS device on {on}")
         settings = content.get("settings") or {}
         if not (content.get("passwordFile") or settings.get("keyFile") or content.get("keyFile")):
@@ -257,7 +268,8 @@ def _gpt(layout: Layout, content: dict[str, Any], where: str, on: str, name: str
                 _size(part[key], f"{pwhere}.{key}", source, percent_ok=key == "size")
         if part.get("size") == "100%" or ("size" not in part and "end" not in part):
             rest += 1  # disko's default: the largest free block
-        label = str(part.get("label") or f"{'disk' if on.startswith('disk ') else 'md'}-{name}-{pname}")
+        label = str(part.get("label") or f"{'disk' if on.startswith('disk ') else 'mdadm'}-{name}-{pname}")
+        layout.partlabels.append(label)
         extras = []
         if part.get("attributes"):
             extras.append(f"GPT attributes {part['attributes']}")
@@ -286,11 +298,15 @@ def _btrfs(layout: Layout, content: dict[str, Any], where: str, on: str) -> None
     layout.layers.append(f"btrfs on {on}" + (f": subvolumes {', '.join(sorted(subvolumes))}" if subvolumes else ""))
     if content.get("mountpoint"):
         layout.mounts[str(content["mountpoint"])] = f"btrfs on {on}"
+        layout.fstypes[str(content["mountpoint"])] = "btrfs"
+        layout.subvolumes[str(content["mountpoint"])] = "/"
         layout.checks.append(f"{content['mountpoint']} is btrfs on {on}")
     for sub, spec in sorted(subvolumes.items()):
         spec = spec or {}
         if spec.get("mountpoint"):
             layout.mounts[str(spec["mountpoint"])] = f"btrfs subvolume {sub} on {on}"
+            layout.fstypes[str(spec["mountpoint"])] = "btrfs"
+            layout.subvolumes[str(spec["mountpoint"])] = "/" + str(sub).strip("/")
             layout.checks.append(f"{spec['mountpoint']} is btrfs subvolume {sub} on {on}")
         else:
             layout.checks.append(f"btrfs subvolume {sub} exists on {on}")
@@ -304,32 +320,35 @@ def _btrfs(layout: Layout, content: dict[str, Any], where: str, on: str) -> None
 
 # -- the demo installer ---------------------------------------------------------------------------------------------
 
-DEMO_TYPES = {"gpt", "filesystem", "swap"}
-DEMO_FORMATS = {"vfat", "ext4"}
+DEMO_TYPES = {"gpt", "filesystem", "swap", "lvm_pv", "lvm_vg", "mdraid", "mdadm", "btrfs", "luks"}
+DEMO_FORMATS = {"vfat", "ext4", "btrfs"}
 
 
 def demo_refusal(layout: Layout, devices: dict[str, Any]) -> str | None:
-    """Why the demo's installer cannot make this layout (None: it can): it makes one gpt disk of vfat/ext4 file
-    systems and swap; the cim installer (disko) makes every layout here."""
+    """Why the demo's installer cannot make this layout (None: it can).  It makes gpt disks of vfat, ext4 and btrfs
+    file systems (subvolumes, swap files), swap, LUKS, LVM (linear volumes) and md RAID, with Debian's tools, and boots
+    them with systemd-boot from a vfat /boot; the cim installer (disko) makes every layout here."""
     missing = sorted(layout.types - DEMO_TYPES)
+    disko = "the cim installer, disko, installs this layout"
     if "/" not in layout.mounts:
         return 'nothing in it is mounted on "/": a host installed from it would have no root file system'
     if missing:
         return (
-            f"it uses {', '.join(missing)}, which the demo installer does not make (it makes one disk with a gpt "
-            "table of vfat and ext4 file systems and swap); the cim installer, disko, installs this layout"
+            f"it uses {', '.join(missing)}, which the demo installer does not make (it makes gpt disks of vfat, ext4 "
+            f"and btrfs file systems, swap, LUKS, LVM and md RAID); {disko}"
         )
-    if len(layout.disks) != 1:
-        return f"it spans {len(layout.disks)} disks; the demo installer makes one; disko installs this layout"
-    formats = {
-        str((part.get("content") or {}).get("format"))
-        for disk in (devices.get("disk") or {}).values()
-        for part in ((disk.get("content") or {}).get("partitions") or {}).values()
-        if (part.get("content") or {}).get("type") == "filesystem"
-    }
-    other = sorted(formats - DEMO_FORMATS)
+    other = sorted(set(layout.fstypes.values()) - DEMO_FORMATS)
     if other:
-        return f"it formats {', '.join(other)}; the demo installer makes vfat and ext4; disko installs this layout"
+        return f"it formats {', '.join(other)}; the demo installer makes vfat, ext4 and btrfs; {disko}"
+    if layout.fstypes.get("/boot") != "vfat":
+        return (
+            "it has no vfat file system on /boot (an ESP): the demo's machines boot UEFI with systemd-boot, which "
+            f"needs one (a BIOS boot partition is GRUB's, which the demo does not carry); {disko} with GRUB"
+        )
+    for vg in (devices.get("lvm_vg") or {}).values():
+        for lv, spec in (vg.get("lvs") or {}).items():
+            if spec.get("lvm_type"):
+                return f"its logical volume {lv} is lvm_type {spec['lvm_type']}; the demo makes linear volumes; {disko}"
     return None
 
 

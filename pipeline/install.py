@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -29,8 +31,8 @@ from typing import Any
 from pipeline import contract, probes
 from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
 from pipeline.contract import CONTRACT
-from pipeline.diskplan import DiskPlan, DiskPlanError
-from pipeline.diskplan import evaluate as evaluate_plan
+from pipeline.disklayout import Layout, demo_refusal, read
+from pipeline.diskplan import DiskPlan, DiskPlanError, evaluate_devices, plan_from_devices
 from pipeline.domain import DiskBus, Domain, Format, Host, System
 from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
@@ -97,11 +99,48 @@ def spec(host_name: str, host: Host) -> dict[str, Any]:
     }
 
 
-def plan_for(domain_dir: Path, host_name: str, host: Host) -> DiskPlan:
-    """Evaluate the host's disk-config.nix into the install plan for its install disk."""
+@dataclass(frozen=True)
+class LayoutPlan:
+    """A layout beyond one plain gpt disk (several disks, stable device names, LUKS, LVM, md RAID, btrfs): the disks
+    as the install VM presents them, each a blank disk of the install disk's size, checked by layout once booted."""
+
+    layout: Layout
+    devices: dict[str, Any]
+    disk_mib: int
+
+    def describe(self) -> list[str]:
+        return self.layout.describe()
+
+    def installer_text(self) -> str:
+        """What the installer is handed, for the install's cache key: the evaluated `disko.devices`."""
+        return json.dumps(self.devices, sort_keys=True)
+
+
+InstallPlan = DiskPlan | LayoutPlan
+
+
+def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
+    """Evaluate the host's disk-config.nix into the install plan: one plain gpt disk named as the host's disk kind
+    shows it → a DiskPlan (partition sizes checked); any other layout the demo installer makes → a LayoutPlan; a
+    layout it cannot make → DiskPlanError naming why, before any VM."""
     if host.install is None:
         raise DiskPlanError(f"{domain_dir / 'domain.json'}: host {host_name!r} has no install section")
-    return evaluate_plan(domain_dir / host.install.disk_config, host.install.disk, disk_mib(host))
+    config = domain_dir / host.install.disk_config
+    devices = evaluate_devices(config)
+    try:
+        plan = plan_from_devices(devices, host.install.disk, disk_mib(host), str(config))
+    except DiskPlanError:
+        plan = None
+    if plan is not None and DiskBus.for_device(plan.device) is not None:
+        return plan
+    layout = read(devices, str(config))
+    refused = demo_refusal(layout, devices)
+    if refused is not None:
+        raise DiskPlanError(
+            f"{config}: the demo installer does not make this layout: {refused}.",
+            hint=f"`cim disk-plan {host_name}` shows the layout as disko has it.",
+        )
+    return LayoutPlan(layout, devices, disk_mib(host))
 
 
 def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskBus:
@@ -131,6 +170,26 @@ def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) ->
             hint=f"Use {kind.device} in the disk-config, or change the disk's kind in domain.json.",
         )
     return kind
+
+
+def deploy_bus(domain_dir: Path, host_name: str, host: Host, plan: InstallPlan) -> str:
+    """The bus deploy:<host> attaches the kept installed disk on; DiskPlanError for a layout it cannot redeploy (the
+    demo's deploy boots one kept disk, unattended)."""
+    if isinstance(plan, DiskPlan):
+        return target_kind(domain_dir, host_name, host, plan).value
+    why = []
+    if len(plan.layout.disks) > 1:
+        why.append(f"{len(plan.layout.disks)} disks")
+    if plan.layout.luks:
+        why.append("a LUKS passphrase to type at every boot")
+    if why:
+        assert host.install is not None
+        raise DiskPlanError(
+            f"{domain_dir / host.install.disk_config}: deploy:{host_name} in the demo boots one kept installed disk "
+            f"unattended, and this layout has {' and '.join(why)}; install:{host_name} installs and checks it.",
+            hint=f"Run install:{host_name} alone (`doit domain=… install:{host_name}`) for this layout.",
+        )
+    return next(iter(plan.layout.disks.values())).bus
 
 
 # -- checking the installed system from its console ---------------------------------------------------------------
@@ -186,6 +245,69 @@ def check_installed(plan: DiskPlan, console: str) -> list[str]:
     return checks
 
 
+def parse_layers(console: str) -> list[list[str]]:
+    """The installed system's layer lines (contract `report.layer`): md, dm and subvol, each split into words."""
+    layer = re.escape(CONTRACT.report.layer)
+    return [m.split() for m in re.findall(rf"^{layer} (.+?)\s*$", console.replace("\r", ""), re.M)]
+
+
+def check_layout(layout: Layout, console: str) -> list[str]:
+    """What the disk-only boot shows against a LayoutPlan: partitions by label, every mount point's file system type
+    (and btrfs subvolume), swap, LUKS, LVM volumes and md arrays; raises InstallError on a mismatch."""
+    mounts, parts, swaps = parse_report(console)
+    layers = parse_layers(console)
+    dm = {words[1]: words[2] for words in layers if words[0] == "dm" and len(words) >= 3}
+    md = {words[1]: words[2:] for words in layers if words[0] == "md" and len(words) >= 5}
+    subvols = {words[1]: words[2] for words in layers if words[0] == "subvol" and len(words) >= 3}
+    labels = {label: dev for dev, (label, _) in parts.items()}
+    checks, problems = [], []
+    for label in layout.partlabels:
+        if label in labels:
+            checks.append(f"partition {label}: {labels[label]} ({parts[labels[label]][1]} MiB)")
+        else:
+            problems.append(f"no partition is labelled {label}")
+    for mp, fstype in sorted(layout.fstypes.items()):
+        got = mounts.get(mp)
+        if got is None:
+            problems.append(f"{mp} is not mounted")
+        elif got.fstype != fstype:
+            problems.append(f"{mp} is {got.fstype} on {got.device}, declared {fstype}")
+        elif mp in layout.subvolumes and subvols.get(mp) != layout.subvolumes[mp]:
+            problems.append(f"{mp} is btrfs subvolume {subvols.get(mp)}, declared {layout.subvolumes[mp]}")
+        else:
+            sub = f" subvolume {layout.subvolumes[mp]}" if mp in layout.subvolumes else ""
+            checks.append(f"{mp} on {got.device}: {fstype}{sub}")
+    if len(swaps) < len(layout.swaps):
+        problems.append(f"{len(swaps)} swap area(s) active, declared {len(layout.swaps)}")
+    elif layout.swaps:
+        checks.append(f"swap active: {', '.join(sorted(swaps))}")
+    for name in layout.luks:
+        if dm.get(name) == "luks":
+            checks.append(f"/dev/mapper/{name}: an open LUKS device")
+        else:
+            problems.append(f"/dev/mapper/{name} is not an open LUKS device")
+    for lv in layout.lvs:
+        if dm.get(lv) == "lvm":
+            checks.append(f"LVM logical volume {lv} is active")
+        else:
+            problems.append(f"LVM logical volume {lv} is not active")
+    for name, level in sorted(layout.arrays.items()):
+        got_md = md.get(name)
+        if got_md is None:
+            problems.append(f"md array {name} is not assembled")
+        elif got_md[0] != f"raid{level}" or got_md[1] not in ("clean", "active"):
+            problems.append(f"md array {name} is {got_md[0]} {got_md[1]}, declared raid{level}")
+        else:
+            checks.append(f"md array {name}: {got_md[0]}, {got_md[1]}, {got_md[2]} devices")
+    if problems:
+        raise InstallError("the installed system does not match the disk-config: " + "; ".join(problems))
+    return checks
+
+
+def check_plan(plan: InstallPlan, console: str) -> list[str]:
+    return check_layout(plan.layout, console) if isinstance(plan, LayoutPlan) else check_installed(plan, console)
+
+
 # -- the flow ------------------------------------------------------------------------------------------------------
 
 
@@ -206,7 +328,7 @@ def verify(
     log_name: str,
     record: Callable[[InstallResult], None],
     machine_state: Path | None = None,
-    plan: DiskPlan | None = None,
+    plan: InstallPlan | None = None,
     keep_disk: Path | None = None,
 ) -> InstallResult:
     """Install `image` onto a blank disk per the host's disk-config, boot the disk alone, check it (`plan`: the
@@ -220,13 +342,20 @@ def verify(
     assert host.install is not None
     task = f"install:{host_name}"
     plan = plan or plan_for(domain_dir, host_name, host)  # refused here, before any VM, if it cannot work
-    kind = target_kind(domain_dir, host_name, host, plan)
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
-    disk = blank_disk(workdir, plan.disk_mib)
-    say(task, f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})")
-    installer, disk_boot = _vm_specs(host_name, host, image, disk, kind, workdir, log_dest)
+    targets = target_drives(domain_dir, host_name, host, plan, workdir)
+    disk = next(d.path for d in targets if d.path.name == "disk.qcow2")  # the layout's first disk: kept for deploy
+    installer, disk_boot = _vm_specs(host_name, host, image, targets, workdir, log_dest)
+    luks: list[str] = plan.layout.luks if isinstance(plan, LayoutPlan) else []
+    passphrase = secrets.token_hex(8) if luks else ""
+    if luks:
+        # The LUKS key file disko would be given, handed to this install only (a fresh one each run); the disk boot
+        # is asked for it on the console, as NixOS's stage 1 asks, and the pipeline types it there.
+        credential = f"type={CONTRACT.install.smbios_type},value=io.systemd.credential:cim.luks-key={passphrase}"
+        installer = dataclasses.replace(installer, extra=(*installer.extra, "-smbios", credential))
+        say(task, f"LUKS {', '.join(luks)}: a passphrase for this install, typed at the disk boot's prompt")
     if machine_state is not None:
         # The canary (when this machine boot has no verdict yet) boots the ISO alone: no target disk, no request.
         accel, why = choose_accel(dataclasses.replace(installer, drives=installer.drives[:1], extra=()), machine_state)
@@ -239,8 +368,8 @@ def verify(
     error: str | None = None
     try:
         phases["installer"] = _run_installer(installer, host_name, image.name, timeout, log_dest)
-        phases["disk-boot"], console = _boot_disk(disk_boot, host_name, timeout)
-        checks = check_installed(plan, console)
+        phases["disk-boot"], console = _boot_disk(disk_boot, host_name, timeout, passphrase)
+        checks = check_plan(plan, console)
         for line in checks:
             say(task, f"check: {line}")
     except CimError as exc:
@@ -274,10 +403,48 @@ def keep_installed(disk: Path, keep: Path | None) -> None:
         os.replace(disk, keep)
 
 
-def blank_disk(workdir: Path, mib: int) -> Path:
+def target_drives(domain_dir: Path, host_name: str, host: Host, plan: InstallPlan, workdir: Path) -> list[Drive]:
+    """The blank disks the install VM gets, in the order the machine numbers them, each attached so that the name
+    the disk-config gives it exists inside the machine (disk.qcow2, the layout's first disk, is kept for deploy)."""
+    task = f"install:{host_name}"
+    if isinstance(plan, DiskPlan):
+        kind = target_kind(domain_dir, host_name, host, plan)
+        disk = blank_disk(workdir, plan.disk_mib)
+        say(
+            task,
+            f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})",
+        )
+        return [Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)]
+    drives = []
+    for index, (name, shown) in enumerate(plan.layout.disks.items()):
+        disk = blank_disk(workdir, plan.disk_mib, "disk.qcow2" if index == 0 else f"disk-{name}.qcow2")
+        say(task, f"blank {plan.disk_mib} MiB disk {disk.name} for {name} ({shown.device}): {shown.describe()}")
+        serial = shown.serial or ("" if shown.bus in ("sata", "scsi") and (shown.model or shown.wwn) else f"cim-{name}")
+        drives.append(Drive(disk, format="qcow2", serial=serial, bus=shown.bus, model=shown.model, wwn=shown.wwn))
+    # A disk named by its place (vdb, sdb) gets it: the disks of a bus are attached in that order, and a place the
+    # layout leaves empty (only /dev/vdb named) holds a small blank disk it does not use, as a machine's other disk.
+    placed = sorted(zip(plan.layout.disks.values(), drives, strict=True), key=lambda pd: (pd[0].bus, pd[0].index))
+    out: list[Drive] = []
+    for bus in sorted({shown.bus for shown, _ in placed}):
+        on_bus = [(shown, drive) for shown, drive in placed if shown.bus == bus]
+        for position in range(max(shown.index for shown, _ in on_bus) + 1):
+            here = [drive for shown, drive in on_bus if shown.index == position]
+            if here:
+                out += here
+            elif not any(shown.serial or shown.model or shown.wwn for shown, _ in on_bus):
+                filler = blank_disk(workdir, 16, f"unused-{bus}{position}.qcow2")
+                say(
+                    task,
+                    f"blank 16 MiB disk {filler.name} in {bus} place {position + 1}, which the layout leaves empty",
+                )
+                out.append(Drive(filler, format="qcow2", serial=f"cim-unused-{position}", bus=bus))
+    return out
+
+
+def blank_disk(workdir: Path, mib: int, name: str = "disk.qcow2") -> Path:
     """A sparse blank qcow2 disk of `mib` MiB in `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "disk.qcow2"
+    disk = workdir / name
     proc = run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{mib}M"], timeout=60)
     if proc.returncode != 0:
         raise InstallError(f"qemu-img could not create the blank disk {disk}: {proc.stderr.strip()}")
@@ -285,7 +452,7 @@ def blank_disk(workdir: Path, mib: int) -> Path:
 
 
 def _vm_specs(
-    host_name: str, host: Host, image: Path, disk: Path, kind: DiskBus, workdir: Path, log_dest: Path
+    host_name: str, host: Host, image: Path, targets: list[Drive], workdir: Path, log_dest: Path
 ) -> tuple[VmSpec, VmSpec]:
     """The installer VM (the ISO under BIOS beside the blank disk, install requested) and the disk-only VM (UEFI)."""
     memory_mib, cpus = vm_size(host)
@@ -303,7 +470,8 @@ def _vm_specs(
         published_log=log_dest,
         drives=(
             Drive(image, media="cdrom", bootindex=1),
-            Drive(disk, format="qcow2", serial="cim-target", bus=kind.value, bootindex=2),
+            dataclasses.replace(targets[0], bootindex=2),
+            *targets[1:],
         ),
         extra=tuple(contract.install_request()),
     )
@@ -315,7 +483,7 @@ def _vm_specs(
         memory_mib=memory_mib,
         cpus=cpus,
         firmware=Firmware.uefi,
-        drives=(Drive(disk, format="qcow2", bus=kind.value),),
+        drives=tuple(targets),
         published_log=log_dest,
     )
     return installer, disk_boot
@@ -384,8 +552,10 @@ def _started_after_live_boot(vm: Vm, started_re: str, failed_re: str, left: floa
         ) from None
 
 
-def _boot_disk(spec: VmSpec, host_name: str, timeout: float) -> tuple[float, str]:
-    """Phase 'disk-boot': the installed disk alone until its boot-complete line; the phase's seconds and console."""
+def _boot_disk(spec: VmSpec, host_name: str, timeout: float, passphrase: str = "") -> tuple[float, str]:
+    """Phase 'disk-boot': the installed disk alone until its boot-complete line (typing `passphrase` at each LUKS
+    prompt on the way); the phase's seconds and console."""
+    done = probes.boot_complete_pattern(host_name)
     with (
         step(
             f"install:{host_name}", "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)"
@@ -393,7 +563,20 @@ def _boot_disk(spec: VmSpec, host_name: str, timeout: float) -> tuple[float, str
         Vm(spec) as vm,
     ):
         try:
-            vm.wait_for_console(probes.boot_complete_pattern(host_name), timeout, "the boot-complete line")
+            after = 0
+            while passphrase:
+                seen = vm.wait_for_console(
+                    f"{done}|Passphrase for \\S+ \\(\\S+\\): ",
+                    max(1.0, timeout - phase.seconds),
+                    "the boot-complete line",
+                    after,
+                )
+                if not seen.group(0).startswith("Passphrase"):
+                    break
+                say(f"install:{host_name}", f"disk-boot: {seen.group(0).strip()} (typing this install's passphrase)")
+                vm.type_text(passphrase + "\n")
+                after = seen.end()
+            vm.wait_for_console(done, max(1.0, timeout - phase.seconds), "the boot-complete line")
         except VmError as exc:
             raise _phase_error(exc, "disk-boot") from None
         console = vm.console

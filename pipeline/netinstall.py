@@ -31,7 +31,7 @@ from pipeline.artifacts import (
     utc_now,
 )
 from pipeline.contract import CONTRACT
-from pipeline.diskplan import DiskPlan
+from pipeline.diskplan import DiskPlan, DiskPlanError
 from pipeline.domain import Domain
 from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
@@ -46,7 +46,7 @@ HWCHECK = r"^cim-hwcheck: (.*?)\r?$"
 def verify(
     host_name: str,
     run: netboot.LanRun,
-    plan: DiskPlan,
+    plan: install.InstallPlan,
     record: Callable[[InstallResult], None],
     report_keep: Path,
     keep_disk: Path | None = None,
@@ -66,6 +66,12 @@ def verify(
     assert host.install is not None and host.lan_mac is not None
     task = f"install:{host_name}"
     # `plan` is the host's disk-config evaluated once by the task (refused there, before any VM, if it cannot work).
+    if not isinstance(plan, DiskPlan):
+        raise DiskPlanError(
+            f"{domain_dir / host.install.disk_config}: install:{host_name} from the LAN makes one plain gpt disk (as "
+            "its system is fetched, with no storage tools for stage 1); this layout needs the ISO's installer.",
+            hint=f"Give hosts.{host_name} an iso image to install from, or a one-disk gpt disk-config.",
+        )
     kind = install.target_kind(domain_dir, host_name, host, plan)
     for line in plan.describe():
         say(task, f"plan: {line}")

@@ -76,8 +76,10 @@ class Drive:
     media: str = "disk"  # "disk" or "cdrom"
     snapshot: bool = False  # writes go to a temporary overlay, the file stays as built
     serial: str = ""
-    bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1) or sata (sdX, on an AHCI controller)
+    bus: str = "virtio"  # a disk's bus: virtio (vdX), nvme (nvmeXn1), sata (sdX, on AHCI) or scsi (sdX, virtio-scsi)
     bootindex: int | None = None  # the firmware's boot order (a machine that tries its disk, then the network)
+    model: str = ""  # a SATA disk's model (udev's by-id/ata-MODEL_SERIAL)
+    wwn: str = ""  # a SATA or SCSI disk's world wide name, 0x + 16 hex digits (by-id/wwn-0x…)
 
 
 # QEMU's user networking delivers the guest end of a forward to this address when none is named: the VM's own NIC.
@@ -221,7 +223,7 @@ class VmSpec:
             "-qmp",
             f"unix:{self.qmp_socket},server=on,wait=off",
         ]
-        sata_ports = 0
+        sata_ports = scsi_disks = 0
         for index, drive in enumerate(self.drives):
             drive_id = f"drive{index}"
             opts = f"if=none,id={drive_id},file={drive.path},format={drive.format}"
@@ -240,8 +242,15 @@ class VmSpec:
             elif drive.bus == "sata":
                 if sata_ports == 0:
                     argv += ["-device", "ahci,id=ahci0"]
-                argv += ["-device", f"ide-hd,drive={drive_id},bus=ahci0.{sata_ports}{serial}"]
+                ident = (f",model={drive.model}" if drive.model else "") + (f",wwn={drive.wwn}" if drive.wwn else "")
+                argv += ["-device", f"ide-hd,drive={drive_id},bus=ahci0.{sata_ports}{serial}{ident}"]
                 sata_ports += 1
+            elif drive.bus == "scsi":
+                if scsi_disks == 0:
+                    argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+                ident = f",wwn={drive.wwn}" if drive.wwn else ""
+                argv += ["-device", f"scsi-hd,drive={drive_id},bus=scsi0.0,scsi-id={scsi_disks}{serial}{ident}"]
+                scsi_disks += 1
             else:
                 argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
         for display in self.displays:

@@ -43,7 +43,6 @@ from pipeline.artifacts import (
     utc_now,
 )
 from pipeline.context import Context
-from pipeline.diskplan import DiskPlan
 from pipeline.domain import Artifact, Format, Host, Sandbox
 from pipeline.errors import CimError
 from pipeline.hashing import xxh3_files, xxh3_text
@@ -548,7 +547,7 @@ def task_install(ctx: Context) -> Iterator[dict[str, Any]]:
 
 def install_key(
     ctx: Context, host_name: str, image: BuiltImage, provisioner: BuiltImage | None
-) -> tuple[str, DiskPlan]:
+) -> tuple[str, install.InstallPlan]:
     """What install:<host> keeps its installed disk under (the image(s) and the install spec, as its pass), and the
     host's disk plan it was computed from (one evaluation of disk-config.nix for both)."""
     host = ctx.domain.hosts[host_name]
@@ -596,7 +595,7 @@ def deploy_action(
             domain_dir=ctx.domain_dir,
             host_name=host_name,
             base_disk=disk,
-            disk_bus=install.target_kind(ctx.domain_dir, host_name, host, plan).value,
+            disk_bus=install.deploy_bus(ctx.domain_dir, host_name, host, plan),
             system=system,
             variant=variant,
             image_xxh3=image["xxh3"],

@@ -59,6 +59,17 @@ MODULES = {
         # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
         "nvme",
         "ahci",
+        # the layouts the demo installer makes besides plain partitions: LVM, LUKS, md RAID, btrfs (disko's types)
+        "dm_mod",
+        "dm_crypt",
+        "xts",
+        "af_alg",
+        "algif_skcipher",
+        "algif_hash",
+        "md_mod",
+        "raid1",
+        "raid0",
+        "btrfs",
     ],
     "arm64": [
         "virtio_pci",
@@ -82,8 +93,47 @@ MODULES = {
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
 # the packages that hold them and every library they link.
-INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vfat": "sbin/mkfs.fat"}
-INSTALLER_PACKAGES = [
+INSTALLER_TOOLS = {
+    "sfdisk": "sbin/sfdisk",
+    "mkfs.ext4": "sbin/mke2fs",
+    "mkfs.vfat": "sbin/mkfs.fat",
+    # disko's other layers (lvm_vg / lvm_pv, luks, mdadm, btrfs): its own tools, as disko runs them
+    "lvm": "sbin/lvm",
+    "cryptsetup": "sbin/cryptsetup",
+    "mdadm": "sbin/mdadm",
+    "mkfs.btrfs": "sbin/mkfs.btrfs",
+    "btrfs": "bin/btrfs",
+}
+INSTALLER_LAYER_PACKAGES = [
+    "lvm2",
+    "libdevmapper1.02.1",
+    "libdevmapper-event1.02.1",
+    "libaio1",
+    "cryptsetup-bin",
+    "libcryptsetup12",
+    "libpopt0",
+    "libargon2-1",
+    "libjson-c5",
+    "libssl3",
+    "mdadm",
+    "btrfs-progs",
+    "liblzo2-2",
+    "libzstd1",
+    "zlib1g",
+    "libudev1",
+    "libselinux1",
+    "libpcre2-8-0",
+    "libedit2",
+    "libbsd0",
+    "libmd0",
+    "libsystemd0",
+    "libcap2",
+    "libgcrypt20",
+    "libgpg-error0",
+    "liblzma5",
+    "liblz4-1",
+]
+DISK_TOOL_PACKAGES = [
     "fdisk",
     "libfdisk1",
     "libsmartcols1",
@@ -97,6 +147,7 @@ INSTALLER_PACKAGES = [
     "dosfstools",
     "libc6",
 ]
+INSTALLER_PACKAGES = [*INSTALLER_LAYER_PACKAGES, *DISK_TOOL_PACKAGES]
 
 # The tools the demo's image builders run inside the Nix sandbox, for each builder system (name in the build: path in
 # the Debian packages), and the packages that hold them and every library they link.  They run through the input's
@@ -111,7 +162,7 @@ IMAGE_TOOLS = {
     "sfdisk": "sbin/sfdisk",
 }
 IMAGE_PACKAGES = [
-    *INSTALLER_PACKAGES,
+    *DISK_TOOL_PACKAGES,
     "xorriso",
     "libisoburn1",
     "libburn4",

@@ -326,19 +326,43 @@ NVME_CONFIG = """{ disko.devices.disk.os = { type = "disk"; device = "/dev/nvme0
 @pytest.mark.nix
 @needs_demo
 @pytest.mark.parametrize(("config", "disk"), [(None, "main"), (NVME_CONFIG, "os")], ids=["demo", "nvme-priorities"])
-def test_demo_image_plan_equals_the_pipelines(tmp_path: Path, config: str | None, disk: str) -> None:
+def test_demo_image_partitions_as_the_pipelines_plan(tmp_path: Path, config: str | None, disk: str) -> None:
+    """The layout script the image carries (lib/disklayout.nix) partitions a plain gpt disk exactly as the plan the
+    pipeline checks the installed disk against (the same sfdisk script, partition for partition)."""
     shutil.copytree(ROOT / "configs/demo/lib", tmp_path / "lib")
     path = tmp_path / "disk-config.nix"
     if config is None:
         shutil.copy(ROOT / "configs/demo/disk-config.nix", path)
     else:
         path.write_text(config)
-    expr = f'(import {tmp_path}/lib/diskplan.nix {{ diskConfig = import {path}; disk = "{disk}"; }}).text'
-    nix_text = subprocess.run(
+    expr = f"(import {tmp_path}/lib/disklayout.nix {{ diskConfig = import {path}; }}).script"
+    script = subprocess.run(
         ["nix", "--extra-experimental-features", "nix-command", "eval", "--impure", "--raw", "--expr", expr],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
-    assert nix_text == evaluate(path, disk, 20480).installer_text()
+    plan = evaluate(path, disk, 20480)
+    sfdisk = script.split("<<'CIM_SFDISK'\n", 1)[1].split("\nCIM_SFDISK", 1)[0] + "\n"
+    assert f"target {plan.device}\n" in script
+    assert sfdisk == plan.sfdisk_script()
+
+
+def test_stable_names_are_presented_as_qemu_gives_them(tmp_path: Path) -> None:
+    """A SATA disk's model and world wide name, a SCSI disk on virtio-scsi: what udev's by-id names are made from."""
+    spec = VmSpec(
+        name="d",
+        system=System.x86_64_linux,
+        workdir=tmp_path,
+        console_log=tmp_path / "log",
+        drives=(
+            Drive(tmp_path / "a.qcow2", format="qcow2", serial="S1", bus="sata", model="Samsung SSD 870"),
+            Drive(tmp_path / "b.qcow2", format="qcow2", bus="scsi", wwn="0x5000c500a1b2c3d4"),
+        ),
+    )
+    argv = spec.argv()
+    devices = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-device"]
+    assert "ide-hd,drive=drive0,bus=ahci0.0,serial=S1,model=Samsung SSD 870" in devices
+    assert "virtio-scsi-pci,id=scsi0" in devices
+    assert "scsi-hd,drive=drive1,bus=scsi0.0,scsi-id=0,wwn=0x5000c500a1b2c3d4" in devices

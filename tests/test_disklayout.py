@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.disklayout import demo_refusal, present, read
 from pipeline.diskplan import DiskPlanError
+from pipeline.install import InstallError, check_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo"
@@ -67,7 +68,8 @@ def test_luks_on_lvm_is_read_as_layers_and_checks() -> None:
     assert layout.mounts["/"] == "ext4 on /dev/pool/root"
     assert "swap on /dev/pool/swap is active" in layout.checks
     assert "/dev/mapper/crypted is an open LUKS device on partition disk-main-luks" in layout.checks
-    assert demo_refusal(layout, luks_lvm()) is not None and "disko" in (demo_refusal(layout, luks_lvm()) or "")
+    assert layout.luks == ["crypted"] and layout.lvs == ["pool-root", "pool-swap"]
+    assert demo_refusal(layout, luks_lvm()) is None  # the demo installer makes LUKS on LVM with Debian's tools
 
 
 def test_raid_btrfs_tmpfs_and_what_cannot_be_checked() -> None:
@@ -171,7 +173,7 @@ def test_cim_disk_plan_shows_the_layout_and_the_demo_installers_refusal(tmp_path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "layer: luks crypted on partition disk-main-luks" in proc.stdout
-    assert "the demo installer does not make this layout: it uses luks, lvm_pv, lvm_vg" in proc.stdout
+    assert "the demo installer: 1 blank 1024 MiB disk(s), as shown above" in proc.stdout
 
 
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"disko's examples are not in {EXAMPLES}")
@@ -184,3 +186,40 @@ def test_disko_examples_plan_or_are_refused_in_one_paragraph() -> None:
     last = proc.stdout.strip().splitlines()[-1]
     planned = int(last.split(" planned")[0].split(": ")[1])
     assert planned >= 30 and "0 crashed" in last, proc.stdout
+
+
+def test_demo_refuses_what_debians_tools_do_not_make_and_a_layout_without_an_esp() -> None:
+    no_esp = luks_lvm()
+    del no_esp["disk"]["main"]["content"]["partitions"]["ESP"]
+    refusal = demo_refusal(read(no_esp, "dc.nix"), no_esp) or ""
+    assert "no vfat file system on /boot" in refusal and "disko" in refusal
+    thin = luks_lvm()
+    thin["lvm_vg"]["pool"]["lvs"]["root"]["lvm_type"] = "thin-pool"
+    assert "lvm_type thin-pool" in (demo_refusal(read(thin, "dc.nix"), thin) or "")
+    zfs = luks_lvm()
+    zfs["zpool"] = {"tank": {"type": "zpool", "datasets": {}}}
+    assert "it uses zpool" in (demo_refusal(read(zfs, "dc.nix"), zfs) or "")
+
+
+def test_installed_layout_is_checked_from_its_report() -> None:
+    layout = read(luks_lvm(), "dc.nix")
+    console = "\n".join(
+        [
+            "cim-fs: / /dev/mapper/pool-root ext4 900000K",
+            "cim-fs: /boot /dev/vda1 vfat 500000K",
+            "cim-part: /dev/vda1 disk-main-ESP 500MiB",
+            "cim-part: /dev/vda2 disk-main-luks 523MiB",
+            "cim-swap: /dev/dm-2 65536K",
+            "cim-layer: dm crypted luks",
+            "cim-layer: dm pool-root lvm",
+            "cim-layer: dm pool-swap lvm",
+        ]
+    )
+    checks = check_layout(layout, console)
+    assert "/dev/mapper/crypted: an open LUKS device" in checks
+    assert "LVM logical volume pool-root is active" in checks
+    assert "/ on /dev/mapper/pool-root: ext4" in checks
+    with pytest.raises(InstallError, match="pool-swap is not active"):
+        check_layout(layout, console.replace("cim-layer: dm pool-swap lvm", ""))
+    with pytest.raises(InstallError, match="/ is btrfs on /dev/vda2, declared ext4"):
+        check_layout(layout, console.replace("/ /dev/mapper/pool-root ext4", "/ /dev/vda2 btrfs"))

@@ -13,7 +13,7 @@ mkdir -p "$inst/usr/local/sbin" "$inst/lib"
 cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
 cp -r "$installerTools"/lib/. "$inst/lib/"
 chmod -R u+w "$inst"
-# The install plan, evaluated from the host's disk-config.nix at build time (lib/diskplan.nix).
+# The install plan, evaluated from the host's disk-config.nix at build time (lib/disklayout.nix): the script that lays the disks out.
 mkdir -p "$inst/etc/cim"
 printf '%s' "$installPlan" > "$inst/etc/cim/install-plan"
 cpio_of "$inst" | gzip -9 > "$tree/boot/installer"

@@ -38,7 +38,7 @@ for f in kernel initrd; do
     mv "$dest.tmp" "$dest"
 done
 # The root file system as this boot found it; the kernel parameters this system wants.
-root=$(tr ' ' '\n' < /proc/cmdline | grep -E '^(root|rootfstype)=' | tr '\n' ' ')
+root=$(tr ' ' '\n' < /proc/cmdline | grep -E '^(root|rootfstype|rootflags|cim\.luks)=|^cim\.(lvm|md)$' | tr '\n' ' ')
 tries=$(cat "$system/boot-counting-tries" 2>/dev/null || echo 3)
 rm -f /boot/loader/entries/nixos-generation-$n.conf /boot/loader/entries/nixos-generation-$n+*.conf
 entry=/boot/loader/entries/nixos-generation-$n+$tries.conf
@@ -47,6 +47,7 @@ entry=/boot/loader/entries/nixos-generation-$n+$tries.conf
     echo "version Generation $n"
     echo "linux /EFI/nixos/$hash-kernel"
     echo "initrd /EFI/nixos/$hash-initrd"
+    [ -f /boot/EFI/cim/storage-initrd ] && echo "initrd /EFI/cim/storage-initrd"
     echo "options $(cat "$system/kernel-params") ${root}cim.generation=$n"
 } > "$entry.tmp"
 mv "$entry.tmp" "$entry"

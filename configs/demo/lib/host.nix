@@ -31,6 +31,7 @@ let
     CIM_REPORT_FS='${contract.report.fs}'
     CIM_REPORT_PART='${contract.report.part}'
     CIM_REPORT_SWAP='${contract.report.swap}'
+    CIM_REPORT_LAYER='${contract.report.layer}'
     CIM_STATS_SUBJECT='${forHost contract.subjects.stats}'
     CIM_INVENTORY_SUBJECT='${forHost contract.subjects.inventory}'
     CIM_NATS_PORT=${toString contract.ports.nats}
@@ -39,13 +40,12 @@ let
   '';
 
   # The install plan, built into the installer ISO from the host's disk-config.nix (as disko builds its script from
-  # it): no side channel at install time.
+  # it, lib/disklayout.nix): no side channel at install time.
   installPlan =
     if host ? install then
-      (import ./diskplan.nix {
+      (import ./disklayout.nix {
         diskConfig = import (../. + "/${host.install.disk_config or "disk-config.nix"}");
-        disk = host.install.disk or "main";
-      }).text
+      }).script
     else "";
   own = inputs system;
 
