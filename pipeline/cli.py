@@ -82,7 +82,7 @@ def disk_plan(host: str, domain_dir: Path) -> None:
     click.echo(f"{host}: {domain_dir / spec.install.disk_config} as disko lays it out:")
     for line in layout.describe():
         click.echo(f"  {line}")
-    refused = demo_refusal(layout, devices)
+    refused = demo_refusal(layout, devices, spec.hardware.firmware)
     if refused is not None:
         click.echo(f"the demo installer does not make this layout: {refused}.")
         return

@@ -55,6 +55,7 @@ class Layout:
     types: set[str] = field(default_factory=set)
     # What the installed system's report is compared with (pipeline.install.check_layout).
     partlabels: list[str] = field(default_factory=list)
+    bios_boot: list[str] = field(default_factory=list)  # BIOS boot partitions (EF02): where GRUB embeds itself
     fstypes: dict[str, str] = field(default_factory=dict)  # mount point → file system type
     subvolumes: dict[str, str] = field(default_factory=dict)  # mount point → btrfs subvolume
     luks: list[str] = field(default_factory=list)  # /dev/mapper names
@@ -270,6 +271,8 @@ def _gpt(layout: Layout, content: dict[str, Any], where: str, on: str, name: str
             rest += 1  # disko's default: the largest free block
         label = str(part.get("label") or f"{'disk' if on.startswith('disk ') else 'mdadm'}-{name}-{pname}")
         layout.partlabels.append(label)
+        if str(part.get("type", "")).upper() == "EF02":
+            layout.bios_boot.append(label)
         extras = []
         if part.get("attributes"):
             extras.append(f"GPT attributes {part['attributes']}")
@@ -324,10 +327,11 @@ DEMO_TYPES = {"gpt", "filesystem", "swap", "lvm_pv", "lvm_vg", "mdraid", "mdadm"
 DEMO_FORMATS = {"vfat", "ext4", "btrfs"}
 
 
-def demo_refusal(layout: Layout, devices: dict[str, Any]) -> str | None:
+def demo_refusal(layout: Layout, devices: dict[str, Any], firmware: str = "uefi") -> str | None:
     """Why the demo's installer cannot make this layout (None: it can).  It makes gpt disks of vfat, ext4 and btrfs
     file systems (subvolumes, swap files), swap, LUKS, LVM (linear volumes) and md RAID, with Debian's tools, and boots
-    them with systemd-boot from a vfat /boot; the cim installer (disko) makes every layout here."""
+    them as the machine's `firmware` does: systemd-boot from a vfat /boot (UEFI), GRUB from the disks' BIOS boot
+    partitions (BIOS).  The cim installer (disko) makes every layout here."""
     missing = sorted(layout.types - DEMO_TYPES)
     disko = "the cim installer, disko, installs this layout"
     if "/" not in layout.mounts:
@@ -340,10 +344,15 @@ def demo_refusal(layout: Layout, devices: dict[str, Any]) -> str | None:
     other = sorted(set(layout.fstypes.values()) - DEMO_FORMATS)
     if other:
         return f"it formats {', '.join(other)}; the demo installer makes vfat, ext4 and btrfs; {disko}"
-    if layout.fstypes.get("/boot") != "vfat":
+    if firmware == "uefi" and layout.fstypes.get("/boot") != "vfat":
         return (
-            "it has no vfat file system on /boot (an ESP): the demo's machines boot UEFI with systemd-boot, which "
-            f"needs one (a BIOS boot partition is GRUB's, which the demo does not carry); {disko} with GRUB"
+            "it has no vfat file system on /boot (an ESP), which systemd-boot needs on this UEFI machine (a BIOS "
+            'boot partition is GRUB\'s: give the host hardware.firmware "bios" in domain.json for a BIOS machine)'
+        )
+    if firmware == "bios" and not layout.bios_boot:
+        return (
+            "it has no BIOS boot partition (type EF02) for GRUB on this BIOS machine (an ESP is UEFI's: give the host "
+            'hardware.firmware "uefi" in domain.json)'
         )
     for vg in (devices.get("lvm_vg") or {}).values():
         for lv, spec in (vg.get("lvs") or {}).items():

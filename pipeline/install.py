@@ -134,7 +134,7 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
     if plan is not None and DiskBus.for_device(plan.device) is not None:
         return plan
     layout = read(devices, str(config))
-    refused = demo_refusal(layout, devices)
+    refused = demo_refusal(layout, devices, host.hardware.firmware)
     if refused is not None:
         raise DiskPlanError(
             f"{config}: the demo installer does not make this layout: {refused}.",
@@ -178,6 +178,8 @@ def deploy_bus(domain_dir: Path, host_name: str, host: Host, plan: InstallPlan) 
     if isinstance(plan, DiskPlan):
         return target_kind(domain_dir, host_name, host, plan).value
     why = []
+    if host.hardware.firmware != "uefi":
+        why.append("GRUB as its boot loader (the demo's generations are systemd-boot entries)")
     if len(plan.layout.disks) > 1:
         why.append(f"{len(plan.layout.disks)} disks")
     if plan.layout.luks:
@@ -482,7 +484,7 @@ def _vm_specs(
         console_log=workdir / "disk-boot.log",
         memory_mib=memory_mib,
         cpus=cpus,
-        firmware=Firmware.uefi,
+        firmware=Firmware.uefi if host.hardware.firmware == "uefi" else Firmware.bios,
         drives=tuple(targets),
         published_log=log_dest,
     )
@@ -558,7 +560,8 @@ def _boot_disk(spec: VmSpec, host_name: str, timeout: float, passphrase: str = "
     done = probes.boot_complete_pattern(host_name)
     with (
         step(
-            f"install:{host_name}", "phase disk-boot: the disk alone (UEFI/OVMF → the installed boot loader)"
+            f"install:{host_name}",
+            f"phase disk-boot: the disk alone ({spec.firmware.value.upper()} → the installed boot loader)",
         ) as phase,
         Vm(spec) as vm,
     ):
@@ -587,6 +590,6 @@ def _publish_install_log(installer_log: Path, disk_log: Path, dest: Path) -> Non
     parts = ["=== phase installer: installer ISO booted beside the blank disk ===\n"]
     parts.append(installer_log.read_text(errors="replace") if installer_log.exists() else "(no output)\n")
     if disk_log.exists():
-        parts.append("\n=== phase disk-boot: second boot, from the installed disk alone (UEFI) ===\n")
+        parts.append("\n=== phase disk-boot: second boot, from the installed disk alone ===\n")
         parts.append(disk_log.read_text(errors="replace"))
     atomic_write_text(dest, "".join(parts))

@@ -103,8 +103,14 @@ INSTALLER_TOOLS = {
     "mdadm": "sbin/mdadm",
     "mkfs.btrfs": "sbin/mkfs.btrfs",
     "btrfs": "bin/btrfs",
+    # a BIOS machine's boot loader, GRUB (disko's EF02 partitions are its), with its i386-pc modules beside it
+    "grub-install": "usr/sbin/grub-install",
 }
 INSTALLER_LAYER_PACKAGES = [
+    "grub2-common",
+    "grub-pc-bin",
+    "libefiboot1",
+    "libefivar1",
     "lvm2",
     "libdevmapper1.02.1",
     "libdevmapper-event1.02.1",
@@ -447,13 +453,20 @@ def prune(libdir: Path, keep: set[str]) -> None:
 
 
 def installer_tools(debs: Path, out: Path) -> None:
-    """Debian's sfdisk, mkfs.ext4 and mkfs.vfat with the libraries they link, checked with Debian's own ld.so."""
+    """Debian's disk tools (sfdisk, mkfs.*, lvm, cryptsetup, mdadm, btrfs, grub-install and GRUB's BIOS platform
+    directory) with the libraries they link, checked with Debian's own ld.so."""
     with tempfile.TemporaryDirectory() as tmp:
         libdir = lay_out_tools(debs, Path(tmp), "amd64", INSTALLER_PACKAGES, INSTALLER_TOOLS, out)
+        # GRUB's BIOS platform directory (modules, boot images, grub-bios-setup), which grub-install is pointed at.
+        shutil.copytree(Path(tmp) / "usr/lib/grub/i386-pc", out / "lib/grub/i386-pc")
         if os.uname().machine == "x86_64":
             # Prove the closure with Debian's own loader, and keep only the libraries the tools load.
             loader = libdir / LOADERS["amd64"]
-            prune(libdir, {loader.name} | loaded_libraries(loader, libdir, out / "bin", "INSTALLER_PACKAGES"))
+            setup = Path(tmp) / "grub-setup"
+            setup.mkdir()
+            shutil.copy2(out / "lib/grub/i386-pc/grub-bios-setup", setup)
+            keep = loaded_libraries(loader, libdir, out / "bin", "INSTALLER_PACKAGES")
+            prune(libdir, {loader.name} | keep | loaded_libraries(loader, libdir, setup, "INSTALLER_PACKAGES"))
 
 
 def image_tools(debs: Path, arch: str, out: Path) -> None:

@@ -1,6 +1,6 @@
 # A disko disk-config → the script the demo installer runs to lay it out (as disko builds its own `_create` and
 # `_mount` from the same file, at evaluation time, into the installer's image).  It calls the installer's steps
-# (rootfs/sbin/cim-install): `disk`, `gpt`, `part`, `mkfs`, `mountfs`, `swapdev`, `luks`, `pv`, `vg`, `lv`, `mdmember`,
+# (rootfs/sbin/cim-install): `disk`, `gpt`, `part`, `biosboot`, `mkfs`, `mountfs`, `swapdev`, `luks`, `pv`, `vg`, `lv`, `mdmember`,
 # `md`, `subvol`, `swapfile`; the order is disko's: the disks' contents, then the md arrays, then the volume groups.
 # Only what the demo installer makes is translated (gpt disks; vfat, ext4, btrfs, swap; luks; lvm; mdadm); the
 # pipeline refuses any other layout before a VM starts (pipeline/disklayout.py, `demo_refusal`).
@@ -82,7 +82,9 @@ let
     ++ concatMap
       (p:
         let part = parts.${p.name}; label = part.label or "${owner}-${p.name}";
-        in [ "# partition ${label}" ] ++ contentOf "\"$(part ${q label})\"" "PARTLABEL=${label}" "" p.name (part.content or null))
+        in [ "# partition ${label}" ]
+          ++ (if (part.type or "") == "EF02" then [ "biosboot ${dev}" ] else [ ])
+          ++ contentOf "\"$(part ${q label})\"" "PARTLABEL=${label}" "" p.name (part.content or null))
       order;
 
   mountOptions = c: concatStringsSep "," (c.mountOptions or [ "defaults" ]);
