@@ -192,7 +192,11 @@ def test_demo_refuses_what_debians_tools_do_not_make_and_a_layout_without_an_esp
     no_esp = luks_lvm()
     del no_esp["disk"]["main"]["content"]["partitions"]["ESP"]
     refusal = demo_refusal(read(no_esp, "dc.nix"), no_esp) or ""
-    assert "no vfat file system on /boot" in refusal and "disko" in refusal
+    assert "no vfat file system on /boot" in refusal and 'hardware.firmware "bios"' in refusal
+    refusal = demo_refusal(read(no_esp, "dc.nix"), no_esp, "bios") or ""
+    assert "no BIOS boot partition (type EF02) for GRUB" in refusal
+    no_esp["disk"]["main"]["content"]["partitions"]["bios"] = {"size": "1M", "type": "EF02"}
+    assert demo_refusal(read(no_esp, "dc.nix"), no_esp, "bios") is None
     thin = luks_lvm()
     thin["lvm_vg"]["pool"]["lvs"]["root"]["lvm_type"] = "thin-pool"
     assert "lvm_type thin-pool" in (demo_refusal(read(thin, "dc.nix"), thin) or "")
