@@ -63,6 +63,7 @@ MODULES = {
         "dm_mod",
         "dm_crypt",
         "xts",
+        "ecb",
         "af_alg",
         "algif_skcipher",
         "algif_hash",

@@ -135,7 +135,7 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text()
     # Requested with the credential (no boot prompt), started and done per the contract, then powered off.
     assert re.search(r"^cim-install: started vhost-dev onto /dev/vda", log, re.M)
-    assert "cim-install: partitioning /dev/vda" in log
+    assert "cim-install: partitioned /dev/vda (GPT)" in log
     assert re.search(r"^cim-install: done vhost-dev: .*powering off", log, re.M)
     assert "reboot: Power down" in log
     assert not re.search(r"^boot:", log.split("=== phase disk-boot")[0], re.M)  # isolinux showed no prompt
