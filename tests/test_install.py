@@ -302,3 +302,108 @@ def test_an_install_credential_other_than_1_installs_nothing(
     assert "cim-install: credential cim.install=0 is not 1: nothing is installed" in console
     assert "cim-install: started" not in console
     assert netinstall.disk_untouched(disk)
+
+
+# -- disko's layered layouts, made by the demo installer with Debian's tools -------------------------------------
+
+LUKS_LVM_BY_ID = """{
+  disko.devices = {
+    disk.system = {
+      type = "disk";
+      device = "/dev/disk/by-id/ata-QEMU_SSD_Model_7_CIM0001";
+      content = {
+        type = "gpt";
+        partitions = {
+          boot = { size = "200M"; type = "EF00";
+                   content = { type = "filesystem"; format = "vfat"; mountpoint = "/boot"; }; };
+          vault = { size = "100%";
+                    content = { type = "luks"; name = "vault"; settings.keyFile = "/tmp/vault.key";
+                                content = { type = "lvm_pv"; vg = "sys"; }; }; };
+        };
+      };
+    };
+    lvm_vg.sys = {
+      type = "lvm_vg";
+      lvs = {
+        swap = { size = "16M"; content.type = "swap"; };
+        root = { size = "100%FREE"; content = { type = "filesystem"; format = "ext4"; mountpoint = "/"; }; };
+      };
+    };
+  };
+}
+"""
+
+RAID_BTRFS_BIOS = """{
+  disko.devices = {
+    disk = {
+      left = { type = "disk"; device = "/dev/disk/by-id/virtio-CIMLEFT";
+        content = { type = "gpt"; partitions = {
+          grub = { size = "1M"; type = "EF02"; };
+          member = { size = "100%"; content = { type = "mdraid"; name = "mirror"; }; };
+        }; }; };
+      right = { type = "disk"; device = "/dev/disk/by-id/virtio-CIMRIGHT";
+        content = { type = "gpt"; partitions = {
+          grub = { size = "1M"; type = "EF02"; };
+          member = { size = "100%"; content = { type = "mdraid"; name = "mirror"; }; };
+        }; }; };
+    };
+    mdadm.mirror = {
+      type = "mdadm";
+      level = 1;
+      content = {
+        type = "btrfs";
+        subvolumes = {
+          "@" = { mountpoint = "/"; };
+          "@nix" = { mountpoint = "/nix"; mountOptions = [ "noatime" ]; };
+        };
+      };
+    };
+  };
+}
+"""
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_luks_on_lvm_on_a_disk_named_by_id(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    # A SATA disk named by its udev by-id name (model and serial as QEMU gives them), LUKS2 holding an LVM volume
+    # group: the installer formats with cryptsetup and lvm, stage 1 asks for the passphrase, the pipeline types it.
+    (demo_domain / "disk-config.nix").write_text(LUKS_LVM_BY_ID)
+    proc = doit(demo_domain, "install:vhost-dev", check=True)
+    assert "sata disk (serial=CIM0001, model=QEMU SSD Model 7)" in proc.stdout
+    for check in [
+        "check: /dev/mapper/vault: an open LUKS device",
+        "check: LVM logical volume sys-root is active",
+        "check: / on /dev/sys/root: ext4",
+        "check: swap active: /dev/mapper/sys-swap",
+    ]:
+        assert check in proc.stdout
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text(errors="replace")
+    assert "cim-install: disk system: /dev/disk/by-id/ata-QEMU_SSD_Model_7_CIM0001 -> /dev/sda" in log
+    assert "Passphrase for vault (/dev/sda2): " in log and "cim stage 1: LUKS vault open" in log
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_btrfs_on_md_raid1_on_a_bios_machine(demo_domain: Path, artifacts_dir: Path, doit: DoitRunner) -> None:
+    # Two disks mirrored by md (RAID1) holding btrfs subvolumes, on a BIOS machine: GRUB in both disks' EF02
+    # partitions reads the kernel through md and btrfs; stage 1 assembles the array and mounts the /nix subvolume.
+    (demo_domain / "disk-config.nix").write_text(RAID_BTRFS_BIOS)
+    domain = json.loads((demo_domain / "domain.json").read_text())
+    domain["hosts"]["vhost-dev"]["hardware"]["firmware"] = "bios"
+    (demo_domain / "domain.json").write_text(json.dumps(domain))
+    proc = doit(demo_domain, "install:vhost-dev", check=True)
+    assert "phase disk-boot: the disk alone (BIOS → the installed boot loader)" in proc.stdout
+    for check in [
+        "check: md array mirror: raid1, clean, 2 devices",
+        "check: / on /dev/md/mirror: btrfs subvolume /@",
+        "check: /nix on /dev/md/mirror: btrfs subvolume /@nix",
+    ]:
+        assert check in proc.stdout
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text(errors="replace")
+    assert "cim-install: installing GRUB (BIOS) on /dev/disk/by-id/virtio-CIMLEFT" in log
+    assert "cim-install: installing GRUB (BIOS) on /dev/disk/by-id/virtio-CIMRIGHT" in log
+    assert "Booting `NixOS - Generation 1 (vhost-dev)'" in log
+    assert "cim stage 1: /nix mounted" in log

@@ -4,7 +4,8 @@
 # `md`, `subvol`, `swapfile`; the order is disko's: the disks' contents, then the md arrays, then the volume groups.
 # Only what the demo installer makes is translated (gpt disks; vfat, ext4, btrfs, swap; luks; lvm; mdadm); the
 # pipeline refuses any other layout before a VM starts (pipeline/disklayout.py, `demo_refusal`).
-{ diskConfig }:
+# `firmware`: how the machine boots (domain.json hardware.firmware), which decides its boot loader.
+{ diskConfig, firmware ? "uefi" }:
 let
   config = if builtins.isFunction diskConfig then diskConfig { lib = { }; } else diskConfig;
   devices = config.disko.devices;
@@ -138,7 +139,8 @@ in
   inherit target;
   script = concatStringsSep "\n" (
     [ "# cim install layout (lib/disklayout.nix): disko.devices as the demo installer lays them out"
-      "target ${target}" ]
+      "target ${target}"
+      "firmware ${firmware}" ]
     ++ map (d: "disk ${q d} ${q disks.${d}.device}") (attrNames disks)
     ++ concatMap (d: [ "# disk ${d}" ] ++ contentOf (q disks.${d}.device) disks.${d}.device "disk-${d}" d (disks.${d}.content or null))
       (attrNames disks)

@@ -45,6 +45,7 @@ let
     if host ? install then
       (import ./disklayout.nix {
         diskConfig = import (../. + "/${host.install.disk_config or "disk-config.nix"}");
+        firmware = host.hardware.firmware or "uefi";
       }).script
     else "";
   own = inputs system;
