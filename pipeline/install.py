@@ -32,7 +32,16 @@ from pipeline import contract, probes
 from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
 from pipeline.contract import CONTRACT
 from pipeline.disklayout import Layout, demo_refusal, read
-from pipeline.diskplan import DiskPlan, DiskPlanError, evaluate_devices, plan_from_devices
+from pipeline.diskplan import (
+    ALIGN_MIB,
+    FORMATS,
+    GPT_BACKUP_MIB,
+    DiskPlan,
+    DiskPlanError,
+    evaluate_devices,
+    parse_size,
+    plan_from_devices,
+)
 from pipeline.domain import DiskBus, Domain, Format, Host, System
 from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
@@ -127,12 +136,8 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
         raise DiskPlanError(f"{domain_dir / 'domain.json'}: host {host_name!r} has no install section")
     config = domain_dir / host.install.disk_config
     devices = evaluate_devices(config)
-    try:
-        plan = plan_from_devices(devices, host.install.disk, disk_mib(host), str(config))
-    except DiskPlanError:
-        plan = None
-    if plan is not None and DiskBus.for_device(plan.device) is not None:
-        return plan
+    if _plain(devices):
+        return plan_from_devices(devices, host.install.disk, disk_mib(host), str(config))
     layout = read(devices, str(config))
     refused = demo_refusal(layout, devices, host.hardware.firmware)
     if refused is not None:
@@ -140,7 +145,40 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
             f"{config}: the demo installer does not make this layout: {refused}.",
             hint=f"`cim disk-plan {host_name}` shows the layout as disko has it.",
         )
+    _check_fits(devices, disk_mib(host), str(config))
     return LayoutPlan(layout, devices, disk_mib(host))
+
+
+def _plain(devices: dict[str, Any]) -> bool:
+    """One disk, named as a disk kind shows it (/dev/vda, /dev/sda, /dev/nvme0n1), a gpt table of vfat/ext4 file
+    systems and swap: the layout a DiskPlan checks partition by partition."""
+    disks = devices.get("disk") or {}
+    if any(devices.get(kind) for kind in devices if kind != "disk") or len(disks) != 1:
+        return False
+    spec = next(iter(disks.values()))
+    content = spec.get("content") or {}
+    if DiskBus.for_device(str(spec.get("device", ""))) is None or content.get("type") != "gpt":
+        return False
+    return all(
+        (part.get("content") or {}).get("type") == "swap"
+        or ((part.get("content") or {}).get("type") == "filesystem" and part["content"].get("format") in FORMATS)
+        for part in (content.get("partitions") or {}).values()
+    )
+
+
+def _check_fits(devices: dict[str, Any], mib: int, source: str) -> None:
+    """Each gpt disk's fixed partition sizes fit the install disk (every disk of a layout gets that size)."""
+    for name, spec in (devices.get("disk") or {}).items():
+        parts = ((spec.get("content") or {}).get("partitions") or {}) if spec.get("content") else {}
+        sizes = {pname: parse_size(p["size"], source) for pname, p in parts.items() if p.get("size", "100%") != "100%"}
+        need = ALIGN_MIB + GPT_BACKUP_MIB + sum(size or 0 for size in sizes.values())
+        if need > mib:
+            raise DiskPlanError(
+                f"{source}: disko.devices.disk.{name}.content.partitions need {need} MiB "
+                f"({' + '.join(f'{p} {m}' for p, m in sizes.items())} MiB plus the GPT), but the install disk is "
+                f"{mib} MiB. Shrink a partition or give the disk more room (domain.json install.size_gib or the "
+                "hardware disk's size_gib)."
+            )
 
 
 def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskBus:

@@ -227,3 +227,13 @@ def test_installed_layout_is_checked_from_its_report() -> None:
         check_layout(layout, console.replace("cim-layer: dm pool-swap lvm", ""))
     with pytest.raises(InstallError, match="/ is btrfs on /dev/vda2, declared ext4"):
         check_layout(layout, console.replace("/ /dev/mapper/pool-root ext4", "/ /dev/vda2 btrfs"))
+
+
+def test_a_layered_layout_that_does_not_fit_the_disk_is_refused_before_any_vm() -> None:
+    from pipeline.install import _check_fits
+
+    devices = luks_lvm()
+    devices["disk"]["main"]["content"]["partitions"]["ESP"]["size"] = "2G"
+    with pytest.raises(DiskPlanError, match=r"disko.devices.disk.main.content.partitions need 2050 MiB"):
+        _check_fits(devices, 1024, "dc.nix")
+    _check_fits(luks_lvm(), 1024, "dc.nix")

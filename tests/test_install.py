@@ -168,8 +168,8 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
     ("old", "new", "attribute"),
     [
         ('size = "32M";', 'size = "2G";', "disko.devices.disk.main.content.partitions need"),
-        ('format = "ext4";', 'format = "btrfs";', "disko.devices.disk.main.content.partitions.root.content.format"),
-        ('content.type = "swap";', 'content.type = "luks";', "partitions.swap.content.type = 'luks'"),
+        ('format = "ext4";', 'format = "xfs";', "it formats xfs; the demo installer makes vfat, ext4 and btrfs"),
+        ('content.type = "swap";', 'content = { type = "zfs"; pool = "tank"; };', "it uses zfs, which the demo"),
     ],
 )
 def test_bad_disk_config_fails_before_any_vm(
