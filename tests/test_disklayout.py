@@ -233,7 +233,7 @@ def test_a_layered_layout_that_does_not_fit_the_disk_is_refused_before_any_vm() 
     from pipeline.install import _check_fits
 
     devices = luks_lvm()
-    devices["disk"]["main"]["content"]["partitions"]["ESP"]["size"] = "2G"
+    devices["disk"]["main"]["content"]["partitions"]["ESP"] = {**ESP, "size": "2G"}  # not the shared ESP
     with pytest.raises(DiskPlanError, match=r"disko.devices.disk.main.content.partitions need 2050 MiB"):
         _check_fits(devices, 1024, "dc.nix")
     _check_fits(luks_lvm(), 1024, "dc.nix")
