@@ -4,7 +4,8 @@ Three VMs on one private LAN, QEMU's own VDE hub on a unix socket (no tap device
 this machine; the hub lives in the provisioner's QEMU and dies with it):
   provisioner  the provisioner host's ISO, booted as in its own boot test, with a second NIC on the LAN carrying its
                declared MAC; its provisioner guest leases to declared MACs only and serves the netboot images
-  host         the netboot host's declared MAC, memory and CPUs, no disk: SeaBIOS runs the NIC's iPXE ROM, which
+  host         the netboot host's declared MAC, memory and CPUs, no disk: its firmware (OVMF for a UEFI host,
+               SeaBIOS for a BIOS one) runs the NIC's iPXE ROM, which
                takes its lease, fetches the iPXE script, the kernel and the initrd, and boots them; its probes then
                reach its guests through a second, management NIC (QEMU user networking, `restrict=on`, forwards from
                127.0.0.1), never through the LAN
@@ -255,8 +256,10 @@ class ProvisionerLan:
 
 
 def lan_machine(name: str, host: Host, mac: str, hub: Path, workdir: Path, published: Path, **more: Any) -> VmSpec:
-    """A machine on the LAN that boots from it (its NIC's iPXE ROM), with the host's memory and CPUs."""
+    """A machine on the LAN that boots from it (its NIC's iPXE ROM), with the host's memory and CPUs, under the
+    host's firmware (`firmware=` to choose): OVMF runs the ROM's EFI iPXE, SeaBIOS its BIOS one."""
     machine = boot_machine(host)
+    firmware = more.pop("firmware", Firmware.uefi if host.hardware.firmware == "uefi" else Firmware.bios)
     return VmSpec(
         name=name,
         system=host.system,
@@ -264,7 +267,7 @@ def lan_machine(name: str, host: Host, mac: str, hub: Path, workdir: Path, publi
         console_log=workdir / "console.log",
         memory_mib=more.pop("memory_mib", machine.memory_mib),
         cpus=machine.cpus,
-        firmware=Firmware.bios,
+        firmware=firmware,
         published_log=published,
         lan=LanPort(hub, mac, boot=True, bootindex=more.pop("bootindex", 1)),
         **more,
@@ -313,6 +316,7 @@ def netboot_test(artifact: Artifact, run: LanRun, record: Callable[[BootResult],
                 logs["intruder"],
                 management=False,
                 memory_mib=INTRUDER_MEMORY_MIB,
+                firmware=Firmware.bios,  # an undeclared machine: its iPXE shell is typed into under SeaBIOS
             )
             specs = {k: dataclasses.replace(v, accel=accel) for k, v in specs.items()}
             with Vm(specs["host"]) as host_vm, Vm(specs["intruder"]) as intruder_vm, ThreadPoolExecutor(2) as pool:

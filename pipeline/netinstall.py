@@ -2,13 +2,14 @@
 
 The provisioner's ISO boots on a private LAN (netboot.ProvisionerLan, shared by the tests of one run).  The new
 machine, its declared MAC, memory and CPUs and a blank disk attached as the host declares it, tries its disk first,
-then the network (as real fleets are set up): SeaBIOS finds the disk blank and runs the NIC's iPXE ROM.  Netboot
+then the network (as real fleets are set up), under its firmware (OVMF for a UEFI host, SeaBIOS for a BIOS one),
+which finds the disk blank and runs the NIC's iPXE ROM (EFI or BIOS iPXE).  Netboot
 stage 1 takes its lease, sees the blank install disk, publishes its hardware report on the provisioner's NATS and
 checks it against domain.json's declaration before it writes anything (the domain's `inventory: enforce` stops it
 there, the disk untouched), fetches the system over HTTP, installs it per the host's disk-config.nix and powers off.
-The same machine then comes up from its disk (UEFI: the installed systemd-boot) with the provisioner still on the
-LAN: it takes its lease again, prints its boot-complete line and its report lines (checked against the plan), and
-its probes run through its management NIC.  No doit here.
+The same machine then comes up from its disk (UEFI: the installed systemd-boot; BIOS: GRUB) with the provisioner
+still on the LAN: it takes its lease again, prints its boot-complete line and its report lines (checked against the
+plan), and its probes run through its management NIC.  No doit here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pipeline.errors import CimError
 from pipeline.inventory import boot_machine
 from pipeline.log import say, step
 from pipeline.process import run
-from pipeline.qemu import Drive, Firmware, LanPort, Vm, VmError, VmSpec
+from pipeline.qemu import Drive, LanPort, Vm, VmError, VmSpec
 
 SYSTEM_OVER_LAN = r"^cim netboot: the system came over the LAN: (\d+) bytes in ([\d.]+) s"
 HWCHECK = r"^cim-hwcheck: (.*?)\r?$"
@@ -119,7 +120,7 @@ def verify(
                 memory_mib=specs["installer"].memory_mib,
                 cpus=specs["installer"].cpus,
                 accel=specs["installer"].accel,
-                firmware=Firmware.uefi,
+                firmware=specs["installer"].firmware,
                 drives=(Drive(disk, format="qcow2", bus=kind.value, bootindex=1), *extra),
                 published_log=logs["install"],
                 port_forwards=forwards,

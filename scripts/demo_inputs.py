@@ -94,20 +94,19 @@ MODULES = {
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
 # the packages that hold them and every library they link.
-INSTALLER_TOOLS = {
-    "sfdisk": "sbin/sfdisk",
-    "mkfs.ext4": "sbin/mke2fs",
-    "mkfs.vfat": "sbin/mkfs.fat",
-    # disko's other layers (lvm_vg / lvm_pv, luks, mdadm, btrfs): its own tools, as disko runs them
+INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vfat": "sbin/mkfs.fat"}
+# disko's other layers (lvm_vg / lvm_pv, luks, mdadm, btrfs) with disko's own tools, and a BIOS machine's boot loader,
+# GRUB (disko's EF02 partitions are its), with its i386-pc platform directory: the ISO's installer carries them (and
+# an installed system whose root is under such layers boots with them); the LAN install makes plain disks only.
+LAYER_TOOLS = {
     "lvm": "sbin/lvm",
     "cryptsetup": "sbin/cryptsetup",
     "mdadm": "sbin/mdadm",
     "mkfs.btrfs": "sbin/mkfs.btrfs",
     "btrfs": "bin/btrfs",
-    # a BIOS machine's boot loader, GRUB (disko's EF02 partitions are its), with its i386-pc modules beside it
     "grub-install": "usr/sbin/grub-install",
 }
-INSTALLER_LAYER_PACKAGES = [
+LAYER_PACKAGES = [
     "grub2-common",
     "grub-pc-bin",
     "libefiboot1",
@@ -139,8 +138,11 @@ INSTALLER_LAYER_PACKAGES = [
     "libgpg-error0",
     "liblzma5",
     "liblz4-1",
+    "libblkid1",
+    "libuuid1",
+    "libc6",
 ]
-DISK_TOOL_PACKAGES = [
+INSTALLER_PACKAGES = [
     "fdisk",
     "libfdisk1",
     "libsmartcols1",
@@ -154,7 +156,6 @@ DISK_TOOL_PACKAGES = [
     "dosfstools",
     "libc6",
 ]
-INSTALLER_PACKAGES = [*INSTALLER_LAYER_PACKAGES, *DISK_TOOL_PACKAGES]
 
 # The tools the demo's image builders run inside the Nix sandbox, for each builder system (name in the build: path in
 # the Debian packages), and the packages that hold them and every library they link.  They run through the input's
@@ -169,7 +170,7 @@ IMAGE_TOOLS = {
     "sfdisk": "sbin/sfdisk",
 }
 IMAGE_PACKAGES = [
-    *DISK_TOOL_PACKAGES,
+    *INSTALLER_PACKAGES,
     "xorriso",
     "libisoburn1",
     "libburn4",
@@ -454,20 +455,28 @@ def prune(libdir: Path, keep: set[str]) -> None:
 
 
 def installer_tools(debs: Path, out: Path) -> None:
-    """Debian's disk tools (sfdisk, mkfs.*, lvm, cryptsetup, mdadm, btrfs, grub-install and GRUB's BIOS platform
-    directory) with the libraries they link, checked with Debian's own ld.so."""
+    """Debian's sfdisk, mkfs.ext4 and mkfs.vfat with the libraries they link, checked with Debian's own ld.so."""
     with tempfile.TemporaryDirectory() as tmp:
         libdir = lay_out_tools(debs, Path(tmp), "amd64", INSTALLER_PACKAGES, INSTALLER_TOOLS, out)
-        # GRUB's BIOS platform directory (modules, boot images, grub-bios-setup), which grub-install is pointed at.
-        shutil.copytree(Path(tmp) / "usr/lib/grub/i386-pc", out / "lib/grub/i386-pc")
         if os.uname().machine == "x86_64":
             # Prove the closure with Debian's own loader, and keep only the libraries the tools load.
+            loader = libdir / LOADERS["amd64"]
+            prune(libdir, {loader.name} | loaded_libraries(loader, libdir, out / "bin", "INSTALLER_PACKAGES"))
+
+
+def layer_tools(debs: Path, out: Path) -> None:
+    """Debian's lvm, cryptsetup, mdadm, btrfs-progs and grub-install (with GRUB's BIOS platform directory: modules,
+    boot images, grub-bios-setup) and the libraries they link, checked with Debian's own ld.so."""
+    with tempfile.TemporaryDirectory() as tmp:
+        libdir = lay_out_tools(debs, Path(tmp), "amd64", LAYER_PACKAGES, LAYER_TOOLS, out)
+        shutil.copytree(Path(tmp) / "usr/lib/grub/i386-pc", out / "lib/grub/i386-pc")
+        if os.uname().machine == "x86_64":
             loader = libdir / LOADERS["amd64"]
             setup = Path(tmp) / "grub-setup"
             setup.mkdir()
             shutil.copy2(out / "lib/grub/i386-pc/grub-bios-setup", setup)
-            keep = loaded_libraries(loader, libdir, out / "bin", "INSTALLER_PACKAGES")
-            prune(libdir, {loader.name} | keep | loaded_libraries(loader, libdir, setup, "INSTALLER_PACKAGES"))
+            keep = loaded_libraries(loader, libdir, out / "bin", "LAYER_PACKAGES")
+            prune(libdir, {loader.name} | keep | loaded_libraries(loader, libdir, setup, "LAYER_PACKAGES"))
 
 
 def image_tools(debs: Path, arch: str, out: Path) -> None:
@@ -549,6 +558,9 @@ def build_inputs(debs: Path, stage: Path) -> dict[str, dict[str, Path]]:
     tools = stage / "cim-demo-installer-tools-x86_64-linux"
     installer_tools(debs, tools)
     layout["x86_64-linux"]["installer-tools"] = tools
+    layers = stage / "cim-demo-layer-tools-x86_64-linux"
+    layer_tools(debs, layers)
+    layout["x86_64-linux"]["layer-tools"] = layers
     return layout
 
 

@@ -7,13 +7,17 @@ mkdir -p "$tree/isolinux" "$tree/boot" "$out/iso" "$out/nix-support"
 cp "$toplevel/kernel" "$tree/boot/bzImage"
 cp "$toplevel/initrd" "$tree/boot/initrd"
 
-# The installer's disk tools (Debian's sfdisk, mkfs.*) ride in a second initrd, appended at boot.
+# The installer's disk tools (Debian's sfdisk, mkfs.*, and lvm, cryptsetup, mdadm, btrfs, grub-install for disko's
+# other layers) ride in a second initrd, appended at boot.
 inst="$TMPDIR/installer"
 mkdir -p "$inst/usr/local/sbin" "$inst/lib"
-cp "$installerTools"/bin/* "$inst/usr/local/sbin/"
-cp -r "$installerTools"/lib/. "$inst/lib/"
-chmod -R u+w "$inst"
-# The install plan, evaluated from the host's disk-config.nix at build time (lib/disklayout.nix): the script that lays the disks out.
+for tools in "$installerTools" "$layerTools"; do
+    cp "$tools"/bin/* "$inst/usr/local/sbin/"
+    cp -r "$tools"/lib/. "$inst/lib/"
+    chmod -R u+w "$inst"
+done
+# The install plan: the script that lays the disks out, evaluated from the host's disk-config.nix at build time
+# (lib/disklayout.nix).
 mkdir -p "$inst/etc/cim"
 printf '%s' "$installPlan" > "$inst/etc/cim/install-plan"
 cpio_of "$inst" | gzip -9 > "$tree/boot/installer"

@@ -198,6 +198,7 @@ let
       inherit toplevel hostName installPlan;
       boot = own.boot;
       installerTools = own.installer-tools;
+      layerTools = own.layer-tools;
       imageTools = own.image-tools;
       isoName = "nixos-${hostName}-${system}.iso";
       volumeId = "CIM_${builtins.replaceStrings [ "-" ] [ "_" ] hostName}";
