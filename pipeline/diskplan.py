@@ -1,9 +1,10 @@
-"""A host's disk-config.nix (disko's format) → an install plan: GPT partitions, file systems, swap, mount points.
+"""A host's plain disk-config.nix (disko's format) → an install plan: GPT partitions, file systems, swap, mount points.
 
-Supported (what an image built from the same file must lay out, and what the install check compares with):
-`disko.devices.disk.<name>` of `type = "disk"` with a `gpt` table, whose partitions hold `filesystem` (vfat, ext4) or
-`swap`.  Anything else is refused before a VM starts, with the
-attribute path named.  Partition order follows disko: explicit `priority`, else BIOS boot (EF02) first, the ESP
+The plain layout, checked partition by partition (size, label, file system): `disko.devices.disk.<name>` of
+`type = "disk"` with a `gpt` table, whose partitions hold `filesystem` (vfat, ext4) or `swap`.  Any other layout is
+pipeline.disklayout's, checked by layout (pipeline.install.LayoutPlan); here it is refused with the attribute path
+named.  The demo image lays out the same partitions from the same file (configs/demo/lib/disklayout.nix; a test holds
+its sfdisk script equal to `sfdisk_script`).  Partition order follows disko: explicit `priority`, else BIOS boot (EF02) first, the ESP
 (EF00) next, other fixed sizes, and "100%" last; equal priorities keep Nix's (alphabetical) order.
 """
 
@@ -74,8 +75,7 @@ class DiskPlan:
         return "\n".join(lines) + "\n"
 
     def installer_text(self) -> str:
-        """The plan as text: target device, sfdisk script, one line per file system.  An image may carry it (a
-        domain's builder can write the same text from Nix at build time; a test holds configs' copy equal)."""
+        """The plan as text (target device, sfdisk script, one line per file system): what keys a kept install."""
         out = [f"# cim install plan for disko disk '{self.disk}'", f"target {self.device}"]
         out += [f"sfdisk {line}" for line in self.sfdisk_script().splitlines()]
         for part in self.partitions:
