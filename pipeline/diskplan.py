@@ -4,8 +4,9 @@ The plain layout, checked partition by partition (size, label, file system): `di
 `type = "disk"` with a `gpt` table, whose partitions hold `filesystem` (vfat, ext4) or `swap`.  Any other layout is
 pipeline.disklayout's, checked by layout (pipeline.install.LayoutPlan); here it is refused with the attribute path
 named.  The demo image lays out the same partitions from the same file (configs/demo/lib/disklayout.nix; a test holds
-its sfdisk script equal to `sfdisk_script`).  Partition order follows disko: explicit `priority`, else BIOS boot (EF02) first, the ESP
-(EF00) next, other fixed sizes, and "100%" last; equal priorities keep Nix's (alphabetical) order.
+its sfdisk script equal to `sfdisk_script`).  Partition order follows disko: explicit `priority`, else BIOS boot
+(EF02) first, the ESP (EF00) next, other fixed sizes, and "100%" last; equal priorities keep Nix's (alphabetical)
+order.
 """
 
 from __future__ import annotations
