@@ -67,7 +67,7 @@ def disk_plan(host: str, domain_dir: Path) -> None:
     """Show HOST's disk-config.nix as disko lays it out (disks as the install VM presents them, layers, file systems,
     what the installed system is checked for and what cannot be checked), then the demo installer's partitions or
     why it does not make this layout."""
-    from pipeline.disklayout import demo_refusal, layout_of
+    from pipeline.disklayout import layout_of
 
     domain = load_checked(domain_dir)
     if host not in domain.hosts:
@@ -82,12 +82,8 @@ def disk_plan(host: str, domain_dir: Path) -> None:
     click.echo(f"{host}: {domain_dir / spec.install.disk_config} as disko lays it out:")
     for line in layout.describe():
         click.echo(f"  {line}")
-    refused = demo_refusal(layout, devices, spec.hardware.firmware)
-    if refused is not None:
-        click.echo(f"the demo installer does not make this layout: {refused}.")
-        return
     try:
-        plan = plan_for(domain_dir, host, spec)
+        plan = plan_for(domain_dir, host, spec, devices)  # refuses, naming why, what the demo installer cannot make
         if isinstance(plan, LayoutPlan):
             click.echo(
                 f"the demo installer: {len(plan.layout.disks)} blank {plan.disk_mib} MiB disk(s), as shown above"
@@ -95,7 +91,10 @@ def disk_plan(host: str, domain_dir: Path) -> None:
             return
         kind = target_kind(domain_dir, host, spec, plan)
     except DiskPlanError as exc:  # planned as disko has it; only the demo's installer cannot make it
-        click.echo(f"the demo installer does not make this layout: {exc.report()}")
+        said = exc.report()
+        click.echo(
+            said if "does not make this layout" in said else f"the demo installer does not make this layout: {said}"
+        )
         return
     click.echo(f"the demo installer: disk {plan.disk} ({plan.disk_mib} MiB), attached as {kind.value} ({kind.device}):")
     for part, line in zip(plan.partitions, plan.describe(), strict=True):

@@ -140,7 +140,7 @@ def plan_from_devices(devices: dict[str, Any], disk: str, disk_mib: int, source:
     return plan
 
 
-_PARTITION_KEYS = frozenset(
+PARTITION_KEYS = frozenset(
     {"size", "type", "content", "priority", "label", "name", "start", "end", "alignment", "device", "_index"}
 )
 
@@ -174,7 +174,7 @@ def _the_disk(devices: dict[str, Any], disk: str, source: str) -> tuple[dict[str
 
 def _partition(number: int, name: str, part: dict[str, Any], disk: str, pwhere: str, source: str) -> Partition:
     """One gpt partition of the plan: a file system or swap, its GPT type and size."""
-    unknown = set(part) - _PARTITION_KEYS
+    unknown = set(part) - PARTITION_KEYS
     if unknown:
         raise DiskPlanError(f"{source}: {pwhere}.{sorted(unknown)[0]} is not supported by the installer.")
     pcontent = part.get("content") or {}
@@ -208,20 +208,24 @@ def _partition(number: int, name: str, part: dict[str, Any], disk: str, pwhere: 
 
 
 def _check_fits(plan: DiskPlan, where: str, source: str) -> None:
-    """At most one partition takes the rest, and the fixed sizes plus the GPT fit the install disk."""
-    rest = [p for p in plan.partitions if p.size_mib is None]
+    rest = [p.name for p in plan.partitions if p.size_mib is None]
+    fixed = {p.name: p.size_mib for p in plan.partitions if p.size_mib is not None}
+    check_fits(fixed, rest, plan.disk_mib, where, source)
+
+
+def check_fits(fixed: dict[str, int], rest: list[str], disk_mib: int, where: str, source: str) -> None:
+    """At most one partition of a gpt table takes the rest, and the fixed sizes (MiB, by partition name) plus the
+    GPT fit a disk of `disk_mib` (the plain plan's disk, and each disk of a layout)."""
     if len(rest) > 1:
         raise DiskPlanError(
-            f'{source}: {where}.content.partitions: only one partition can take "100%" '
-            f"({', '.join(p.name for p in rest)} do)."
+            f'{source}: {where}.content.partitions: only one partition can take "100%" ({", ".join(rest)} do).'
         )
-    fixed = sum(p.size_mib or 0 for p in plan.partitions)
-    need = ALIGN_MIB + fixed + GPT_BACKUP_MIB + (1 if rest else 0)
-    if need > plan.disk_mib:
+    need = ALIGN_MIB + sum(fixed.values()) + GPT_BACKUP_MIB + (1 if rest else 0)
+    if need > disk_mib:
         raise DiskPlanError(
             f"{source}: {where}.content.partitions need {need} MiB "
-            f"({' + '.join(f'{p.name} {p.size_mib}' for p in plan.partitions if p.size_mib)} MiB plus the GPT), "
-            f"but the install disk is {plan.disk_mib} MiB. Shrink a partition or give the disk more room "
+            f"({' + '.join(f'{name} {mib}' for name, mib in fixed.items())} MiB plus the GPT), "
+            f"but the install disk is {disk_mib} MiB. Shrink a partition or give the disk more room "
             "(domain.json install.size_gib or the hardware disk's size_gib)."
         )
 

@@ -33,11 +33,11 @@ from pipeline.artifacts import InstallResult, atomic_write_text, utc_now
 from pipeline.contract import CONTRACT
 from pipeline.disklayout import Layout, demo_refusal, read
 from pipeline.diskplan import (
-    ALIGN_MIB,
     FORMATS,
-    GPT_BACKUP_MIB,
+    PARTITION_KEYS,
     DiskPlan,
     DiskPlanError,
+    check_fits,
     evaluate_devices,
     parse_size,
     plan_from_devices,
@@ -128,14 +128,14 @@ class LayoutPlan:
 InstallPlan = DiskPlan | LayoutPlan
 
 
-def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
+def plan_for(domain_dir: Path, host_name: str, host: Host, devices: dict[str, Any] | None = None) -> InstallPlan:
     """Evaluate the host's disk-config.nix into the install plan: one plain gpt disk named as the host's disk kind
     shows it → a DiskPlan (partition sizes checked); any other layout the demo installer makes → a LayoutPlan; a
-    layout it cannot make → DiskPlanError naming why, before any VM."""
+    layout it cannot make → DiskPlanError naming why, before any VM.  `devices`: disko.devices already evaluated."""
     if host.install is None:
         raise DiskPlanError(f"{domain_dir / 'domain.json'}: host {host_name!r} has no install section")
     config = domain_dir / host.install.disk_config
-    devices = evaluate_devices(config)
+    devices = devices if devices is not None else evaluate_devices(config)
     if _plain(devices):
         return plan_from_devices(devices, host.install.disk, disk_mib(host), str(config))
     layout = read(devices, str(config))
@@ -150,8 +150,8 @@ def plan_for(domain_dir: Path, host_name: str, host: Host) -> InstallPlan:
 
 
 def _plain(devices: dict[str, Any]) -> bool:
-    """One disk, named as a disk kind shows it (/dev/vda, /dev/sda, /dev/nvme0n1), a gpt table of vfat/ext4 file
-    systems and swap: the layout a DiskPlan checks partition by partition."""
+    """One disk, named as a disk kind shows it (/dev/vda, /dev/sda, /dev/nvme0n1), a gpt table of sized vfat/ext4
+    file systems and swap with nothing else set: the layout a DiskPlan checks partition by partition."""
     disks = devices.get("disk") or {}
     if any(devices.get(kind) for kind in devices if kind != "disk") or len(disks) != 1:
         return False
@@ -160,25 +160,26 @@ def _plain(devices: dict[str, Any]) -> bool:
     if DiskBus.for_device(str(spec.get("device", ""))) is None or content.get("type") != "gpt":
         return False
     return all(
-        (part.get("content") or {}).get("type") == "swap"
-        or ((part.get("content") or {}).get("type") == "filesystem" and part["content"].get("format") in FORMATS)
+        "size" in part
+        and set(part) <= PARTITION_KEYS
+        and (
+            (part.get("content") or {}).get("type") == "swap"
+            or ((part.get("content") or {}).get("type") == "filesystem" and part["content"].get("format") in FORMATS)
+        )
         for part in (content.get("partitions") or {}).values()
     )
 
 
 def _check_fits(devices: dict[str, Any], mib: int, source: str) -> None:
-    """Each gpt disk's fixed partition sizes fit the install disk (every disk of a layout gets that size)."""
+    """Each gpt disk of a layout fits the install disk (every disk of a layout gets that size)."""
     for name, spec in (devices.get("disk") or {}).items():
-        parts = ((spec.get("content") or {}).get("partitions") or {}) if spec.get("content") else {}
-        sizes = {pname: parse_size(p["size"], source) for pname, p in parts.items() if p.get("size", "100%") != "100%"}
-        need = ALIGN_MIB + GPT_BACKUP_MIB + sum(size or 0 for size in sizes.values())
-        if need > mib:
-            raise DiskPlanError(
-                f"{source}: disko.devices.disk.{name}.content.partitions need {need} MiB "
-                f"({' + '.join(f'{p} {m}' for p, m in sizes.items())} MiB plus the GPT), but the install disk is "
-                f"{mib} MiB. Shrink a partition or give the disk more room (domain.json install.size_gib or the "
-                "hardware disk's size_gib)."
-            )
+        parts = (spec.get("content") or {}).get("partitions") or {}
+        where = f"disko.devices.disk.{name}"
+        sized = {p: part["size"] for p, part in parts.items() if part.get("size", "100%") != "100%"}
+        fixed = {
+            p: parse_size(size, f"{source}: {where}.content.partitions.{p}.size") or 0 for p, size in sized.items()
+        }
+        check_fits(fixed, [], mib, where, source)
 
 
 def target_kind(domain_dir: Path, host_name: str, host: Host, plan: DiskPlan) -> DiskBus:
@@ -321,16 +322,16 @@ def check_layout(layout: Layout, console: str) -> list[str]:
         problems.append(f"{len(swaps)} swap area(s) active, declared {len(layout.swaps)}")
     elif layout.swaps:
         checks.append(f"swap active: {', '.join(sorted(swaps))}")
-    for name in layout.luks:
-        if dm.get(name) == "luks":
-            checks.append(f"/dev/mapper/{name}: an open LUKS device")
+    # Device-mapper devices by name and kind: (name, kind, as a check, as a problem).
+    mapped = [(n, "luks", f"/dev/mapper/{n}: an open LUKS device", f"/dev/mapper/{n} is not an open LUKS device")
+              for n in layout.luks]  # fmt: skip
+    mapped += [(lv, "lvm", f"LVM logical volume {lv} is active", f"LVM logical volume {lv} is not active")
+               for lv in layout.lvs]  # fmt: skip
+    for name, kind, ok, missing in mapped:
+        if dm.get(name) == kind:
+            checks.append(ok)
         else:
-            problems.append(f"/dev/mapper/{name} is not an open LUKS device")
-    for lv in layout.lvs:
-        if dm.get(lv) == "lvm":
-            checks.append(f"LVM logical volume {lv} is active")
-        else:
-            problems.append(f"LVM logical volume {lv} is not active")
+            problems.append(missing)
     for name, level in sorted(layout.arrays.items()):
         got_md = md.get(name)
         if got_md is None:
@@ -385,8 +386,7 @@ def verify(
     for line in plan.describe():
         say(task, f"plan: {line}")
     timeout = host.install.timeout_s
-    targets = target_drives(domain_dir, host_name, host, plan, workdir)
-    disk = next(d.path for d in targets if d.path.name == "disk.qcow2")  # the layout's first disk: kept for deploy
+    targets, disk = target_drives(domain_dir, host_name, host, plan, workdir)
     installer, disk_boot = _vm_specs(host_name, host, image, targets, workdir, log_dest)
     luks: list[str] = plan.layout.luks if isinstance(plan, LayoutPlan) else []
     passphrase = secrets.token_hex(8) if luks else ""
@@ -443,9 +443,11 @@ def keep_installed(disk: Path, keep: Path | None) -> None:
         os.replace(disk, keep)
 
 
-def target_drives(domain_dir: Path, host_name: str, host: Host, plan: InstallPlan, workdir: Path) -> list[Drive]:
+def target_drives(
+    domain_dir: Path, host_name: str, host: Host, plan: InstallPlan, workdir: Path
+) -> tuple[list[Drive], Path]:
     """The blank disks the install VM gets, in the order the machine numbers them, each attached so that the name
-    the disk-config gives it exists inside the machine (disk.qcow2, the layout's first disk, is kept for deploy)."""
+    the disk-config gives it exists inside the machine; and the layout's first disk (kept for deploy)."""
     task = f"install:{host_name}"
     if isinstance(plan, DiskPlan):
         kind = target_kind(domain_dir, host_name, host, plan)
@@ -454,12 +456,12 @@ def target_drives(domain_dir: Path, host_name: str, host: Host, plan: InstallPla
             task,
             f"blank {plan.disk_mib} MiB disk {disk.name} (qcow2, sparse), attached as {kind.value} ({kind.device})",
         )
-        return [Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)]
+        return [Drive(disk, format="qcow2", serial="cim-target", bus=kind.value)], disk
     drives = []
     for index, (name, shown) in enumerate(plan.layout.disks.items()):
         disk = blank_disk(workdir, plan.disk_mib, "disk.qcow2" if index == 0 else f"disk-{name}.qcow2")
         say(task, f"blank {plan.disk_mib} MiB disk {disk.name} for {name} ({shown.device}): {shown.describe()}")
-        serial = shown.serial or ("" if shown.bus in ("sata", "scsi") and (shown.model or shown.wwn) else f"cim-{name}")
+        serial = shown.serial or ("" if shown.model or shown.wwn else f"cim-{name}")  # a name of its own, else ours
         drives.append(Drive(disk, format="qcow2", serial=serial, bus=shown.bus, model=shown.model, wwn=shown.wwn))
     # A disk named by its place (vdb, sdb) gets it: the disks of a bus are attached in that order, and a place the
     # layout leaves empty (only /dev/vdb named) holds a small blank disk it does not use, as a machine's other disk.
@@ -478,7 +480,7 @@ def target_drives(domain_dir: Path, host_name: str, host: Host, plan: InstallPla
                     f"blank 16 MiB disk {filler.name} in {bus} place {position + 1}, which the layout leaves empty",
                 )
                 out.append(Drive(filler, format="qcow2", serial=f"cim-unused-{position}", bus=bus))
-    return out
+    return out, drives[0].path
 
 
 def blank_disk(workdir: Path, mib: int, name: str = "disk.qcow2") -> Path:

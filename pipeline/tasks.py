@@ -423,7 +423,7 @@ def run_install(ctx: Context, host_name: str, image: BuiltImage, fresh: bool = F
     # A pass is kept by the ISO's bytes and everything else that decides the install: the plan the installer is
     # handed (from disk-config.nix and the disk size), the disk it installs onto, the VM's memory.
     plan = install.plan_for(ctx.domain_dir, host_name, host)
-    spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
+    spec = install_spec(ctx, host_name, plan, lan=False)
     disk = deploy.kept_disk(ctx.state_dir, host_name)  # the installed disk, for deploy:<host>
     kept = None if fresh else ctx.passes.find("install", image["xxh3"], spec, ("install.log",))
     if kept:
@@ -475,7 +475,7 @@ def run_netinstall(
     run = lan_run(ctx, artifact, image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
     report = ctx.artifact_dir(artifact) / "install-inventory.json"
     plan = install.plan_for(ctx.domain_dir, host_name, ctx.domain.hosts[host_name])
-    spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
+    spec = install_spec(ctx, host_name, plan, lan=True)
     published = {NETINSTALL_LOGS[k]: path for k, path in run.logs.items()} | {report.name: report}
     outputs = relative_outputs(ctx, *published.values())
     kept = None if fresh else ctx.passes.find("netinstall", run.both_xxh3, spec, tuple(published))
@@ -550,14 +550,19 @@ def install_key(
 ) -> tuple[str, install.InstallPlan]:
     """What install:<host> keeps its installed disk under (the image(s) and the install spec, as its pass), and the
     host's disk plan it was computed from (one evaluation of disk-config.nix for both)."""
-    host = ctx.domain.hosts[host_name]
-    plan = install.plan_for(ctx.domain_dir, host_name, host)
+    plan = install.plan_for(ctx.domain_dir, host_name, ctx.domain.hosts[host_name])
+    spec = install_spec(ctx, host_name, plan, lan=provisioner is not None)
     if provisioner is None:
-        spec = xxh3_text(json.dumps(install.spec(host_name, host), sort_keys=True), plan.installer_text())
         return f"{image['xxh3']}:{spec}", plan
     run = lan_run(ctx, f"{host_name}-netboot", image, provisioner, NETINSTALL_LOGS, f"{host_name}-netinstall")
-    spec = xxh3_text(json.dumps(netinstall_spec(ctx, host_name), sort_keys=True), plan.installer_text())
     return f"{run.both_xxh3}:{spec}", plan
+
+
+def install_spec(ctx: Context, host_name: str, plan: install.InstallPlan, lan: bool) -> str:
+    """The digest an install's pass (and its kept disk) is filed under besides its image(s): the install spec (from
+    the LAN: the hardware, policy and LAN it checks too) and the plan the installer is handed."""
+    data = netinstall_spec(ctx, host_name) if lan else install.spec(host_name, ctx.domain.hosts[host_name])
+    return xxh3_text(json.dumps(data, sort_keys=True), plan.installer_text())
 
 
 @user_errors

@@ -59,18 +59,6 @@ MODULES = {
         # install targets attached as the host declares its disk: NVMe (/dev/nvme0n1), SATA/AHCI (/dev/sda)
         "nvme",
         "ahci",
-        # the layouts the demo installer makes besides plain partitions: LVM, LUKS, md RAID, btrfs (disko's types)
-        "dm_mod",
-        "dm_crypt",
-        "xts",
-        "ecb",
-        "af_alg",
-        "algif_skcipher",
-        "algif_hash",
-        "md_mod",
-        "raid1",
-        "raid0",
-        "btrfs",
     ],
     "arm64": [
         "virtio_pci",
@@ -91,6 +79,23 @@ MODULES = {
         "llc",
     ],
 }
+
+# Modules in the x86_64 kernel input that no guest loads at boot: the layers the demo installer makes besides plain
+# partitions (LVM, LUKS, md RAID, btrfs: disko's types), loaded by the installer and, on a system installed on them,
+# by stage 1 (modprobe resolves their dependencies from modules.dep).
+LAYER_MODULES = [
+    "dm_mod",
+    "dm_crypt",
+    "xts",
+    "ecb",
+    "af_alg",
+    "algif_skcipher",
+    "algif_hash",
+    "md_mod",
+    "raid1",
+    "raid0",
+    "btrfs",
+]
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
 # the packages that hold them and every library they link.
@@ -367,18 +372,24 @@ def kernel_input(debs: Path, arch: str, out: Path) -> None:
                 wanted.append(mod)
 
         builtin = (root / "lib/modules" / version / "modules.builtin").read_text()
-        for name in MODULES[arch]:
-            if name in by_name:
-                need(by_name[name])
-            elif f"/{name}.ko" not in builtin:
-                sys.exit(f"demo_inputs: module {name} is neither a module nor built into {version}")
+
+        def add(names: list[str]) -> None:
+            for name in names:
+                if name in by_name:
+                    need(by_name[name])
+                elif f"/{name}.ko" not in builtin:
+                    sys.exit(f"demo_inputs: module {name} is neither a module nor built into {version}")
+
+        add(MODULES[arch])
+        at_boot = list(wanted)  # what the guests load at boot; the layer modules' closure is loaded on demand
+        add(LAYER_MODULES if arch == "amd64" else [])
         moddir = out / "lib/modules" / version
         for mod in wanted:
             (moddir / mod).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / "lib/modules" / version / mod, moddir / mod)
         (moddir / "modules.dep").write_text("".join(f"{m}: {' '.join(deps[m])}\n" for m in wanted))
         # The modules each guest loads at boot, in dependency order.
-        (out / "load-order").write_text("".join(f"{Path(m).name.removesuffix('.ko')}\n" for m in wanted))
+        (out / "load-order").write_text("".join(f"{Path(m).name.removesuffix('.ko')}\n" for m in at_boot))
         (vmlinuz,) = (root / "boot").glob("vmlinuz-*")
         shutil.copy2(vmlinuz, out / "vmlinuz")
         (out / "version").write_text(version + "\n")
