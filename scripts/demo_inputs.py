@@ -81,8 +81,8 @@ MODULES = {
 }
 
 # Modules in the x86_64 kernel input that no guest loads at boot: the layers the demo installer makes besides plain
-# partitions (LVM, LUKS, md RAID, btrfs: disko's types), loaded by the installer and, on a system installed on them,
-# by stage 1 (modprobe resolves their dependencies from modules.dep).
+# partitions (LVM with its thin pools and RAID volumes, LUKS, md RAID, btrfs, xfs, f2fs: disko's types), loaded by the
+# installer and, on a system installed on them, by stage 1 (modprobe resolves their dependencies from modules.dep).
 LAYER_MODULES = [
     "dm_mod",
     "dm_crypt",
@@ -94,13 +94,20 @@ LAYER_MODULES = [
     "md_mod",
     "raid1",
     "raid0",
+    "dm_thin_pool",
+    "dm_raid",
+    "dm_mirror",
     "btrfs",
+    "xfs",
+    "f2fs",
+    "crc32_generic",  # f2fs asks the crypto API for crc32, which nothing here loads by itself (no module aliases)
 ]
 
 # The disk tools the x86_64 installer runs inside the guest (name in the guest: path in the Debian packages), and
 # the packages that hold them and every library they link.
 INSTALLER_TOOLS = {"sfdisk": "sbin/sfdisk", "mkfs.ext4": "sbin/mke2fs", "mkfs.vfat": "sbin/mkfs.fat"}
-# disko's other layers (lvm_vg / lvm_pv, luks, mdadm, btrfs) with disko's own tools, and a BIOS machine's boot loader,
+# disko's other layers (lvm_vg / lvm_pv, luks, mdadm, btrfs, xfs, f2fs) with disko's own tools (thin_check, which lvm
+# runs before it activates a thin pool, included), and a BIOS machine's boot loader,
 # GRUB (disko's EF02 partitions are its), with its i386-pc platform directory: the ISO's installer carries them (and
 # an installed system whose root is under such layers boots with them); the LAN install makes plain disks only.
 LAYER_TOOLS = {
@@ -109,6 +116,9 @@ LAYER_TOOLS = {
     "mdadm": "sbin/mdadm",
     "mkfs.btrfs": "sbin/mkfs.btrfs",
     "btrfs": "bin/btrfs",
+    "mkfs.xfs": "sbin/mkfs.xfs",
+    "mkfs.f2fs": "sbin/mkfs.f2fs",
+    "thin_check": "usr/sbin/pdata_tools",
     "grub-install": "usr/sbin/grub-install",
 }
 LAYER_PACKAGES = [
@@ -128,6 +138,14 @@ LAYER_PACKAGES = [
     "libssl3",
     "mdadm",
     "btrfs-progs",
+    "xfsprogs",
+    "libinih1",
+    "liburcu8",
+    "f2fs-tools",
+    "thin-provisioning-tools",
+    "libexpat1",
+    "libgcc-s1",
+    "libstdc++6",
     "liblzo2-2",
     "libzstd1",
     "zlib1g",
