@@ -60,6 +60,7 @@ class Layout:
     subvolumes: dict[str, str] = field(default_factory=dict)  # mount point → btrfs subvolume
     luks: list[str] = field(default_factory=list)  # /dev/mapper names
     lvs: list[str] = field(default_factory=list)  # "vg-lv", as device-mapper names them
+    lv_types: dict[str, str] = field(default_factory=dict)  # "vg-lv" → disko's lvm_type (thin-pool, mirror, raid1, …)
     arrays: dict[str, int] = field(default_factory=dict)  # md name → RAID level
 
     def describe(self) -> list[str]:
@@ -138,12 +139,19 @@ def read(devices: dict[str, Any], source: str) -> Layout:
         layout.checks.append(f"volume group {name} with {len(lvs)} logical volume(s)")
         for lv, lvspec in sorted(lvs.items()):
             lwhere = f"disko.devices.lvm_vg.{name}.lvs.{lv}"
+            if lvspec.get("lvm_type") == "thinlv" and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?", str(lvspec.get("size"))):
+                raise DiskPlanError(
+                    f"{source}: {lwhere}.size = {lvspec.get('size')!r}: a thin volume's size is its virtual size "
+                    '(lvcreate -V), which takes no share of free space: give one, e.g. "10G".'
+                )
             if "size" in lvspec:
                 _size(lvspec["size"], f"{lwhere}.size", source, percent_ok=True)
-            layout.lvs.append(f"{name.replace('-', '--')}-{lv.replace('-', '--')}")
+            dm_name = f"{name.replace('-', '--')}-{lv.replace('-', '--')}"
+            layout.lvs.append(dm_name)
             kind = lvspec.get("lvm_type")
             if kind:
                 layout.layers.append(f"lv {name}/{lv}: {kind}")
+                layout.lv_types[dm_name] = str(kind)
             _content(layout, lvspec.get("content"), f"{lwhere}.content", f"/dev/{name}/{lv}", lv)
     for name, spec in sorted((devices.get("zpool") or {}).items()):
         layout.types.add("zpool")
@@ -161,6 +169,7 @@ def read(devices: dict[str, Any], source: str) -> Layout:
         mountpoint = str(spec.get("mountpoint") or mp)
         layout.types.add("nodev")
         layout.mounts[mountpoint] = f"{fs} (no device)"
+        layout.fstypes[mountpoint] = str(fs)
         layout.checks.append(f"{mountpoint} is {fs}")
     for name, spec in sorted((devices.get("bcachefs_filesystems") or {}).items()):
         layout.types.add("bcachefs")
@@ -199,12 +208,16 @@ def _content(layout: Layout, content: Any, where: str, on: str, name: str) -> No
         _gpt(layout, content, where, on, name)
     elif ctype == "table":
         fmt = content.get("format", "gpt")
+        if fmt == "msdos":
+            layout.bios_boot.append(f"{on} (after its MBR)")  # where GRUB embeds itself on an msdos disk
         for index, part in enumerate(content.get("partitions") or [], start=1):
             pwhere = f"{where}.partitions[{index - 1}]"
             for key in ("start", "end"):
                 if key in part:
                     _size(part[key], f"{pwhere}.{key}", source, percent_ok=True)
             label = str(part.get("name") or f"{on} #{index}")
+            if fmt == "gpt" and part.get("name"):
+                layout.partlabels.append(label)  # parted's mkpart NAME: the partition's GPT name
             layout.checks.append(f"{fmt} partition {index} of {on} ({part.get('part-type', 'primary')})")
             _content(layout, part.get("content"), f"{pwhere}.content", f"{on} partition {index}", label)
     elif ctype == "filesystem":
@@ -323,27 +336,37 @@ def _btrfs(layout: Layout, content: dict[str, Any], where: str, on: str) -> None
 
 # -- the demo installer ---------------------------------------------------------------------------------------------
 
-DEMO_TYPES = {"gpt", "filesystem", "swap", "lvm_pv", "lvm_vg", "mdraid", "mdadm", "btrfs", "luks"}
-DEMO_FORMATS = {"vfat", "ext4", "btrfs"}
+DEMO_TYPES = {"gpt", "table", "filesystem", "swap", "lvm_pv", "lvm_vg", "mdraid", "mdadm", "btrfs", "luks", "nodev"}
+DEMO_FORMATS = {"vfat", "ext4", "btrfs", "xfs", "f2fs", "tmpfs"}
+# disko's lvm_type values the demo makes, with Debian's lvm2 and the kernel's dm-thin-pool, dm-mirror and dm-raid
+# (whose RAID levels 0, 1, 4, 5 and 6 come from the md personalities raid0, raid1 and raid456 it loads).
+DEMO_LV_TYPES = {"thin-pool", "thinlv", "mirror", "raid0", "raid1", "raid4", "raid5", "raid6"}
 
 
 def demo_refusal(layout: Layout, devices: dict[str, Any], firmware: str = "uefi") -> str | None:
-    """Why the demo's installer cannot make this layout (None: it can).  It makes gpt disks of vfat, ext4 and btrfs
-    file systems (subvolumes, swap files), swap, LUKS, LVM (linear volumes) and md RAID, with Debian's tools, and boots
-    them as the machine's `firmware` does: systemd-boot from a vfat /boot (UEFI), GRUB from the disks' BIOS boot
-    partitions (BIOS).  The cim installer (disko) makes every layout here."""
+    """Why the demo's installer cannot make this layout (None: it can).  It makes gpt and legacy table disks of vfat,
+    ext4, btrfs (subvolumes, swap files), xfs and f2fs file systems, swap, tmpfs beside a root on disk, LUKS, LVM
+    (linear, thin and RAID volumes) and md RAID, with Debian's tools, and boots them as the machine's `firmware`
+    does: systemd-boot from a vfat /boot (UEFI), GRUB from the disks' BIOS boot partitions or MBR gap (BIOS).  The
+    cim installer (disko) makes every layout here."""
     missing = sorted(layout.types - DEMO_TYPES)
     disko = "the cim installer, disko, installs this layout"
+    made = (
+        "it makes gpt and msdos disks of vfat, ext4, btrfs, xfs and f2fs file systems, swap, tmpfs, LUKS, LVM and "
+        "md RAID"
+    )
     if "/" not in layout.mounts:
         return 'nothing in it is mounted on "/": a host installed from it would have no root file system'
     if missing:
-        return (
-            f"it uses {', '.join(missing)}, which the demo installer does not make (it makes gpt disks of vfat, ext4 "
-            f"and btrfs file systems, swap, LUKS, LVM and md RAID); {disko}"
-        )
+        return f"it uses {', '.join(missing)}, which the demo installer does not make ({made}); {disko}"
     other = sorted(set(layout.fstypes.values()) - DEMO_FORMATS)
     if other:
-        return f"it formats {', '.join(other)}; the demo installer makes vfat, ext4 and btrfs; {disko}"
+        return f"it formats {', '.join(other)}; the demo installer makes {', '.join(sorted(DEMO_FORMATS))}; {disko}"
+    if layout.mounts["/"].endswith("(no device)"):
+        return (
+            f"its root is {layout.mounts['/']} (disko's nodev), which the demo's stage 1 cannot start from (it mounts "
+            f"the root that root= names on a disk, then the rest of the system's fstab from it); {disko}"
+        )
     if firmware == "uefi" and layout.fstypes.get("/boot") != "vfat":
         return (
             "it has no vfat file system on /boot (an ESP), which systemd-boot needs on this UEFI machine (a BIOS "
@@ -351,13 +374,16 @@ def demo_refusal(layout: Layout, devices: dict[str, Any], firmware: str = "uefi"
         )
     if firmware == "bios" and not layout.bios_boot:
         return (
-            "it has no BIOS boot partition (type EF02) for GRUB on this BIOS machine (an ESP is UEFI's: give the host "
-            'hardware.firmware "uefi" in domain.json)'
+            "it has no BIOS boot partition (type EF02) nor an msdos table for GRUB on this BIOS machine (an ESP is "
+            'UEFI\'s: give the host hardware.firmware "uefi" in domain.json)'
         )
     for vg in (devices.get("lvm_vg") or {}).values():
         for lv, spec in (vg.get("lvs") or {}).items():
-            if spec.get("lvm_type"):
-                return f"its logical volume {lv} is lvm_type {spec['lvm_type']}; the demo makes linear volumes; {disko}"
+            if spec.get("lvm_type") and spec["lvm_type"] not in DEMO_LV_TYPES:
+                return (
+                    f"its logical volume {lv} is lvm_type {spec['lvm_type']}; the demo makes linear, "
+                    f"{', '.join(sorted(DEMO_LV_TYPES))} volumes; {disko}"
+                )
     return None
 
 

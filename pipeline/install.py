@@ -34,6 +34,7 @@ from pipeline.contract import CONTRACT
 from pipeline.disklayout import Layout, demo_refusal, read
 from pipeline.diskplan import (
     FORMATS,
+    GPT_BACKUP_MIB,
     PARTITION_KEYS,
     DiskPlan,
     DiskPlanError,
@@ -171,10 +172,24 @@ def _plain(devices: dict[str, Any]) -> bool:
 
 
 def _check_fits(devices: dict[str, Any], mib: int, source: str) -> None:
-    """Each gpt disk of a layout fits the install disk (every disk of a layout gets that size)."""
+    """Each disk of a layout fits the install disk (every disk of a layout gets that size)."""
     for name, spec in (devices.get("disk") or {}).items():
         parts = (spec.get("content") or {}).get("partitions") or {}
         where = f"disko.devices.disk.{name}"
+        if isinstance(parts, list):  # disko's legacy table: each partition from its start to its end
+            ends = {
+                f"partitions[{i}]": parse_size(str(part["end"]), f"{source}: {where}.content.partitions[{i}].end") or 0
+                for i, part in enumerate(parts)
+                if re.fullmatch(r"\d+(\.\d+)?[KMGT]?", str(part.get("end", "")))
+            }
+            last = max(ends, key=lambda k: ends[k], default=None)
+            if last is not None and ends[last] + GPT_BACKUP_MIB > mib:
+                raise DiskPlanError(
+                    f"{source}: {where}.content.{last} ends at {ends[last]} MiB, but the install disk is {mib} MiB. "
+                    "Move its end or give the disk more room (domain.json install.size_gib or the hardware disk's "
+                    "size_gib)."
+                )
+            continue
         sized = {p: part["size"] for p, part in parts.items() if part.get("size", "100%") != "100%"}
         fixed = {
             p: parse_size(size, f"{source}: {where}.content.partitions.{p}.size") or 0 for p, size in sized.items()
@@ -326,12 +341,24 @@ def check_layout(layout: Layout, console: str) -> list[str]:
     mapped = [(n, "luks", f"/dev/mapper/{n}: an open LUKS device", f"/dev/mapper/{n} is not an open LUKS device")
               for n in layout.luks]  # fmt: skip
     mapped += [(lv, "lvm", f"LVM logical volume {lv} is active", f"LVM logical volume {lv} is not active")
-               for lv in layout.lvs]  # fmt: skip
+               for lv in layout.lvs if layout.lv_types.get(lv) != "thin-pool"]  # fmt: skip
+    # A thin pool is active as its pool target (-tpool); a mirror or RAID volume has its images (sub-LVs) active.
+    mapped += [(f"{lv}-tpool", "lvm", f"LVM thin pool {lv} is active ({lv}-tpool)", f"LVM thin pool {lv} is not active")
+               for lv, kind in layout.lv_types.items() if kind == "thin-pool"]  # fmt: skip
     for name, kind, ok, missing in mapped:
         if dm.get(name) == kind:
             checks.append(ok)
         else:
             problems.append(missing)
+    for lv, kind in sorted(layout.lv_types.items()):
+        image = {"mirror": "_mimage_"}.get(kind, "_rimage_" if kind.startswith("raid") else None)
+        if image is None:
+            continue
+        images = sorted(n for n in dm if n.startswith(f"{lv}{image}"))
+        if len(images) >= 2:
+            checks.append(f"LVM logical volume {lv} is {kind} of {len(images)} images ({', '.join(images)})")
+        else:
+            problems.append(f"LVM logical volume {lv} has {len(images)} {kind} image(s) active, not two or more")
     for name, level in sorted(layout.arrays.items()):
         got_md = md.get(name)
         if got_md is None:

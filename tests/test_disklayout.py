@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cimtest.demo import DoitRunner, needs_demo
 
 from pipeline.disklayout import demo_refusal, present, read
 from pipeline.diskplan import DiskPlanError
@@ -194,15 +195,47 @@ def test_demo_refuses_what_debians_tools_do_not_make_and_a_layout_without_an_esp
     refusal = demo_refusal(read(no_esp, "dc.nix"), no_esp) or ""
     assert "no vfat file system on /boot" in refusal and 'hardware.firmware "bios"' in refusal
     refusal = demo_refusal(read(no_esp, "dc.nix"), no_esp, "bios") or ""
-    assert "no BIOS boot partition (type EF02) for GRUB" in refusal
+    assert "no BIOS boot partition (type EF02) nor an msdos table for GRUB" in refusal
     no_esp["disk"]["main"]["content"]["partitions"]["bios"] = {"size": "1M", "type": "EF02"}
     assert demo_refusal(read(no_esp, "dc.nix"), no_esp, "bios") is None
     thin = luks_lvm()
-    thin["lvm_vg"]["pool"]["lvs"]["root"]["lvm_type"] = "thin-pool"
-    assert "lvm_type thin-pool" in (demo_refusal(read(thin, "dc.nix"), thin) or "")
+    thin["lvm_vg"]["pool"]["lvs"]["pool"] = {"size": "200M", "lvm_type": "thin-pool"}
+    thin["lvm_vg"]["pool"]["lvs"]["root"].update(lvm_type="thinlv", pool="pool", size="1G")
+    assert demo_refusal(read(thin, "dc.nix"), thin) is None  # thin pools: lvm2 and dm-thin-pool
+    thin["lvm_vg"]["pool"]["lvs"]["root"]["lvm_type"] = "raid10"
+    assert "lvm_type raid10; the demo makes linear, mirror" in (demo_refusal(read(thin, "dc.nix"), thin) or "")
     zfs = luks_lvm()
     zfs["zpool"] = {"tank": {"type": "zpool", "datasets": {}}}
     assert "it uses zpool" in (demo_refusal(read(zfs, "dc.nix"), zfs) or "")
+
+
+def test_demo_makes_tmpfs_beside_a_disk_root_and_legacy_tables_but_not_a_tmpfs_root() -> None:
+    tmp = luks_lvm()
+    tmp["nodev"] = {"/tmp": {"fsType": "tmpfs", "mountOptions": ["size=200M"]}}
+    layout = read(tmp, "dc.nix")
+    assert layout.fstypes["/tmp"] == "tmpfs" and demo_refusal(layout, tmp) is None
+    tmp["nodev"] = {"/": {"fsType": "tmpfs"}}
+    del tmp["lvm_vg"]["pool"]["lvs"]["root"]["content"]["mountpoint"]
+    assert "its root is tmpfs (no device) (disko's nodev)" in (demo_refusal(read(tmp, "dc.nix"), tmp) or "")
+    mbr = {
+        "disk": {
+            "main": {
+                "device": "/dev/vda",
+                "content": {
+                    "type": "table",
+                    "format": "msdos",
+                    "partitions": [
+                        {"start": "1M", "end": "100%", "bootable": True,
+                         "content": {"type": "filesystem", "format": "xfs", "mountpoint": "/"}},
+                    ],
+                },
+            }
+        }
+    }  # fmt: skip
+    layout = read(mbr, "dc.nix")
+    assert layout.fstypes == {"/": "xfs"} and layout.partlabels == []
+    assert demo_refusal(layout, mbr, "bios") is None  # GRUB embeds itself after the MBR
+    assert "no vfat file system on /boot" in (demo_refusal(layout, mbr) or "")
 
 
 def test_installed_layout_is_checked_from_its_report() -> None:
@@ -237,3 +270,72 @@ def test_a_layered_layout_that_does_not_fit_the_disk_is_refused_before_any_vm() 
     with pytest.raises(DiskPlanError, match=r"disko.devices.disk.main.content.partitions need 2050 MiB"):
         _check_fits(devices, 1024, "dc.nix")
     _check_fits(luks_lvm(), 1024, "dc.nix")
+
+
+THIN_AND_MBR = """{ disko.devices = {
+  disk.main = { device = "/dev/disk/by-id/virtio-os"; content = { type = "table"; format = "msdos"; partitions = [
+    { start = "1M"; end = "500M"; bootable = true;
+      content = { type = "filesystem"; format = "vfat"; mountpoint = "/boot"; }; }
+    { start = "500M"; end = "100%"; content = { type = "lvm_pv"; vg = "vg"; }; }
+  ]; }; };
+  lvm_vg.vg = { type = "lvm_vg"; lvs = {
+    data = { size = "300M"; lvm_type = "thinlv"; pool = "pool"; content = { type = "filesystem"; format = "f2fs";
+      mountpoint = "/srv"; }; };
+    root = { size = "300M"; content = { type = "filesystem"; format = "xfs"; mountpoint = "/"; }; };
+    pool = { size = "100M"; lvm_type = "thin-pool"; };
+  }; };
+  nodev."/tmp" = { fsType = "tmpfs"; mountOptions = [ "size=64M" ]; };
+}; }
+"""
+
+
+@pytest.mark.nix
+def test_layout_script_makes_legacy_tables_thin_pools_xfs_f2fs_and_tmpfs(tmp_path: Path) -> None:
+    """lib/disklayout.nix: an msdos table partitioned by number (disko's deviceNumbering), GRUB's place after the
+    MBR, thin pools before other volumes (disko's priorities), the dm and file-system modules stage 1 needs, tmpfs."""
+    path = tmp_path / "disk-config.nix"
+    path.write_text(THIN_AND_MBR)
+    expr = f'(import {DEMO}/lib/disklayout.nix {{ diskConfig = import {path}; firmware = "bios"; }}).script'
+    script = subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "eval", "--impure", "--raw", "--expr", expr],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    lines = script.splitlines()
+    assert "label: dos" in lines
+    assert "start=1MiB, size=499MiB, type=ef, bootable" in lines and "start=500MiB, type=8e" in lines
+    assert "partdev '/dev/disk/by-id/virtio-os-part2'" in lines and "biosboot '/dev/disk/by-id/virtio-os'" in lines
+    lvs = [line for line in lines if line.startswith("lv ")]
+    assert lvs == [
+        "lv 'vg' 'pool' -L 100m 'thin-pool' -",
+        "lv 'vg' 'data' -V 300m thinlv 'pool'",  # virtual size: more than the pool holds
+        "lv 'vg' 'root' -L 300m - -",
+    ]
+    assert lines.count("module dm_thin_pool") == 2 and "module xfs" in lines and "module f2fs" in lines
+    assert "mountfs 'none' '/tmp' 'tmpfs' 'size=64M' -" in lines
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_thin_lvm_xfs_f2fs_and_tmpfs_on_an_msdos_disk_on_a_bios_machine(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
+    # The same layout, installed: GRUB in the gap after the MBR reads /boot (vfat), stage 1 loads what the layout
+    # needs (cim.modules) and mounts the xfs / on LVM, stage 2 the f2fs thin volume and the tmpfs from fstab.
+    (demo_domain / "disk-config.nix").write_text(THIN_AND_MBR)
+    domain = json.loads((demo_domain / "domain.json").read_text())
+    domain["hosts"]["vhost-dev"]["hardware"]["firmware"] = "bios"
+    (demo_domain / "domain.json").write_text(json.dumps(domain))
+    proc = doit(demo_domain, "install:vhost-dev", check=True)
+    for check in [
+        "check: / on /dev/vg/root: xfs",
+        "check: /srv on /dev/vg/data: f2fs",
+        "check: /tmp on none: tmpfs",
+        "check: /boot on /dev/disk/by-id/virtio-os-part1: vfat",  # as fstab names it: disko numbers it so
+        "check: LVM thin pool vg-pool is active (vg-pool-tpool)",
+        "check: LVM logical volume vg-data is active",
+    ]:
+        assert check in proc.stdout, proc.stdout
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text(errors="replace")
+    assert "cim-install: installing GRUB (BIOS) on /dev/disk/by-id/virtio-os" in log
+    assert "cim.modules=dm_thin_pool,crc32_generic,f2fs,xfs" in log  # all the layout needs, as disko lists them

@@ -168,7 +168,7 @@ def test_install_then_resize_reruns_only_install(demo_domain: Path, artifacts_di
     ("old", "new", "attribute"),
     [
         ('size = "32M";', 'size = "2G";', "disko.devices.disk.main.content.partitions need"),
-        ('format = "ext4";', 'format = "xfs";', "it formats xfs; the demo installer makes vfat, ext4 and btrfs"),
+        ('format = "ext4";', 'format = "jfs";', "it formats jfs; the demo installer makes btrfs, ext4, f2fs"),
         ('content.type = "swap";', 'content = { type = "zfs"; pool = "tank"; };', "it uses zfs, which the demo"),
     ],
 )

@@ -19,7 +19,8 @@ done
 # LVM without udev (the demo runs none): lvm makes its /dev nodes itself; the installer and, on an installed system
 # whose root is under LVM, stage 1 read this file (this initrd rides as the storage initrd on its boot entries).
 mkdir -p "$inst/etc/lvm"
-printf 'activation {\n udev_sync = 0\n udev_rules = 0\n}\ndevices {\n obtain_device_list_from_udev = 0\n}\n' \
+# No dmeventd either (mirror and RAID volumes are not monitored); thin pools are checked with Debian's thin_check.
+printf 'activation {\n udev_sync = 0\n udev_rules = 0\n monitoring = 0\n}\ndevices {\n obtain_device_list_from_udev = 0\n}\nglobal {\n thin_check_executable = "/usr/local/sbin/thin_check"\n}\n' \
     > "$inst/etc/lvm/lvm.conf"
 # The install plan: the script that lays the disks out, evaluated from the host's disk-config.nix at build time
 # (lib/disklayout.nix).

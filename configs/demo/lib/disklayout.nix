@@ -1,9 +1,11 @@
 # A disko disk-config → the script the demo installer runs to lay it out (as disko builds its own `_create` and
 # `_mount` from the same file, at evaluation time, into the installer's image).  It calls the installer's steps
-# (rootfs/sbin/cim-install): `disk`, `gpt`, `part`, `biosboot`, `mkfs`, `mountfs`, `swapdev`, `luks`, `pv`, `vg`, `lv`, `mdmember`,
-# `md`, `subvol`, `swapfile`; the order is disko's: the disks' contents, then the md arrays, then the volume groups.
-# Only what the demo installer makes is translated (gpt disks; vfat, ext4, btrfs, swap; luks; lvm; mdadm); the
-# pipeline refuses any other layout before a VM starts (pipeline/disklayout.py, `demo_refusal`).
+# (rootfs/sbin/cim-install): `disk`, `gpt`, `table`, `part`, `partdev`, `biosboot`, `mkfs`, `mountfs`, `swapdev`,
+# `luks`, `pv`, `vg`, `lv`, `mdmember`, `md`, `subvol`, `swapfile`, `module`; the order is disko's: the disks'
+# contents, then the md arrays, then the volume groups, then the file systems without a device (nodev).
+# Only what the demo installer makes is translated (gpt and legacy table disks; vfat, ext4, btrfs, xfs, f2fs, swap,
+# tmpfs; luks; lvm, its thin pools and RAID volumes; mdadm); the pipeline refuses any other layout before a VM starts
+# (pipeline/disklayout.py, `demo_refusal`).
 # `firmware`: how the machine boots (domain.json hardware.firmware), which decides its boot loader.
 { diskConfig, firmware ? "uefi" }:
 let
@@ -65,21 +67,30 @@ let
   gpt = owner: dev: content:
     let
       parts = content.partitions or { };
-      line = p:
+      # `pos`: where the partition starts when nothing says (the previous one's end, MiB; null after one that takes
+      # the rest): an absolute `end` without a `start` (sgdisk's `0:500M`) ends there.
+      line = pos: p:
         let
           part = parts.${p.name};
           label = part.label or "${owner}-${p.name}";
           type = part.type or (defaultType part);
           start = if part ? start then mib part.start else null;
           end = if part ? end && builtins.match "-.*" (toString part.end) == null then mib part.end else null;
-          size = if part ? size then mib part.size else if start != null && end != null then end - start else null;
+          from = if start != null then start else pos;
+          size = if part ? size && part.size != "100%" then mib part.size
+            else if end != null && from != null then end - from else null;
         in
-        (if start != null then "start=${toString start}MiB, " else "")
-        + (if size != null then "size=${toString size}MiB, " else "")
-        + "type=${typeGuids.${type} or type}, name=\"${label}\"";
+        {
+          text = (if start != null || (end != null && !(part ? size)) && from != null then "start=${toString from}MiB, " else "")
+            + (if size != null then "size=${toString size}MiB, " else "")
+            + "type=${typeGuids.${type} or type}, name=\"${label}\"";
+          next = if from != null && size != null then from + size else null;
+        };
       order = ordered parts;
+      lines = (builtins.foldl' (acc: p: let l = line acc.pos p; in { pos = l.next; out = acc.out ++ [ l.text ]; })
+        { pos = 1; out = [ ]; } order).out;
     in
-    [ "gpt ${dev} <<'CIM_SFDISK'\nlabel: gpt\nfirst-lba: 2048\n${concatStringsSep "\n" (map line order)}\nCIM_SFDISK" ]
+    [ "gpt ${dev} <<'CIM_SFDISK'\nlabel: gpt\nfirst-lba: 2048\n${concatStringsSep "\n" lines}\nCIM_SFDISK" ]
     ++ concatMap
       (p:
         let part = parts.${p.name}; label = part.label or "${owner}-${p.name}";
@@ -87,6 +98,48 @@ let
           ++ (if (part.type or "") == "EF02" then [ "biosboot ${dev}" ] else [ ])
           ++ contentOf "\"$(part ${q label})\"" "PARTLABEL=${label}" "" p.name (part.content or null))
       order;
+
+  # disko's deviceNumbering: the partition N of a disk as the legacy table type names it.
+  partitionDevice = dev: n:
+    if builtins.match "/dev/([vs]|(xv)d).+" dev != null then "${dev}${toString n}"
+    else if builtins.match "/dev/(disk|zvol)/.+" dev != null then "${dev}-part${toString n}"
+    else "${dev}p${toString n}";
+
+  # disko's legacy `table` (parted's mklabel gpt|msdos and mkpart, partitions as a list): the same sfdisk script,
+  # partitions in list order from `start` to `end` (taken as MiB, as the gpt type's sizes are; "100%" or a negative
+  # end: the rest of the disk), each content on the partition's device as disko numbers it.  msdos: primary
+  # partitions, parted's `boot` flag as the MBR's active flag.
+  table = dev: ref: c:
+    let
+      format = c.format or "gpt";
+      parts = c.partitions or [ ];
+      count = length parts;
+      mbrType = part:
+        let t = defaultType part; in
+        { EF00 = "ef"; "8200" = "82"; FD00 = "fd"; "8E00" = "8e"; }.${t} or "83";
+      edge = v: if v == null || builtins.match "(-.*|100%)" (toString v) != null then null else mib v;
+      line = i:
+        let
+          part = elemAt parts i;
+          start = edge (part.start or null);
+          end = edge (part.end or null);
+          size = if start != null && end != null then end - start else null;
+        in
+        (if start != null then "start=${toString start}MiB, " else "")
+        + (if size != null then "size=${toString size}MiB, " else "")
+        + (if format == "msdos" then "type=${mbrType part}${if part.bootable or false then ", bootable" else ""}"
+           else "type=${typeGuids.${defaultType part}}, name=\"${part.name or "part${toString (i + 1)}"}\"");
+      label = if format == "msdos" then "dos" else "gpt";
+    in
+    [ "table ${dev} ${format} <<'CIM_SFDISK'\nlabel: ${label}\n${concatStringsSep "\n" (genList line count)}\nCIM_SFDISK" ]
+    # GRUB embeds itself in the gap after an MBR (a BIOS machine's boot loader; a UEFI one boots from the ESP).
+    ++ (if format == "msdos" then [ "biosboot ${dev}" ] else [ ])
+    ++ concatMap
+      (i:
+        let part = elemAt parts i; pdev = partitionDevice ref (i + 1);
+        in [ "# partition ${toString (i + 1)}: ${pdev}" "partdev ${q pdev}" ]
+          ++ contentOf (q pdev) pdev "" (part.name or "part${toString (i + 1)}") (part.content or null))
+      (genList (i: i) count);
 
   mountOptions = c: concatStringsSep "," (c.mountOptions or [ "defaults" ]);
 
@@ -109,8 +162,12 @@ let
   contentOf = dev: ref: owner: name: c:
     if c == null then [ "# ${name}: left unformatted" ]
     else if c.type == "gpt" then gpt owner dev c
+    else if c.type == "table" then table dev ref c
     else if c.type == "filesystem" then
       [ "mkfs ${q c.format} ${dev} ${words (c.extraArgs or [ ])}" ]
+      # (f2fs asks the crypto API for crc32, a module the demo's kernel does not load by itself: no module aliases)
+      ++ (if c.format == "f2fs" then [ "module crc32_generic" ] else [ ])
+      ++ (if builtins.elem c.format [ "xfs" "f2fs" ] then [ "module ${c.format}" ] else [ ])
       ++ (if c ? mountpoint then [ "mountfs ${dev} ${q c.mountpoint} ${q c.format} ${q (mountOptions c)} ${q ref}" ] else [ ])
     else if c.type == "swap" then [ "swapdev ${dev}" ]
     else if c.type == "luks" then
@@ -126,12 +183,24 @@ let
   arrays = devices.mdadm or { };
   groups = devices.lvm_vg or { };
 
-  # disko creates the logical volumes with a fixed size first, "100%…" last.
-  lvOrder = lvs: sort (a: b: (builtins.match ".*%.*" (toString (lvs.${a}.size or "100%")) == null)
-    && (builtins.match ".*%.*" (toString (lvs.${b}.size or "100%")) != null) || false) (attrNames lvs);
-  lvSize = size: let s = toString size; in
-    if builtins.match "[0-9]+%.*" s != null then "-l ${builtins.replaceStrings [ "%" ] [ "%FREE" ] (builtins.head (builtins.match "([0-9]+%).*" s))}"
+  # disko's order of logical volumes: its `priority`, else thin pools (501) before the others (1000), and one taking
+  # "100%…" of what is left after those (+251); ties by name.
+  lvPriority = lv:
+    lv.priority or ((if (lv.lvm_type or null) == "thin-pool" then 501 else 1000)
+      + (if builtins.match ".*100%.*" (toString (lv.size or "100%")) != null then 251 else 0));
+  lvOrder = lvs: sort (a: b: lvPriority lvs.${a} < lvPriority lvs.${b}) (attrNames lvs);
+  # lvcreate's size: a thin volume's virtual size (-V), a share of the free extents (-l), else a size (-L); then its
+  # type (disko's lvm_type: thin-pool, thinlv with its pool, mirror, raid0, raid1, …) and the dm target it needs.
+  lvSize = lv: let s = toString (lv.size or "100%"); in
+    if (lv.lvm_type or null) == "thinlv" then "-V ${toString (mib s)}m"
+    else if builtins.match "[0-9]+%.*" s != null then "-l ${builtins.replaceStrings [ "%" ] [ "%FREE" ] (builtins.head (builtins.match "([0-9]+%).*" s))}"
     else "-L ${toString (mib s)}m";
+  lvType = lv: let t = lv.lvm_type or null; in
+    if t == null then "- -" else if t == "thinlv" then "thinlv ${q lv.pool}" else "${q t} -";
+  lvModule = lv: let t = lv.lvm_type or null; in
+    if t == null then [ ] else if t == "thin-pool" || t == "thinlv" then [ "module dm_thin_pool" ]
+    else if t == "mirror" then [ "module dm_mirror" ] else [ "module dm_raid" ];
+  nodevs = devices.nodev or { };
   # The first disk's device (the netboot stage 1 waits for it and checks it is blank before installing).
   target = if disks == { } then "" else (disks.${builtins.head (attrNames disks)}).device or "";
 in
@@ -151,9 +220,14 @@ in
     ++ concatMap
       (g: [ "vg ${q g}" ]
         ++ concatMap
-          (lv: [ "lv ${q g} ${q lv} ${lvSize (groups.${g}.lvs.${lv}.size or "100%")}" ]
+          (lv: lvModule groups.${g}.lvs.${lv}
+            ++ [ "lv ${q g} ${q lv} ${lvSize groups.${g}.lvs.${lv}} ${lvType groups.${g}.lvs.${lv}}" ]
             ++ contentOf "/dev/${g}/${lv}" "/dev/${g}/${lv}" "lvm_lv-${lv}" lv (groups.${g}.lvs.${lv}.content or null))
           (lvOrder (groups.${g}.lvs or { })))
       (attrNames groups)
+    ++ map
+      (n: let fs = nodevs.${n}; in
+        "mountfs ${q (fs.device or "none")} ${q (fs.mountpoint or n)} ${q fs.fsType} ${q (mountOptions fs)} -")
+      (attrNames nodevs)
   ) + "\n";
 }
