@@ -263,10 +263,9 @@ def reporter_for(ctx: Context) -> type:
             super().initialize(tasks, selected_tasks)
             needed = needed_tasks(tasks, selected_tasks)
             ctx.evaluations.selected = {n.removeprefix("eval:") for n in needed if n.startswith("eval:")}
-            # The graph is loaded (dodo.py turned the cyclic GC off for that): one collection frees what loading left
-            # behind (left frozen, an unreferenced asyncio loop would be finalised at exit, after its own sockets, and
-            # print a traceback), then the graph, which lives as long as the run, is moved out of the GC's sight.
-            gc.collect()
+            # The graph is loaded (dodo.py collected once before it, then turned the cyclic GC off): the graph, which
+            # lives as long as the run, is moved out of the GC's sight without a scan of it (a collection here took
+            # 0.6 s at 10,000 hosts), and the collector watches only what the run makes from here.
             gc.freeze()
             gc.enable()
 
