@@ -28,7 +28,7 @@ from pipeline.hashing import XXH3Checker
 ROOT = Path(__file__).resolve().parent
 # Loading a graph makes four tasks per host, all alive until the run ends: with the cyclic GC scanning them again and
 # again, loading 10,000 hosts cost 2.6x per host what 1,000 did (bench/scale.py).  Off while doit loads the graph;
-# the reporter freezes what was loaded and turns it back on before any task runs (pipeline.context).  The one
+# the reporter freezes what was loaded and turns it back on when the first task runs (pipeline.context).  The one
 # collection of the run is here, while the heap holds only the imports (~15 ms): made after the graph loaded, it
 # scanned every task of it (0.6 s of a 10,000-host no-op), and loading leaves no garbage worth it (a few
 # importlib.metadata dicts, no loop or socket; they stay frozen).
@@ -64,6 +64,9 @@ DOIT_CONFIG = {
     "verbosity": 2,
 }
 CTX.state_dir.mkdir(parents=True, exist_ok=True)
+# The domain lives as long as the run: out of the GC's sight too, so that the collection at exit does not scan it
+# (`doit list` freezes no graph: 0.08 s at 10,000 hosts).
+gc.freeze()
 
 
 def task_validate() -> dict[str, Any]:
