@@ -132,12 +132,13 @@ def eval_action(ctx: Context, host: str) -> dict[str, str]:
 
 
 def task_eval(ctx: Context) -> Iterator[dict[str, Any]]:
+    flake = flake_dep(ctx.evaluations)  # one check serves every host: it keeps nothing of the task it checks
     for host in ctx.domain.hosts:
         yield {
             "name": host,
             "doc": f"nix eval the derivation paths of {host}",
             "actions": [(eval_action, [ctx, host])],
-            "uptodate": [flake_dep(ctx.evaluations)],
+            "uptodate": [flake],
             # Its lines go straight to the terminal (log.say); doit's tee, which wraps whatever sys.stdout is when an
             # action starts, would nest once per overlapping eval action (10,000 deep for 10,000 hosts).
             "verbosity": 0,
@@ -235,6 +236,7 @@ def build_action(ctx: Context, artifact: Artifact, drvs: dict[str, str]) -> Buil
 
 
 def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
+    intact = outputs_intact(ctx.artifacts_dir)  # one check serves every task: it keeps nothing of the task it checks
     for artifact in ctx.domain.artifacts():
         yield {
             "name": artifact.name,
@@ -243,7 +245,7 @@ def task_build(ctx: Context) -> Iterator[dict[str, Any]]:
             "getargs": {"drvs": (f"eval:{artifact.host}", None)},
             "uptodate": [
                 value_dep(f"eval:{artifact.host}", artifact.format.attribute),
-                outputs_intact(ctx.artifacts_dir),
+                intact,
             ],
             "verbosity": 2,
         }
@@ -324,6 +326,7 @@ def boot_action(ctx: Context, artifact: Artifact, image: BuiltImage) -> dict[str
 
 
 def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
+    intact = outputs_intact(ctx.artifacts_dir)
     for artifact in ctx.domain.artifacts():
         if artifact.format is Format.netboot:
             yield netboot_task(ctx, artifact)
@@ -338,7 +341,7 @@ def task_boot(ctx: Context) -> Iterator[dict[str, Any]]:
             "uptodate": [
                 value_dep(f"build:{artifact.name}", "xxh3"),
                 spec_dep(functools.partial(boot.spec, artifact, ctx.domain, ctx.domain_dir, ctx.domain.inventory)),
-                outputs_intact(ctx.artifacts_dir),
+                intact,
             ],
             "verbosity": 2,
         }
