@@ -345,10 +345,10 @@ DEMO_LV_TYPES = {"thin-pool", "thinlv", "mirror", "raid0", "raid1", "raid4", "ra
 
 def demo_refusal(layout: Layout, devices: dict[str, Any], firmware: str = "uefi") -> str | None:
     """Why the demo's installer cannot make this layout (None: it can).  It makes gpt and legacy table disks of vfat,
-    ext4, btrfs (subvolumes, swap files), xfs and f2fs file systems, swap, tmpfs beside a root on disk, LUKS, LVM
-    (linear, thin and RAID volumes) and md RAID, with Debian's tools, and boots them as the machine's `firmware`
-    does: systemd-boot from a vfat /boot (UEFI), GRUB from the disks' BIOS boot partitions or MBR gap (BIOS).  The
-    cim installer (disko) makes every layout here."""
+    ext4, btrfs (subvolumes, swap files), xfs and f2fs file systems, swap, tmpfs (a tmpfs root too, with /nix on a
+    disk), LUKS, LVM (linear, thin and RAID volumes) and md RAID, with Debian's tools, and boots them as the machine's
+    `firmware` does: systemd-boot from a vfat /boot (UEFI), GRUB from the disks' BIOS boot partitions or MBR gap
+    (BIOS).  The cim installer (disko) makes every layout here."""
     missing = sorted(layout.types - DEMO_TYPES)
     disko = "the cim installer, disko, installs this layout"
     made = (
@@ -362,10 +362,10 @@ def demo_refusal(layout: Layout, devices: dict[str, Any], firmware: str = "uefi"
     other = sorted(set(layout.fstypes.values()) - DEMO_FORMATS)
     if other:
         return f"it formats {', '.join(other)}; the demo installer makes {', '.join(sorted(DEMO_FORMATS))}; {disko}"
-    if layout.mounts["/"].endswith("(no device)"):
+    if layout.mounts["/"].endswith("(no device)") and "/nix" not in layout.fstypes:
         return (
-            f"its root is {layout.mounts['/']} (disko's nodev), which the demo's stage 1 cannot start from (it mounts "
-            f"the root that root= names on a disk, then the rest of the system's fstab from it); {disko}"
+            f"its root is {layout.mounts['/']} (disko's nodev) and no /nix on a disk holds the system (a root that "
+            f"starts empty at every boot needs one, as NixOS's does); {disko}"
         )
     if firmware == "uefi" and layout.fstypes.get("/boot") != "vfat":
         return (

@@ -238,6 +238,8 @@ def deploy_bus(domain_dir: Path, host_name: str, host: Host, plan: InstallPlan) 
         why.append(f"{len(plan.layout.disks)} disks")
     if plan.layout.luks:
         why.append("a LUKS passphrase to type at every boot")
+    if plan.layout.fstypes.get("/") == "tmpfs":
+        why.append("a tmpfs root (the demo's deploy is made for a root that persists)")
     if why:
         assert host.install is not None
         raise DiskPlanError(

@@ -209,14 +209,16 @@ def test_demo_refuses_what_debians_tools_do_not_make_and_a_layout_without_an_esp
     assert "it uses zpool" in (demo_refusal(read(zfs, "dc.nix"), zfs) or "")
 
 
-def test_demo_makes_tmpfs_beside_a_disk_root_and_legacy_tables_but_not_a_tmpfs_root() -> None:
+def test_demo_makes_tmpfs_and_legacy_tables_but_not_a_tmpfs_root_without_nix_on_disk() -> None:
     tmp = luks_lvm()
     tmp["nodev"] = {"/tmp": {"fsType": "tmpfs", "mountOptions": ["size=200M"]}}
     layout = read(tmp, "dc.nix")
     assert layout.fstypes["/tmp"] == "tmpfs" and demo_refusal(layout, tmp) is None
     tmp["nodev"] = {"/": {"fsType": "tmpfs"}}
     del tmp["lvm_vg"]["pool"]["lvs"]["root"]["content"]["mountpoint"]
-    assert "its root is tmpfs (no device) (disko's nodev)" in (demo_refusal(read(tmp, "dc.nix"), tmp) or "")
+    assert "its root is tmpfs (no device) (disko's nodev) and no /nix" in (demo_refusal(read(tmp, "dc.nix"), tmp) or "")
+    tmp["lvm_vg"]["pool"]["lvs"]["root"]["content"]["mountpoint"] = "/nix"  # impermanence: the system on disk
+    assert demo_refusal(read(tmp, "dc.nix"), tmp) is None
     mbr = {
         "disk": {
             "main": {
@@ -339,3 +341,30 @@ def test_install_thin_lvm_xfs_f2fs_and_tmpfs_on_an_msdos_disk_on_a_bios_machine(
     log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text(errors="replace")
     assert "cim-install: installing GRUB (BIOS) on /dev/disk/by-id/virtio-os" in log
     assert "cim.modules=dm_thin_pool,crc32_generic,f2fs,xfs" in log  # all the layout needs, as disko lists them
+
+
+TMPFS_ROOT = """{ disko.devices = {
+  disk.main = { device = "/dev/vda"; content = { type = "gpt"; partitions = {
+    ESP = { size = "300M"; type = "EF00"; content = { type = "filesystem"; format = "vfat"; mountpoint = "/boot"; }; };
+    nix = { size = "100%"; content = { type = "filesystem"; format = "ext4"; mountpoint = "/nix"; }; };
+  }; }; };
+  nodev."/" = { fsType = "tmpfs"; mountOptions = [ "size=512M" "mode=755" ]; };
+}; }
+"""
+
+
+@pytest.mark.nix
+@pytest.mark.vm
+@needs_demo
+def test_install_a_tmpfs_root_with_the_system_in_nix_on_disk(
+    demo_domain: Path, artifacts_dir: Path, doit: DoitRunner
+) -> None:
+    # NixOS's impermanence: / is a fresh tmpfs at every boot; stage 1 mounts /nix from its disk (cim.nix), lays the
+    # generation out on the tmpfs and takes the fstab the installer kept in /nix.
+    (demo_domain / "disk-config.nix").write_text(TMPFS_ROOT)
+    proc = doit(demo_domain, "install:vhost-dev", check=True)
+    for check in ["check: / on tmpfs: tmpfs", "check: /nix on /dev/vda2: ext4", "check: /boot on /dev/vda1: vfat"]:
+        assert check in proc.stdout, proc.stdout
+    log = (artifacts_dir / "vhost-dev-iso" / "install.log").read_text(errors="replace")
+    assert "root=tmpfs rootfstype=tmpfs rootflags=size=512M,mode=755 cim.nix=PARTLABEL=disk-main-nix" in log
+    assert "cim stage 1: /nix mounted (/dev/vda2, ext4) under a tmpfs root" in log
