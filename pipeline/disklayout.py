@@ -33,10 +33,18 @@ class Presented:
     serial: str = ""
     model: str = ""
     wwn: str = ""
+    slot: int | None = None  # its PCI slot on the root bus (by-path names), as QEMU's addr=
 
     def describe(self) -> str:
         extra = ", ".join(
-            f"{k}={v}" for k, v in (("serial", self.serial), ("model", self.model), ("wwn", self.wwn)) if v
+            f"{k}={v}"
+            for k, v in (
+                ("serial", self.serial),
+                ("model", self.model),
+                ("wwn", self.wwn),
+                ("PCI slot", f"0x{self.slot:02x}" if self.slot is not None else ""),
+            )
+            if v
         )
         return f"{self.bus} disk" + (f" ({extra})" if extra else f" #{self.index + 1}")
 
@@ -76,9 +84,12 @@ class Layout:
 _BY_ID = "/dev/disk/by-id/"
 FORMS = (
     "/dev/vdX (virtio), /dev/sdX (SATA), /dev/nvmeNn1 (NVMe), /dev/disk/by-id/virtio-SERIAL, "
-    "/dev/disk/by-id/ata-MODEL_SERIAL, /dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_SERIAL, /dev/disk/by-id/wwn-0xHEX and "
-    "/dev/disk/by-diskseq/N"
+    "/dev/disk/by-id/ata-MODEL_SERIAL, /dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_SERIAL, /dev/disk/by-id/wwn-0xHEX, "
+    "/dev/disk/by-diskseq/N, and on the root PCI bus /dev/disk/by-path/pci-0000:00:SS.0 (virtio; also virtio-pci-…) "
+    "and /dev/disk/by-path/pci-0000:00:SS.0-nvme-1 (SS a free slot, 03 to 1f)"
 )
+# Slots of the install VM's root PCI bus that hold something else (host bridge, PIIX3 functions, VGA).
+_TAKEN_SLOTS = {0, 1, 2}
 
 
 def present(device: str, where: str, source: str) -> Presented:
@@ -91,6 +102,11 @@ def present(device: str, where: str, source: str) -> Presented:
         return Presented(device, "nvme", int(m.group(1)))
     if m := re.fullmatch(r"/dev/disk/by-diskseq/(\d+)", device):
         return Presented(device, "virtio", int(m.group(1)) - 1)
+    if m := re.fullmatch(r"/dev/disk/by-path/(?:virtio-)?pci-0000:00:([0-9a-f]{2})\.0(-nvme-1)?", device):
+        # udev's path_id: the PCI address of the disk's controller (a virtio-blk or NVMe device on the root bus).
+        slot = int(m.group(1), 16)
+        if slot not in _TAKEN_SLOTS and slot < 0x20:
+            return Presented(device, "nvme" if m.group(2) else "virtio", slot=slot)
     if device.startswith(_BY_ID):
         name = device.removeprefix(_BY_ID)
         if m := re.fullmatch(r"virtio-([\w.-]{1,20})", name):

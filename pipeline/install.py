@@ -491,7 +491,9 @@ def target_drives(
         disk = blank_disk(workdir, plan.disk_mib, "disk.qcow2" if index == 0 else f"disk-{name}.qcow2")
         say(task, f"blank {plan.disk_mib} MiB disk {disk.name} for {name} ({shown.device}): {shown.describe()}")
         serial = shown.serial or ("" if shown.model or shown.wwn else f"cim-{name}")  # a name of its own, else ours
-        drives.append(Drive(disk, format="qcow2", serial=serial, bus=shown.bus, model=shown.model, wwn=shown.wwn))
+        drives.append(
+            Drive(disk, format="qcow2", serial=serial, bus=shown.bus, model=shown.model, wwn=shown.wwn, slot=shown.slot)
+        )
     # A disk named by its place (vdb, sdb) gets it: the disks of a bus are attached in that order, and a place the
     # layout leaves empty (only /dev/vdb named) holds a small blank disk it does not use, as a machine's other disk.
     placed = sorted(zip(plan.layout.disks.values(), drives, strict=True), key=lambda pd: (pd[0].bus, pd[0].index))
@@ -502,7 +504,7 @@ def target_drives(
             here = [drive for shown, drive in on_bus if shown.index == position]
             if here:
                 out += here
-            elif not any(shown.serial or shown.model or shown.wwn for shown, _ in on_bus):
+            elif not any(shown.serial or shown.model or shown.wwn or shown.slot is not None for shown, _ in on_bus):
                 filler = blank_disk(workdir, 16, f"unused-{bus}{position}.qcow2")
                 say(
                     task,

@@ -80,6 +80,7 @@ class Drive:
     bootindex: int | None = None  # the firmware's boot order (a machine that tries its disk, then the network)
     model: str = ""  # a SATA disk's model (udev's by-id/ata-MODEL_SERIAL)
     wwn: str = ""  # a SATA or SCSI disk's world wide name, 0x + 16 hex digits (by-id/wwn-0x…)
+    slot: int | None = None  # a virtio or NVMe disk's PCI slot on the root bus (by-path/pci-0000:00:SS.0…)
 
 
 # QEMU's user networking delivers the guest end of a forward to this address when none is named: the VM's own NIC.
@@ -224,7 +225,9 @@ class VmSpec:
             f"unix:{self.qmp_socket},server=on,wait=off",
         ]
         sata_ports = scsi_disks = 0
-        for index, drive in enumerate(self.drives):
+        # Disks at a fixed PCI slot come first, before any device QEMU places by itself could take their slot.
+        ordered = sorted(enumerate(self.drives), key=lambda item: item[1].slot is None)
+        for index, drive in ordered:
             drive_id = f"drive{index}"
             opts = f"if=none,id={drive_id},file={drive.path},format={drive.format}"
             if drive.media == "cdrom":
@@ -234,11 +237,12 @@ class VmSpec:
             argv += ["-drive", opts]
             serial = f",serial={drive.serial}" if drive.serial else ""
             serial += f",bootindex={drive.bootindex}" if drive.bootindex is not None else ""
+            addr = f",addr=0x{drive.slot:02x}" if drive.slot is not None else ""
             if drive.media == "cdrom" and self.system is System.x86_64_linux:
                 order = f",bootindex={drive.bootindex}" if drive.bootindex is not None else ""
                 argv += ["-device", f"ide-cd,drive={drive_id},bus=ide.1{order}"]
             elif drive.bus == "nvme":
-                argv += ["-device", f"nvme,drive={drive_id},serial={drive.serial or drive_id}"]
+                argv += ["-device", f"nvme,drive={drive_id},serial={drive.serial or drive_id}{addr}"]
             elif drive.bus == "sata":
                 if sata_ports == 0:
                     argv += ["-device", "ahci,id=ahci0"]
@@ -252,7 +256,7 @@ class VmSpec:
                 argv += ["-device", f"scsi-hd,drive={drive_id},bus=scsi0.0,scsi-id={scsi_disks}{serial}{ident}"]
                 scsi_disks += 1
             else:
-                argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
+                argv += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}{addr}"]
         for display in self.displays:
             std = "VGA" if self.system is System.x86_64_linux else "bochs-display"  # same PCI id, 1234:1111
             argv += ["-device", std if display == "std" else "virtio-gpu-pci"]

@@ -359,6 +359,8 @@ def test_stable_names_are_presented_as_qemu_gives_them(tmp_path: Path) -> None:
         drives=(
             Drive(tmp_path / "a.qcow2", format="qcow2", serial="S1", bus="sata", model="Samsung SSD 870"),
             Drive(tmp_path / "b.qcow2", format="qcow2", bus="scsi", wwn="0x5000c500a1b2c3d4"),
+            Drive(tmp_path / "c.qcow2", format="qcow2", bus="virtio"),
+            Drive(tmp_path / "d.qcow2", format="qcow2", bus="nvme", serial="N1", slot=5),
         ),
     )
     argv = spec.argv()
@@ -366,3 +368,5 @@ def test_stable_names_are_presented_as_qemu_gives_them(tmp_path: Path) -> None:
     assert "ide-hd,drive=drive0,bus=ahci0.0,serial=S1,model=Samsung SSD 870" in devices
     assert "virtio-scsi-pci,id=scsi0" in devices
     assert "scsi-hd,drive=drive1,bus=scsi0.0,scsi-id=0,wwn=0x5000c500a1b2c3d4" in devices
+    # A disk at a fixed PCI slot (by-path) comes before any device QEMU places itself.
+    assert devices[0] == "nvme,drive=drive3,serial=N1,addr=0x05"

@@ -155,6 +155,19 @@ def test_stable_names_are_presented_as_qemu_gives_them(
     assert (presented.bus, presented.serial, presented.model, presented.wwn) == (bus, serial, model, wwn)
 
 
+def test_by_path_names_on_the_root_pci_bus_are_given_a_slot() -> None:
+    for device, bus in [
+        ("/dev/disk/by-path/pci-0000:00:05.0", "virtio"),
+        ("/dev/disk/by-path/virtio-pci-0000:00:1f.0", "virtio"),
+        ("/dev/disk/by-path/pci-0000:00:0a.0-nvme-1", "nvme"),
+    ]:
+        shown = present(device, "disko.devices.disk.main.device", "dc.nix")
+        assert shown.bus == bus and shown.slot == int(device.split(":")[-1][:2], 16)
+    for taken in ["/dev/disk/by-path/pci-0000:00:02.0", "/dev/disk/by-path/pci-0000:02:00.0-nvme-1"]:
+        with pytest.raises(DiskPlanError, match=r"pci-0000:00:SS\.0-nvme-1"):
+            present(taken, "disko.devices.disk.main.device", "dc.nix")
+
+
 def test_a_name_qemu_cannot_give_is_one_paragraph_naming_the_forms() -> None:
     with pytest.raises(DiskPlanError) as caught:
         present("/dev/disk/by-id/some-disk-id", "disko.devices.disk.main.device", "dc.nix")
