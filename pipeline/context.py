@@ -21,7 +21,7 @@ from pipeline import nix
 from pipeline.artifacts import Records, sweep_temps
 from pipeline.domain import Domain
 from pipeline.errors import CimError
-from pipeline.evalpool import EvalPool, describe
+from pipeline.evaljobs import Pool, describe, open_pool
 from pipeline.hashing import xxh3_text
 from pipeline.log import progress, say, step
 from pipeline.paths import state_root
@@ -187,8 +187,8 @@ def _sweep_vm_dirs(vm_root: Path) -> None:
 
 
 class Evaluations:
-    """This run's host evaluations: N long-lived evaluators, fed every host the run needs evaluated
-    (pipeline.evalpool).
+    """This run's host evaluations: nix-eval-jobs or N long-lived `nix repl` evaluators, fed every host the run needs
+    evaluated (pipeline.evaljobs chooses, pipeline.evalpool).
 
     The first `eval:<host>` action to run queues its own host and every host `plan()` named (the hosts whose eval
     task this run selected and whose flake digest is stale); each `eval:<host>` then waits for its own host only, so a
@@ -201,7 +201,7 @@ class Evaluations:
         self._lock = threading.Lock()
         self._wanted: set[str] = set()
         self._planned = False
-        self._pool: EvalPool | None = None
+        self._pool: Pool | None = None
         self._refused: nix.NixError | None = None
         self.selected: set[str] = set()  # hosts whose eval:<host> this run selected (set by the reporter)
 
@@ -221,7 +221,7 @@ class Evaluations:
             if self._pool is None and self._refused is None:
                 try:
                     nix.check_nix_for_flake(self.domain_dir)
-                    self._pool = EvalPool(self.domain_dir)
+                    self._pool = open_pool(self.domain_dir)
                 except nix.NixError as exc:  # every eval:<host> says it, before any evaluation
                     self._refused = exc
             if self._refused is not None:

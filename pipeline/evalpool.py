@@ -3,7 +3,8 @@
 A real NixOS host costs seconds of CPU and hundreds of MB of heap to evaluate, and Nix evaluates on one thread: one
 `nix eval` for all hosts is one busy core and a heap that only grows.  This is what nix-eval-jobs does (workers, a
 memory limit past which a worker is replaced, a result per attribute as it finishes); it is not packaged for Debian
-12, so the same scheme runs over Nix's own CLI when nix-eval-jobs is not installed:
+12, so the same scheme runs over Nix's own CLI when nix-eval-jobs is not installed (pipeline.evaljobs runs
+nix-eval-jobs when it is, and chooses):
 
   evaluator  one `nix repl` with the flake loaded (`builtins.getFlake`), fed one host at a time; each answer ends with
              a sentinel string, so the pipe carries one host's drvPaths (as JSON) or its error
@@ -24,7 +25,6 @@ import os
 import queue
 import re
 import select
-import shutil
 import subprocess
 import threading
 import time
@@ -334,10 +334,9 @@ class EvalPool:
             self.stats.replaced += 1
 
 
-def describe(pool: EvalPool) -> str:
-    """What evaluates this run, for its log."""
-    jobs = "nix-eval-jobs is installed, but" if shutil.which("nix-eval-jobs") else "nix-eval-jobs is not installed:"
+def describe(pool: EvalPool, why: str = "nix-eval-jobs is not installed") -> str:
+    """What evaluates this run, for its log; `why` says why not nix-eval-jobs (pipeline.evaljobs chooses)."""
     return (
-        f"{pool.workers} evaluator(s), each a long-lived `nix repl` ({jobs} the pipeline's own scheme over Nix's CLI), "
+        f"{pool.workers} evaluator(s), each a long-lived `nix repl` ({why}: the pipeline's own scheme over Nix's CLI), "
         f"memory limit {pool.max_memory / 2**30:.1f} GiB for all of them"
     )
