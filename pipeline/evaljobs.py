@@ -155,10 +155,54 @@ def split_lines(buffer: bytes, chunk: bytes) -> tuple[list[str], bytes]:
     return [line.decode(errors="replace") for line in complete if line.strip()], rest
 
 
-def ended_early(host: str, returncode: int | None, stderr: str) -> nix.NixError:
-    """The error of a host still pending when nix-eval-jobs ended (`returncode` None: it was stopped)."""
-    how = "was stopped" if returncode is None else f"exited with status {returncode}"
-    return nix.NixError(f"nix eval of host '{host}' failed: {PROGRAM} {how} before the host was evaluated.", stderr)
+class Batch:
+    """The hosts of one nix-eval-jobs process, each resolved once: by its line, or by how the process ended."""
+
+    def __init__(self, domain_dir: Path, hosts: Iterable[str]) -> None:
+        self.domain_dir = domain_dir
+        self.pending = list(dict.fromkeys(hosts))
+
+    def take(self, line: str) -> dict[str, nix.EvalOutcome]:
+        """The hosts this line resolves: its own host (or none), or every pending host if the expression failed."""
+        result = read_line(line, self.domain_dir)
+        if result is None:
+            return {}
+        host, outcome = result
+        if not host:
+            assert isinstance(outcome, nix.NixError)
+            return self._all(
+                lambda h: nix.NixError(f"nix eval of host '{h}' failed: {outcome.message}", outcome.stderr)
+            )
+        if host not in self.pending:
+            return {}
+        self.pending.remove(host)
+        return {host: outcome}
+
+    def end(self, returncode: int | None, stderr: str, failure: CimError | None = None) -> dict[str, nix.EvalOutcome]:
+        """The hosts still pending when the process ended (`returncode` None: it was stopped, for `failure`)."""
+        if failure is not None:
+            return self._all(
+                lambda h: nix.NixError(f"nix eval of host '{h}' failed: {failure.message}", stderr, failure.hint)
+            )
+        if returncode == 0:  # no line: the host's value was no derivation (it has no toplevel)
+            return self._all(self._no_line)
+        how = "was stopped" if returncode is None else f"exited with status {returncode}"
+        return self._all(
+            lambda h: nix.NixError(
+                f"nix eval of host '{h}' failed: {PROGRAM} {how} before the host was evaluated.", stderr
+            )
+        )
+
+    def _no_line(self, host: str) -> nix.EvalOutcome:
+        try:
+            return nix.host_drvs(host, None, installable(self.domain_dir, host))
+        except nix.NixError as exc:
+            return exc
+
+    def _all(self, outcome: Callable[[str], nix.EvalOutcome]) -> dict[str, nix.EvalOutcome]:
+        done = {host: outcome(host) for host in self.pending}
+        self.pending = []
+        return done
 
 
 class JobsPool:
@@ -216,19 +260,21 @@ class JobsPool:
         return self.stats
 
     def _batch(self, hosts: list[str]) -> None:
-        pending = {host: self._futures[host] for host in hosts}
+        batch = Batch(self.domain_dir, hosts)
         try:
-            self._run(hosts, pending)
+            self._run(batch)
         except CimError as exc:
-            for host, future in pending.items():
-                future.set_result(nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail))
+            self._resolve(batch.end(None, exc.detail, exc))
         except Exception as exc:  # a future left unresolved would hang every eval:<host> waiting on it
-            for host, future in pending.items():
-                future.set_result(nix.NixError(f"nix eval of host '{host}' failed: {exc!r}"))
+            self._resolve(batch.end(None, "", evalpool.EvalPoolError(repr(exc))))
             raise
 
-    def _run(self, hosts: list[str], pending: dict[str, Future[nix.EvalOutcome]]) -> None:
-        argv = command(self.domain_dir, hosts, self.workers, self.max_memory)
+    def _resolve(self, outcomes: dict[str, nix.EvalOutcome]) -> None:
+        for host, outcome in outcomes.items():
+            self._futures[host].set_result(outcome)
+
+    def _run(self, batch: Batch) -> None:
+        argv = command(self.domain_dir, batch.pending, self.workers, self.max_memory)
         with tempfile.TemporaryFile() as stderr:  # read once it ends: an unread pipe would stall nix-eval-jobs
             try:
                 proc = process.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
@@ -240,19 +286,7 @@ class JobsPool:
             failure: CimError | None = None  # silent past its deadline, or the run was interrupted
             try:
                 for line in self._lines(proc):
-                    result = read_line(line, self.domain_dir)
-                    if result is None:
-                        continue
-                    host, outcome = result
-                    if not host:  # the expression itself failed: every host still pending says why
-                        for name, future in pending.items():
-                            assert isinstance(outcome, nix.NixError)
-                            future.set_result(
-                                nix.NixError(f"nix eval of host '{name}' failed: {outcome.message}", outcome.stderr)
-                            )
-                        pending.clear()
-                    elif host in pending:
-                        pending.pop(host).set_result(outcome)
+                    self._resolve(batch.take(line))
                 returncode = proc.wait(timeout=process.STOP_GRACE)
             except subprocess.TimeoutExpired:
                 pass  # its output ended but it did not: stopped below, its hosts pending
@@ -265,18 +299,7 @@ class JobsPool:
                     proc.stdout.close()
             stderr.seek(0)
             said = stderr.read().decode(errors="replace")
-        for host in list(pending):
-            last: nix.EvalOutcome
-            if failure is not None:
-                last = nix.NixError(f"nix eval of host '{host}' failed: {failure.message}", said)
-            elif returncode == 0:  # no line for it: its value was no derivation (a host without toplevel)
-                try:
-                    last = nix.host_drvs(host, None, installable(self.domain_dir, host))
-                except nix.NixError as exc:
-                    last = exc
-            else:
-                last = ended_early(host, returncode, said)
-            pending.pop(host).set_result(last)
+        self._resolve(batch.end(returncode, said, failure))
 
     def _lines(self, proc: subprocess.Popen[bytes]) -> Iterator[str]:
         """nix-eval-jobs' lines as they come; EvalPoolError when none comes within LINE_TIMEOUT."""
