@@ -81,15 +81,17 @@ def nix_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("${", "\\${")
 
 
-def expression(domain_dir: Path, hosts: Iterable[str]) -> str:
-    """The attrset nix-eval-jobs evaluates: one job per host, the host's toplevel carrying its image drvPaths."""
-    jobs = " ".join(f"{nix_string(h)} = job {nix_string(h)};" for h in hosts)
+def expression(domain_dir: Path, names: Path) -> str:
+    """The attrset nix-eval-jobs evaluates: one job per host named in the JSON list `names`, the host's toplevel
+    carrying its image drvPaths.  The names are read from a file: one argument may not pass 128 KiB (the kernel's
+    MAX_ARG_STRLEN), some 4,000 host names."""
     return (
         f"let hosts = (builtins.getFlake {nix_string(nix.flake_ref(domain_dir))}).nixosConfigurations; "
         f"drvPaths = {nix.EVALUATED_ATTRIBUTES}; "
         "job = name: let build = hosts.${name}.config.system.build; in "
         "if build ? toplevel then build.toplevel // { cimDrvPaths = drvPaths build; } else null; "
-        f"in {{ {jobs} }}"
+        f"in builtins.listToAttrs (map (name: {{ inherit name; value = job name; }}) "
+        f"(builtins.fromJSON (builtins.readFile {nix_string(str(names))})))"
     )
 
 
@@ -98,17 +100,18 @@ def memory_mib(max_memory: int, workers: int) -> int:
     return max(1, max_memory // max(1, workers) // 2**20)
 
 
-def command(domain_dir: Path, hosts: list[str], workers: int, max_memory: int) -> list[str]:
-    """The argv of one batch: no more workers than hosts; `--impure` because getFlake of a `path:` flake is unlocked."""
+def command(domain_dir: Path, names: Path, hosts: int, workers: int, max_memory: int) -> list[str]:
+    """The argv of one batch of `hosts` hosts named in `names`: no more workers than hosts; `--impure` because getFlake
+    of a `path:` flake is unlocked (and the names file is outside the store)."""
     return [
         PROGRAM,
         *("--option", "extra-experimental-features", "nix-command flakes"),
-        *("--workers", str(max(1, min(workers, len(hosts))))),
+        *("--workers", str(max(1, min(workers, hosts)))),
         *("--max-memory-size", str(memory_mib(max_memory, workers))),
         "--impure",
         *("--apply", APPLY),
         "--expr",
-        expression(domain_dir, hosts),
+        expression(domain_dir, names),
     ]
 
 
@@ -160,7 +163,7 @@ class Batch:
 
     def __init__(self, domain_dir: Path, hosts: Iterable[str]) -> None:
         self.domain_dir = domain_dir
-        self.pending = list(dict.fromkeys(hosts))
+        self.pending = dict.fromkeys(hosts)  # ordered, and a line resolves its host in O(1)
 
     def take(self, line: str) -> dict[str, nix.EvalOutcome]:
         """The hosts this line resolves: its own host (or none), or every pending host if the expression failed."""
@@ -175,7 +178,7 @@ class Batch:
             )
         if host not in self.pending:
             return {}
-        self.pending.remove(host)
+        del self.pending[host]
         return {host: outcome}
 
     def end(self, returncode: int | None, stderr: str, failure: CimError | None = None) -> dict[str, nix.EvalOutcome]:
@@ -201,7 +204,7 @@ class Batch:
 
     def _all(self, outcome: Callable[[str], nix.EvalOutcome]) -> dict[str, nix.EvalOutcome]:
         done = {host: outcome(host) for host in self.pending}
-        self.pending = []
+        self.pending.clear()
         return done
 
 
@@ -274,8 +277,13 @@ class JobsPool:
             self._futures[host].set_result(outcome)
 
     def _run(self, batch: Batch) -> None:
-        argv = command(self.domain_dir, batch.pending, self.workers, self.max_memory)
-        with tempfile.TemporaryFile() as stderr:  # read once it ends: an unread pipe would stall nix-eval-jobs
+        with (
+            tempfile.TemporaryDirectory(prefix="cim-eval-jobs-") as scratch,
+            tempfile.TemporaryFile() as stderr,  # read once it ends: an unread pipe would stall nix-eval-jobs
+        ):
+            names = Path(scratch) / "hosts.json"
+            names.write_text(json.dumps(list(batch.pending)))
+            argv = command(self.domain_dir, names, len(batch.pending), self.workers, self.max_memory)
             try:
                 proc = process.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
             except FileNotFoundError:

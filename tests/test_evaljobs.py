@@ -39,7 +39,7 @@ def line(host: str, **fields: object) -> str:
 
 
 def test_the_command_names_exactly_the_hosts_asked_with_each_workers_share_in_mib() -> None:
-    argv = evaljobs.command(DOMAIN, ["vhost-dev", "vhost-pi"], workers=4, max_memory=8 * 2**30)
+    argv = evaljobs.command(DOMAIN, Path("/tmp/cim-eval-jobs-x/hosts.json"), 2, workers=4, max_memory=8 * 2**30)
     assert argv[0] == "nix-eval-jobs"
     assert argv[argv.index("--workers") + 1] == "2"  # no more workers than hosts
     assert argv[argv.index("--max-memory-size") + 1] == "2048"  # 8 GiB for 4 workers: 2048 MiB each
@@ -48,8 +48,13 @@ def test_the_command_names_exactly_the_hosts_asked_with_each_workers_share_in_mi
     assert argv[-2] == "--expr"
     expr = argv[-1]
     assert '(builtins.getFlake "path:/srv/domain").nixosConfigurations' in expr
-    assert '{ "vhost-dev" = job "vhost-dev"; "vhost-pi" = job "vhost-pi"; }' in expr
+    assert 'builtins.fromJSON (builtins.readFile "/tmp/cim-eval-jobs-x/hosts.json")' in expr  # the hosts asked
     assert nix.EVALUATED_ATTRIBUTES in expr  # the attributes the repl scheme evaluates
+
+
+def test_the_command_stays_small_for_ten_thousand_hosts() -> None:
+    argv = evaljobs.command(DOMAIN, Path("/tmp/hosts.json"), 10_000, workers=64, max_memory=2**36)
+    assert max(len(arg.encode()) for arg in argv) < 128 * 1024  # MAX_ARG_STRLEN: one argument, at most 128 KiB
 
 
 def test_memory_share_and_nix_strings() -> None:
@@ -75,7 +80,7 @@ def test_an_error_fails_its_own_host_with_nixs_words() -> None:
     assert isinstance(error, nix.NixError)
     assert "nix eval of host 'broken' (path:/srv/domain#nixosConfigurations.broken" in error.report()
     assert "broken on purpose" in error.report()
-    assert batch.pending == ["late"]
+    assert list(batch.pending) == ["late"]
     assert batch.take(line("good", extraValue={"toplevel": TOPLEVEL})) == {}  # a host resolves once
 
 
@@ -106,7 +111,7 @@ def test_an_error_of_the_whole_expression_fails_every_pending_host() -> None:
     batch = evaljobs.Batch(DOMAIN, ["a", "b"])
     done = batch.take(json.dumps({"attr": "", "attrPath": [], "error": "error: syntax error, unexpected '}'"}))
     assert set(done) == {"a", "b"} and "unexpected '}'" in done["a"].report()
-    assert batch.pending == []
+    assert not batch.pending
 
 
 def test_lines_split_across_reads() -> None:
@@ -168,7 +173,9 @@ def flake(directory: Path) -> Path:
 def test_each_job_applied_by_nix_gives_what_nix_eval_gives(tmp_path: Path) -> None:
     """The expression and --apply as nix-eval-jobs gets them, evaluated per job by Nix's own CLI."""
     domain = flake(tmp_path / "flake")
-    expr = evaljobs.expression(domain, ["good", "throws", "bare"])
+    names = tmp_path / "hosts.json"
+    names.write_text(json.dumps(["good", "throws", "bare"]))
+    expr = evaljobs.expression(domain, names)
 
     def job(host: str, then: str) -> str:
         proc = process.run(
@@ -181,6 +188,8 @@ def test_each_job_applied_by_nix_gives_what_nix_eval_gives(tmp_path: Path) -> No
     assert json.loads(job("good", "j: j.type")) == "derivation"  # a job nix-eval-jobs prints, not recurses into
     assert "throws: broken on purpose" in job("throws", evaljobs.APPLY)
     assert job("bare", "j: j") == "null"  # no job: host_drvs' error once the process ends
+    names_asked = ["nix", *nix.FEATURES, "eval", "--impure", "--json", "--expr", f"builtins.attrNames ({expr})"]
+    assert json.loads(process.run(names_asked, timeout=120).stdout) == ["bare", "good", "throws"]
 
 
 @pytest.mark.nix
