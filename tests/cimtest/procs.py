@@ -9,6 +9,7 @@ background run writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -95,7 +96,12 @@ def nix_build_dirs(drv: str) -> list[Path]:
     directory a reaper gives its nix (TMPDIR/cim-nix-*/)."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     name = f"nix-build-{drv.split('-', 1)[1]}-*"
-    return [*tmp.glob(name), *tmp.glob(f"cim-nix-*/{name}")]
+    found = list(tmp.glob(name))
+    for scratch in tmp.glob("cim-nix-*"):
+        # Another run's reaper may remove its scratch directory between the listing and this look inside it.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            found += scratch.glob(name)
+    return found
 
 
 def wait_for_output(path: Path, pattern: str, deadline: float) -> re.Match[str]:
