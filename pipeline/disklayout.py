@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.diskplan import DiskPlanError, evaluate_devices, parse_size
+from pipeline.diskplan import DiskPlanError, evaluate_devices, is_absolute_size, parse_size
 
 KNOWN_TOP = ("disk", "mdadm", "lvm_vg", "zpool", "nodev", "bcachefs_filesystems")
 
@@ -155,7 +155,7 @@ def read(devices: dict[str, Any], source: str) -> Layout:
         layout.checks.append(f"volume group {name} with {len(lvs)} logical volume(s)")
         for lv, lvspec in sorted(lvs.items()):
             lwhere = f"disko.devices.lvm_vg.{name}.lvs.{lv}"
-            if lvspec.get("lvm_type") == "thinlv" and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?", str(lvspec.get("size"))):
+            if lvspec.get("lvm_type") == "thinlv" and not is_absolute_size(lvspec.get("size")):
                 raise DiskPlanError(
                     f"{source}: {lwhere}.size = {lvspec.get('size')!r}: a thin volume's size is its virtual size "
                     '(lvcreate -V), which takes no share of free space: give one, e.g. "10G".'

@@ -94,6 +94,11 @@ class DiskPlan:
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$", re.I)
 
 
+def is_absolute_size(value: Any) -> bool:
+    """A size as parse_size reads it ("512M", "16G"), not a share ("100%") or an offset from the end ("-1G")."""
+    return bool(_SIZE.match(str(value)))
+
+
 def parse_size(value: Any, where: str) -> int | None:
     """disko sizes ("512M", "16G", "100%") → MiB; None for "100%"."""
     if value == "100%":

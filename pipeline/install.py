@@ -40,6 +40,7 @@ from pipeline.diskplan import (
     DiskPlanError,
     check_fits,
     evaluate_devices,
+    is_absolute_size,
     parse_size,
     plan_from_devices,
 )
@@ -180,7 +181,7 @@ def _check_fits(devices: dict[str, Any], mib: int, source: str) -> None:
             ends = {
                 f"partitions[{i}]": parse_size(str(part["end"]), f"{source}: {where}.content.partitions[{i}].end") or 0
                 for i, part in enumerate(parts)
-                if re.fullmatch(r"\d+(\.\d+)?[KMGT]?", str(part.get("end", "")))
+                if is_absolute_size(part.get("end", ""))
             }
             last = max(ends, key=lambda k: ends[k], default=None)
             if last is not None and ends[last] + GPT_BACKUP_MIB > mib:
