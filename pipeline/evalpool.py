@@ -11,6 +11,10 @@ nix-eval-jobs when it is, and chooses):
   pool       N threads, each owning an evaluator, take hosts from one queue; a host's result resolves its future at
              once (eval:<host> waits for its own host only); an evaluator whose resident memory plus the largest
              growth one host has caused would pass its share of the limit is replaced before its next host
+  watch      every 25 ms the evaluators' resident memory is summed; a host starts only while that sum plus the most
+             one host has grown an evaluator stays under the limit (one always may), and when hosts already running
+             would pass it (the first hosts, whose cost nobody knows yet), the one that started last is stopped and
+             its host queued again: the oldest always goes on, so every host is evaluated
   limit      CIM_EVAL_MAX_MEMORY (bytes, or with K/M/G) for all evaluators together, default half the machine's
              available memory; CIM_EVAL_WORKERS, default the usable cores
 
@@ -25,6 +29,7 @@ import os
 import queue
 import re
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -38,6 +43,7 @@ from pipeline import nix, process
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PER_HOST_TIMEOUT = nix.EVAL_TIMEOUT
 START_TIMEOUT = 120.0
+WATCH_INTERVAL = 0.025  # seconds between two looks at the evaluators' memory
 
 
 class EvalPoolError(nix.NixError):
@@ -118,6 +124,10 @@ class Evaluator:
         self.cpu = 0.0  # CPU seconds, counted when it stops
         self.peak = 0  # its largest resident memory seen
         self.members: list[int] = []  # its processes (nix under the reaper), found once it runs
+        self.host = ""  # the host it evaluates now ("" between hosts)
+        self.since = 0.0  # when it took that host
+        self.before = 0  # its resident memory then
+        self.preempted = False  # stopped by the pool's watch: its host is queued again, not failed
 
     def start(self) -> None:
         argv = ["nix", *nix.FEATURES, "repl"]
@@ -187,11 +197,20 @@ class Evaluator:
         error = said[said.find("error:") :] if "error:" in said else said
         return nix.NixError(f"nix eval of host '{host}' ({installable}) failed.", error.strip())
 
+    def preempt(self) -> None:
+        """Stop it now, from the watch (its worker sees the pipe end and queues the host again)."""
+        self.preempted = True
+        self.cpu += sum(cpu_seconds(pid) for pid in self.members)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.rss()
-        self.cpu += sum(cpu_seconds(pid) for pid in self.members)
+        if not self.preempted:  # a preempted one's CPU was counted before it was killed
+            self.rss()
+            self.cpu += sum(cpu_seconds(pid) for pid in self.members)
         process.kill_group(self.proc, grace=0.5)  # its heap is what it is replaced for: no orderly exit needed
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
@@ -209,6 +228,7 @@ class PoolStats:
     cpu_seconds: float = 0.0
     seconds: float = 0.0
     growth: int = 0  # the largest growth one host caused in an evaluator
+    preempted: int = 0  # hosts stopped part-way because the evaluators together would pass the limit, then redone
 
 
 class EvalPool:
@@ -229,6 +249,8 @@ class EvalPool:
         self._done = threading.Event()
         self._gate = threading.Condition()
         self._busy = 0  # evaluators evaluating a host right now
+        self._measured = False  # a host has been evaluated whole: the growth it caused is known
+        self._step = 0  # what one running host may add between two of the watch's looks (the watch measures it)
 
     def submit(self, hosts: Iterable[str]) -> dict[str, Future[nix.EvalOutcome]]:
         """Queue the hosts not queued yet; their futures (each resolves as soon as its host is evaluated).  Workers run
@@ -262,14 +284,33 @@ class EvalPool:
             thread.join()
         self._done.set()
         self.stats.seconds = round(time.monotonic() - self._started, 3) if self._started else 0.0
+        self.stats.cpu_seconds = round(self.stats.cpu_seconds, 3)
         return self.stats
 
     def _monitor(self) -> None:
-        while not self._done.wait(0.05):
+        """The watch: the evaluators' memory together, the growth hosts cause as they run, and the stop of the newest
+        host when the running ones would pass the limit before the next look."""
+        last: dict[Evaluator, int] = {}
+        looked = time.monotonic()
+        rate = 0.0  # the fastest one evaluator has grown between two looks (bytes a second)
+        gap = WATCH_INTERVAL  # the longest time between two looks (longer on a loaded machine)
+        while not self._done.wait(WATCH_INTERVAL):
             with self._lock:
-                live = list(self._live)
-            total = sum(e.rss() for e in live)
-            self.stats.peak_rss = max(self.stats.peak_rss, total)
+                sizes = {e: e.rss() for e in self._live}
+                now = time.monotonic()
+                total = sum(sizes.values())
+                self.stats.peak_rss = max(self.stats.peak_rss, total)
+                grown = max((size - last[e] for e, size in sizes.items() if e in last), default=0)
+                rate, gap = max(rate, grown / max(now - looked, 1e-3)), max(gap, now - looked)
+                self._step = int(rate * gap)  # what one running host may add before the next look
+                last, looked = sizes, now
+                running = [e for e in sizes if e.host and not e.preempted]
+                for e in running:
+                    self.stats.growth = max(self.stats.growth, sizes[e] - e.before)
+                staying = sum(size for e, size in sizes.items() if not e.preempted)  # a stopped one is going
+                if len(running) > 1 and staying + self._step * len(running) > self.max_memory:
+                    max(running, key=lambda e: e.since).preempt()
+                    self.stats.preempted += 1
 
     def _work(self) -> None:
         evaluator: Evaluator | None = None
@@ -286,36 +327,59 @@ class EvalPool:
                         evaluator = None
                     if evaluator is None:
                         evaluator = self._spawn()
-                    with self._admitted():
-                        before = evaluator.rss()
+                    with self._admitted(evaluator, host):
                         outcome = evaluator.evaluate(host)
-                        self.stats.growth = max(self.stats.growth, evaluator.rss() - before)
+                        self.stats.growth = max(self.stats.growth, evaluator.rss() - evaluator.before)
+                        self._measured = True
                 except EvalPoolError as exc:  # the evaluator died or hung on this host: the host fails alone
-                    outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
+                    preempted = evaluator is not None and evaluator.preempted
                     if evaluator is not None:
-                        self._retire(evaluator, replaced=True)
+                        self._retire(evaluator, replaced=not preempted)
                         evaluator = None
+                    if preempted:  # stopped by the watch, not by the host: evaluated again, by a fresh evaluator
+                        self._queue.put(host)
+                        continue
+                    outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
+                if evaluator is not None and evaluator.preempted:  # stopped just after it answered: the answer stands
+                    self._retire(evaluator, replaced=False)
+                    evaluator = None
                 future.set_result(outcome)
         finally:
             if evaluator is not None:
                 self._retire(evaluator, replaced=False)
 
     @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """Evaluate only while the evaluators together, plus the most one host has added, stay under the limit: with
-        a limit too small for every worker at once, fewer evaluate at a time (one always may)."""
+    def _admitted(self, evaluator: Evaluator, host: str) -> Iterator[None]:
+        """Start `host` on `evaluator` only while the evaluators together would stay under the limit once the running
+        hosts and this one have grown as much as the most one host has grown an evaluator: with a limit too small for
+        every worker at once, fewer evaluate at a time (one always may)."""
         with self._gate:
             # Before any host is measured each worker is trusted to fit its share (a host's cost is not known yet, and
-            # a fast host must not wait behind a slow one); from then on the measured growth decides.
-            while self._busy and sum(e.rss() for e in list(self._live)) + self.stats.growth > self.max_memory:
+            # a fast host must not wait behind a slow one); the watch measures hosts as they grow and stops the newest
+            # if together they would pass the limit.  From then on the measured growth decides.
+            # Once the watch has had to stop a host, none starts beside a running one until a host's whole cost is
+            # known (growth seen so far is only part of it, and a host started on it would be stopped again).
+            while self._busy and (
+                self._projected() + self.stats.growth + self._step * (self._busy + 1) > self.max_memory
+                or (self.stats.preempted and not self._measured)
+            ):
                 self._gate.wait(0.2)
             self._busy += 1
+            with self._lock:
+                evaluator.host, evaluator.since, evaluator.before = host, time.monotonic(), evaluator.rss()
         try:
             yield
         finally:
+            with self._lock:
+                evaluator.host = ""
             with self._gate:
                 self._busy -= 1
                 self._gate.notify_all()
+
+    def _projected(self) -> int:
+        """The evaluators' memory together once each running host has grown as much as the most one host has."""
+        with self._lock:
+            return sum(max(e.rss(), e.before + self.stats.growth) if e.host else e.rss() for e in self._live)
 
     def _spawn(self) -> Evaluator:
         evaluator = Evaluator(self.domain_dir)

@@ -97,6 +97,27 @@ def test_evaluators_past_their_share_are_replaced_and_every_host_evaluates(tmp_p
 
 @pytest.mark.nix
 @needs_nix
+def test_workers_that_together_would_pass_the_limit_are_held_under_it(tmp_path: Path) -> None:
+    """Four workers under a limit that fits two hosts: the first four start at once (no host's cost is known yet),
+    the watch stops the newest as they grow and queues their hosts again; every host is evaluated and the
+    evaluators together stay under the limit."""
+    flake = eval_scale.make_flake(tmp_path / "flake", 8, 1_000_000)
+    hosts = [f"h{i}" for i in range(8)]
+    probe = evalpool.EvalPool(flake, workers=1, max_memory=2**34)
+    probe.future("h0").result()
+    one = probe.close()
+    assert one.growth > 100 * 2**20, f"a host of 1,000,000 strings should grow an evaluator by 100s of MB: {one}"
+    limit = int(one.peak_rss * 2.5)
+    pool = evalpool.EvalPool(flake, workers=4, max_memory=limit)
+    results = {h: f.result() for h, f in pool.submit(hosts).items()}
+    stats = pool.close()
+    assert all(isinstance(r, dict) for r in results.values()), results
+    assert stats.peak_rss < limit, (stats, limit)
+    assert stats.hosts == 8 and stats.growth >= one.growth * 0.9, stats
+
+
+@pytest.mark.nix
+@needs_nix
 def test_one_broken_host_among_forty_fails_only_its_eval(tmp_path: Path, doit: DoitRunner) -> None:
     from test_eval_batch import make_domain
 
