@@ -12,7 +12,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,8 @@ EvalOutcome = dict[str, str] | NixError
 
 
 def eval_hosts(domain_dir: Path, hosts: Sequence[str]) -> dict[str, EvalOutcome]:
-    """The derivation paths of many hosts from one `nix eval` process: {host: drvPaths, or the NixError naming it}.
+    """The derivation paths of many hosts from one `nix eval` process (another for each further 100 KB of host
+    names: one argument may not pass 128 KiB): {host: drvPaths, or the NixError naming it}.
 
     One host's error does not hide the others' results.  A host the batch reports as failed (null) is evaluated on
     its own for nix's words about it; a batch that fails as a whole (an error `tryEval` does not catch) is split in
@@ -304,9 +305,26 @@ def eval_hosts(domain_dir: Path, hosts: Sequence[str]) -> dict[str, EvalOutcome]
                 except NixError as exc:
                     results[host] = exc
 
-    if hosts:
-        batch(list(dict.fromkeys(hosts)))
+    for chunk in argument_chunks(list(dict.fromkeys(hosts))):
+        batch(chunk)
     return results
+
+
+ARGUMENT_BYTES = 100_000  # Linux refuses one argument longer than 128 KiB (MAX_ARG_STRLEN)
+
+
+def argument_chunks(hosts: list[str]) -> Iterator[list[str]]:
+    """`hosts` in runs whose names fit one `--apply` argument (past ~4,000 names one would not)."""
+    chunk: list[str] = []
+    size = 0
+    for host in hosts:
+        if chunk and size + len(host) + 3 > ARGUMENT_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(host)
+        size += len(host) + 3  # quoted, then a space
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)

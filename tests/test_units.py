@@ -454,3 +454,11 @@ def test_a_program_started_in_a_daemon_thread_dies_with_the_interpreter() -> Non
         time.sleep(0.1)
     os.kill(pid, 9)
     raise AssertionError(f"sleep (pid {pid}) outlived the interpreter that started it")
+
+
+def test_host_names_go_to_nix_eval_in_arguments_linux_accepts() -> None:
+    hosts = [f"host-{i:05d}" for i in range(20_000)]
+    chunks = list(nix.argument_chunks(hosts))
+    assert [h for c in chunks for h in c] == hosts and len(chunks) > 1
+    assert all(len(nix.batch_apply(c).encode()) < 128 * 1024 for c in chunks)
+    assert list(nix.argument_chunks([])) == [] and list(nix.argument_chunks(["a"])) == [["a"]]
