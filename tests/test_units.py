@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from doit.dependency import Dependency, SqliteDB
 
 from pipeline import hashing, nix, qemu
 from pipeline.artifacts import atomic_write_text, publish_file, publish_log
 from pipeline.domain import System
 from pipeline.hashing import XXH3Checker, sha256_file, xxh3_file, xxh3_files, xxh3_text
 from pipeline.qemu import Drive, Firmware, VmError, VmSpec
+from pipeline.uptodate import read_saved
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,6 +142,30 @@ def test_xxh3_checker_in_real_doit(tmp_path: Path) -> None:
     (tmp_path / "input.txt").write_text("HELLO\n")
     assert ".  copy" in doit(), "a content change must re-run it"
     assert (tmp_path / "output.txt").read_text() == "HELLO\n"
+
+
+def test_read_saved_fills_doits_cache_as_its_own_reads_would(tmp_path: Path) -> None:
+    """One scan of a key range gives each task what doit's one-query-a-task read gives it, nothing outside the range,
+    {} for a task without a row, and leaves a row this run already holds alone."""
+    db = str(tmp_path / "doit.sqlite3")
+    first = Dependency(SqliteDB, db, checker_cls=XXH3Checker)
+    for i in range(100):
+        first._set(f"eval:h{i}", "_values_:", {"toplevel": f"/nix/store/{i}.drv"})
+    first._set("evaluate", "_values_:", {"not": "eval:"})
+    first._set("build:h0-iso", "_values_:", {"xxh3": "0"})
+    first.close()
+
+    names = [f"eval:h{i}" for i in range(90)] + ["eval:gone"]
+    dep = Dependency(SqliteDB, db, checker_cls=XXH3Checker)
+    dep._set("eval:h1", "_values_:", {"toplevel": "this run's"})
+    read_saved(dep.backend, "eval:", names)
+    own = Dependency(SqliteDB, db, checker_cls=XXH3Checker).backend
+    assert {n: dep.backend._cache[n] for n in names if n != "eval:h1"} == {
+        n: own._get_task_data(n) for n in names if n != "eval:h1"
+    }
+    assert dep.backend._cache["eval:gone"] == {}
+    assert dep.backend._cache["eval:h1"] == {"_values_:": {"toplevel": "this run's"}}
+    assert set(dep.backend._cache) == set(names), "rows outside the names (eval:h95, evaluate, build:…) stay unread"
 
 
 # -- qemu argv --------------------------------------------------------------------------------------------------------
