@@ -10,10 +10,12 @@ runs it (from the checkout, private artifacts directory, own doit state):
   warm no-op    `doit eval` again: every task up to date
   one host      `doit eval:<first host>` after a comment-only edit: validate + that host alone
 
-    .venv/bin/python bench/scale.py [--sizes 50 500 1000] [--repeat 3] [--keep]
+    .venv/bin/python bench/scale.py [--sizes 50 500 1000] [--repeat 9] [--keep]
 
-Graph load and warm no-op are each the best of --repeat runs: at 100 and 1,000 hosts they differ by under 0.1 s, and
-one run's noise on a shared machine (±0.04 s) moved the per-host ratio by 0.3 or more.  It prints one line per size,
+Graph load and warm no-op are each the best of --repeat rounds, a round running every size in turn: at 100 and 1,000
+hosts they differ by about 0.1 s, one run's noise on a shared machine (±0.03 s, and spells where every run is 50%
+slower) moved the per-host ratio by 0.3 or more, and best-of-3 runs of one size after another put a slow spell on
+one size only (ratios from 0.4x to 2.2x in one afternoon).  It prints one line per size,
 then the cost per host of cold eval and warm no-op as the slope between successive sizes (the fixed cost of starting
 python and doit cancels out; flat is ~1.0x), and the targets: cold eval of 500 hosts <= 2 s, warm no-op of 1,000
 hosts < 1 s; with --sizes 100 1000 10000 ([17]): warm no-op of 10,000 hosts <= 2 s and graph load and warm no-op per
@@ -32,6 +34,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import benchlib
 from benchlib import ROOT, BenchError, executed
@@ -120,40 +123,44 @@ def warm_noop(domain: Path, artifacts: Path) -> tuple[float, float]:
     return warm, CPU["last"]
 
 
-def measure(work: Path, hosts: int, repeat: int) -> dict[str, float]:
+def prepare(work: Path, hosts: int) -> dict[str, Any]:
+    """The domain of `hosts` hosts, evaluated from empty state (cold eval)."""
     domain = make_domain(work / f"domain-{hosts}", hosts)
     artifacts = work / f"artifacts-{hosts}"
-    try:
-        load = min(doit(domain, artifacts, "list", "--all")[0] for _ in range(repeat))
-        cold, out = doit(domain, artifacts, "eval")
-        cold_cpu = CPU["last"]
-        evaluated = [t for t in executed(out) if t.startswith("eval:")]
-        if len(evaluated) != hosts:
-            raise BenchError(f"cold eval ran {len(evaluated)} eval tasks, not {hosts}:\n{out[-2000:]}")
-        warms = [warm_noop(domain, artifacts) for _ in range(repeat)]
-        warm, warm_cpu = min(w for w, _ in warms), min(c for _, c in warms)
-        with (domain / "flake.nix").open("a") as f:
-            f.write("# a comment changes no derivation\n")
-        one, out = doit(domain, artifacts, "eval:host-0000")
-        if executed(out) != ["validate", "eval:host-0000"]:
-            raise BenchError(f"one-host eval ran {executed(out)}")
-    finally:
-        shutil.rmtree(state_dir_for(ROOT, domain), ignore_errors=True)
-    return {
-        "hosts": hosts,
-        "load": load,
-        "cold": cold,
-        "warm": warm,
-        "one": one,
-        "cold_cpu": cold_cpu,
-        "warm_cpu": warm_cpu,
-    }
+    cold, out = doit(domain, artifacts, "eval")
+    evaluated = [t for t in executed(out) if t.startswith("eval:")]
+    if len(evaluated) != hosts:
+        raise BenchError(f"cold eval ran {len(evaluated)} eval tasks, not {hosts}:\n{out[-2000:]}")
+    return {"hosts": hosts, "domain": domain, "artifacts": artifacts, "cold": cold, "cold_cpu": CPU["last"]}
+
+
+def rounds(rows: list[dict[str, Any]], repeat: int) -> None:
+    """Graph load and warm no-op of every size, `repeat` rounds of all sizes in turn; each the best of its runs.  A
+    slow spell of a shared machine then falls on every size alike instead of on one size's runs only."""
+    for _ in range(repeat):
+        for row in rows:
+            load = doit(row["domain"], row["artifacts"], "list", "--all")[0]
+            warm, warm_cpu = warm_noop(row["domain"], row["artifacts"])
+            row["load"] = min(row.get("load", load), load)
+            row["warm"] = min(row.get("warm", warm), warm)
+            row["warm_cpu"] = min(row.get("warm_cpu", warm_cpu), warm_cpu)
+
+
+def one_host(row: dict[str, Any]) -> None:
+    """`doit eval:host-0000` after a comment-only edit of the flake: validate and that host alone."""
+    with (row["domain"] / "flake.nix").open("a") as f:
+        f.write("# a comment changes no derivation\n")
+    row["one"], out = doit(row["domain"], row["artifacts"], "eval:host-0000")
+    if executed(out) != ["validate", "eval:host-0000"]:
+        raise BenchError(f"one-host eval ran {executed(out)}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 500, 1000])
-    parser.add_argument("--repeat", type=int, default=3, help="graph load and warm no-op: the best of N runs")
+    parser.add_argument(
+        "--repeat", type=int, default=9, help="graph load and warm no-op: the best of N rounds over every size"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cim-scale-"))
@@ -164,11 +171,13 @@ def main() -> int:
         f"{'hosts':>6} {'graph load':>11} {'cold eval':>18} {'warm no-op':>18} "
         f"{'one host':>9} {'cold ms/host':>13} {'warm ms/host':>13}"
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
-        for size in args.sizes:
-            row = measure(work, size, max(1, args.repeat))
-            rows.append(row)
+        rows = [prepare(work, size) for size in args.sizes]
+        rounds(rows, max(1, args.repeat))
+        for row in rows:
+            one_host(row)
+            size = row["hosts"]
             print(
                 f"{size:>6} {row['load']:>10.2f}s {row['cold']:>9.2f}s ({row['cold_cpu']:5.2f}s) "
                 f"{row['warm']:>9.2f}s ({row['warm_cpu']:5.2f}s) "
@@ -180,6 +189,8 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        for row in rows:
+            shutil.rmtree(state_dir_for(ROOT, row["domain"]), ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     # Cost per host as the slope between sizes (the fixed cost of starting python and doit cancels out): flat means
