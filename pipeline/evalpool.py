@@ -43,6 +43,7 @@ from pipeline import nix, process
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PER_HOST_TIMEOUT = nix.EVAL_TIMEOUT
 START_TIMEOUT = 120.0
+STOP_TIMEOUT = 5.0  # seconds a killed evaluator has to be gone
 WATCH_INTERVAL = 0.025  # seconds between two looks at the evaluators' memory
 
 
@@ -211,7 +212,11 @@ class Evaluator:
         if not self.preempted:  # a preempted one's CPU was counted before it was killed
             self.rss()
             self.cpu += sum(cpu_seconds(pid) for pid in self.members)
-        process.kill_group(self.proc, grace=0.5)  # its heap is what it is replaced for: no orderly exit needed
+        # Its heap is what it is replaced for: no orderly exit is needed, and `nix repl` took the whole grace to
+        # answer SIGTERM (0.5 s a host when every host gets a fresh evaluator).  SIGKILL, then reap it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        process.kill_group(self.proc, grace=STOP_TIMEOUT)
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
