@@ -233,6 +233,7 @@ class PoolStats:
     cpu_seconds: float = 0.0
     seconds: float = 0.0
     growth: int = 0  # the largest growth one host caused in an evaluator
+    base: int = 0  # the largest resident memory of an evaluator that has just loaded the flake
     preempted: int = 0  # hosts stopped part-way because the evaluators together would pass the limit, then redone
 
 
@@ -256,6 +257,7 @@ class EvalPool:
         self._busy = 0  # evaluators evaluating a host right now
         self._measured = False  # a host has been evaluated whole: the growth it caused is known
         self._step = 0  # what one running host may add between two of the watch's looks (the watch measures it)
+        self._starting = 0  # evaluators admitted and still starting (not live yet)
 
     def submit(self, hosts: Iterable[str]) -> dict[str, Future[nix.EvalOutcome]]:
         """Queue the hosts not queued yet; their futures (each resolves as soon as its host is evaluated).  Workers run
@@ -330,10 +332,12 @@ class EvalPool:
                     if evaluator is not None and evaluator.rss() + self.stats.growth > self.share:
                         self._retire(evaluator, replaced=True)
                         evaluator = None
-                    if evaluator is None:
-                        evaluator = self._spawn()
-                    with self._admitted(evaluator, host):
-                        outcome = evaluator.evaluate(host)
+                    # A worker waiting to be admitted holds no evaluator: a fresh one starts once admitted.
+                    with self._admitted(fresh=evaluator is None):
+                        if evaluator is None:
+                            evaluator = self._spawn()
+                        with self._running(evaluator, host):
+                            outcome = evaluator.evaluate(host)
                         self.stats.growth = max(self.stats.growth, evaluator.rss() - evaluator.before)
                         self._measured = True
                 except EvalPoolError as exc:  # the evaluator died or hung on this host: the host fails alone
@@ -345,6 +349,9 @@ class EvalPool:
                         self._queue.put(host)
                         continue
                     outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
+                except BaseException as exc:  # a fault of the pool itself: the host's eval fails with it, not hangs
+                    future.set_exception(exc)
+                    raise
                 if evaluator is not None and evaluator.preempted:  # stopped just after it answered: the answer stands
                     self._retire(evaluator, replaced=False)
                     evaluator = None
@@ -354,10 +361,11 @@ class EvalPool:
                 self._retire(evaluator, replaced=False)
 
     @contextlib.contextmanager
-    def _admitted(self, evaluator: Evaluator, host: str) -> Iterator[None]:
-        """Start `host` on `evaluator` only while the evaluators together would stay under the limit once the running
-        hosts and this one have grown as much as the most one host has grown an evaluator: with a limit too small for
-        every worker at once, fewer evaluate at a time (one always may)."""
+    def _admitted(self, fresh: bool) -> Iterator[None]:
+        """Start a host (on a `fresh` evaluator, or the worker's own) only while the evaluators together would stay
+        under the limit once the running hosts and this one have grown as much as the most one host has grown an
+        evaluator, with a look's growth to spare for each: with a limit too small for every worker at once, fewer
+        evaluate at a time (one always may)."""
         with self._gate:
             # Before any host is measured each worker is trusted to fit its share (a host's cost is not known yet, and
             # a fast host must not wait behind a slow one); the watch measures hosts as they grow and stops the newest
@@ -365,32 +373,52 @@ class EvalPool:
             # Once the watch has had to stop a host, none starts beside a running one until a host's whole cost is
             # known (growth seen so far is only part of it, and a host started on it would be stopped again).
             while self._busy and (
-                self._projected() + self.stats.growth + self._step * (self._busy + 1) > self.max_memory
+                self._projected() + self.stats.base * fresh + self.stats.growth + self._step * (self._busy + 1)
+                > self.max_memory
                 or (self.stats.preempted and not self._measured)
             ):
                 self._gate.wait(0.2)
             self._busy += 1
-            with self._lock:
-                evaluator.host, evaluator.since, evaluator.before = host, time.monotonic(), evaluator.rss()
+            self._starting += fresh
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._busy -= 1
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def _running(self, evaluator: Evaluator, host: str) -> Iterator[None]:
+        """`evaluator` evaluates `host`: what the watch reads (its host, since when, its memory before)."""
+        with self._lock:
+            evaluator.host, evaluator.since, evaluator.before = host, time.monotonic(), evaluator.rss()
         try:
             yield
         finally:
             with self._lock:
                 evaluator.host = ""
-            with self._gate:
-                self._busy -= 1
-                self._gate.notify_all()
 
     def _projected(self) -> int:
-        """The evaluators' memory together once each running host has grown as much as the most one host has."""
+        """The evaluators' memory together once each running host has grown as much as the most one host has (an
+        evaluator admitted but still starting counts as much as a fresh one has held)."""
         with self._lock:
-            return sum(max(e.rss(), e.before + self.stats.growth) if e.host else e.rss() for e in self._live)
+            held = sum(max(e.rss(), e.before + self.stats.growth) if e.host else e.rss() for e in self._live)
+            return held + self._starting * self.stats.base
 
     def _spawn(self) -> Evaluator:
+        """A fresh evaluator (admitted: `_starting` counted it until it is live)."""
         evaluator = Evaluator(self.domain_dir)
-        evaluator.start()
+        try:
+            evaluator.start()
+        except BaseException:
+            evaluator.stop()  # one that could not load the flake is not left running
+            raise
+        finally:
+            with self._lock:
+                self._starting -= 1
         with self._lock:
             self._live.append(evaluator)
+            self.stats.base = max(self.stats.base, evaluator.rss())
         return evaluator
 
     def _retire(self, evaluator: Evaluator, replaced: bool) -> None:
