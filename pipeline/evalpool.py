@@ -34,6 +34,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,8 +286,7 @@ class EvalPool:
 
     def close(self) -> PoolStats:
         """Wait for every queued host; the pool's figures."""
-        for future in list(self._futures.values()):
-            future.result()
+        futures.wait(list(self._futures.values()))
         for thread in list(self._threads):
             thread.join()
         self._done.set()
@@ -349,9 +349,12 @@ class EvalPool:
                         self._queue.put(host)
                         continue
                     outcome = nix.NixError(f"nix eval of host '{host}' failed: {exc.message}", exc.detail)
-                except BaseException as exc:  # a fault of the pool itself: the host's eval fails with it, not hangs
+                except Exception as exc:  # a fault of the pool itself: the host's eval fails with it instead of waiting
                     future.set_exception(exc)
-                    raise
+                    if evaluator is not None:
+                        self._retire(evaluator, replaced=True)
+                        evaluator = None
+                    continue
                 if evaluator is not None and evaluator.preempted:  # stopped just after it answered: the answer stands
                     self._retire(evaluator, replaced=False)
                     evaluator = None

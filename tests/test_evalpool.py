@@ -132,3 +132,22 @@ def test_one_broken_host_among_forty_fails_only_its_eval(tmp_path: Path, doit: D
     failed = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("TaskFailed")]
     assert set(failed) == {"TaskFailed - taskid:eval:throws"}, failed
     assert json.loads((domain / "domain.json").read_text())["hosts"]["throws"]
+
+
+@pytest.mark.nix
+@needs_nix
+def test_a_fault_of_the_pool_fails_each_host_instead_of_leaving_it_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flake = eval_scale.make_flake(tmp_path / "flake", 3, 1000)
+
+    def fault(self: evalpool.Evaluator, host: str) -> nix.EvalOutcome:
+        raise RuntimeError(f"a fault of the pool at {host}")
+
+    monkeypatch.setattr(evalpool.Evaluator, "evaluate", fault)
+    pool = evalpool.EvalPool(flake, workers=1, max_memory=2**30)
+    futures = pool.submit(["h0", "h1", "h2"])
+    for host, future in futures.items():
+        with pytest.raises(RuntimeError, match=f"a fault of the pool at {host}"):
+            future.result(timeout=60)
+    assert pool.close().replaced == 3
