@@ -197,6 +197,7 @@ class Evaluator:
                 except nix.NixError as exc:
                     return exc
         error = said[said.find("error:") :] if "error:" in said else said
+        error = "\n".join(line for line in error.splitlines() if not line.startswith("nix-repl> "))  # the echo
         return nix.NixError(f"nix eval of host '{host}' ({installable}) failed.", error.strip())
 
     def preempt(self) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cimtest.demo import DoitRunner, executed
+from cimtest.demo import DoitRunner, executed, needs_demo
 
 from pipeline import evalpool, nix
 
@@ -151,3 +151,28 @@ def test_a_fault_of_the_pool_fails_each_host_instead_of_leaving_it_waiting(
         with pytest.raises(RuntimeError, match=f"a fault of the pool at {host}"):
             future.result(timeout=60)
     assert pool.close().replaced == 3
+
+
+@pytest.mark.nix
+@needs_demo
+def test_a_broken_host_fails_its_eval_while_another_hosts_image_builds(demo_domain: Path, doit: DoitRunner) -> None:
+    flake = demo_domain / "flake.nix"
+    every_host = "builtins.mapAttrs (name: host: mkHost name host [ ]) domain.hosts"
+    assert every_host in flake.read_text()
+    broken = (
+        'builtins.mapAttrs (name: host: if name == "vhost-pi" '
+        'then { config.system.build = throw "vhost-pi: broken on purpose"; } else mkHost name host [ ]) domain.hosts'
+    )
+    flake.write_text(flake.read_text().replace(every_host, broken))
+    proc = doit(
+        demo_domain, "-n", "2", "--continue", "build:vhost-dev-iso", "build:vhost-pi-sd", env={"CIM_EVAL_WORKERS": "2"}
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "vhost-pi: broken on purpose" in said and "'vhost-pi'" in said, said
+    assert "nix-repl>" not in said and "cim-end" not in said, said  # the evaluator's prompt is not nix's words
+    failed = {line for line in said.splitlines() if line.startswith("TaskFailed")}
+    assert failed == {"TaskFailed - taskid:eval:vhost-pi"}, said
+    ran = executed(proc.stdout)
+    assert {"eval:vhost-dev", "build:vhost-dev-iso"} <= set(ran) and "build:vhost-pi-sd" not in ran, ran
+    assert "[vhost-dev-iso] published vhost-dev-iso/" in proc.stdout, proc.stdout
