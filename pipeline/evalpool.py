@@ -23,6 +23,7 @@ A host's failure stays its own: its future holds its NixError, the evaluator goe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -254,6 +255,7 @@ class EvalPool:
         self._live: list[Evaluator] = []
         self._threads: list[threading.Thread] = []
         self._started = 0.0
+        self._watching = False  # the watch's thread runs
         self._done = threading.Event()
         self._gate = threading.Condition()
         self._busy = 0  # evaluators evaluating a host right now
@@ -273,6 +275,8 @@ class EvalPool:
                     self.stats.hosts += 1
             if not self._started:
                 self._started = time.monotonic()
+            if not self._watching:  # the watch runs while there are hosts to evaluate
+                self._watching = True
                 threading.Thread(target=self._monitor, name="cim-eval-monitor", daemon=True).start()
             self._threads = [t for t in self._threads if t.is_alive()]
             wanted = min(self.workers, len(self._threads) + self._queue.qsize())  # counted before any starts
@@ -301,16 +305,20 @@ class EvalPool:
         last: dict[Evaluator, int] = {}
         looked = time.monotonic()
         rate = 0.0  # the fastest one evaluator has grown between two looks (bytes a second)
-        gap = WATCH_INTERVAL  # the longest time between two looks (longer on a loaded machine)
+        gaps = collections.deque([WATCH_INTERVAL], maxlen=40)  # the last second's times between two looks
         while not self._done.wait(WATCH_INTERVAL):
             with self._lock:
+                if not self._live and not any(t.is_alive() for t in self._threads):  # every host done: rest
+                    self._watching = False
+                    return
                 sizes = {e: e.rss() for e in self._live}
                 now = time.monotonic()
                 total = sum(sizes.values())
                 self.stats.peak_rss = max(self.stats.peak_rss, total)
                 grown = max((size - last[e] for e, size in sizes.items() if e in last), default=0)
-                rate, gap = max(rate, grown / max(now - looked, 1e-3)), max(gap, now - looked)
-                self._step = int(rate * gap)  # what one running host may add before the next look
+                rate = max(rate, grown / max(now - looked, 1e-3))
+                gaps.append(now - looked)  # longer on a loaded machine
+                self._step = int(rate * max(gaps))  # what one running host may add before the next look
                 last, looked = sizes, now
                 running = [e for e in sizes if e.host and not e.preempted]
                 for e in running:
