@@ -172,8 +172,11 @@ def read_saved(backend: Any, prefix: str, names: Collection[str]) -> None:
     """
     if not isinstance(backend, SqliteDB) or len(names) < _SCAN_FROM:
         return
-    cache = backend._cache  # doit's per-task cache of decoded rows, filled by SqliteDB.get
-    cursor = backend._conn.cursor()
+    cache = getattr(backend, "_cache", None)  # doit's per-task cache of decoded rows, filled by SqliteDB.get
+    conn = getattr(backend, "_conn", None)
+    if not isinstance(cache, dict) or conn is None:  # a doit whose SqliteDB keeps them otherwise: doit reads alone
+        return
+    cursor = conn.cursor()
     cursor.row_factory = None  # (task_id, task_data) tuples; task_data is decoded by doit's "json" converter
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     rows = cursor.execute("select task_id, task_data from doit where task_id >= ? and task_id < ?", (prefix, end))
